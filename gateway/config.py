@@ -1,0 +1,658 @@
+"""The configuration: YAML read once, checked completely, and frozen into typed objects.
+
+``load_config(path)`` is the only way in.  Every check happens here, so the
+request path never reads a dict and never re-validates.  A problem raises
+``ConfigError`` whose message names the YAML path, the bad value and what was
+expected, e.g.::
+
+    routes[1].auth.issuers[0]: unknown issuer 'crop'; expected one of: corp
+
+Defaults are named constants below, each with where it comes from.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import yaml
+
+from .errors import ConfigError
+
+# --- defaults -----------------------------------------------------------------
+DEFAULT_LISTEN_HOST: Final = "0.0.0.0"  # noqa: S104 - a proxy listens on all interfaces by default
+DEFAULT_LISTEN_PORT: Final = 8080
+DEFAULT_SHUTDOWN_TIMEOUT_S: Final = 15.0  # below Kubernetes' 30 s default grace period
+DEFAULT_ADMIN_HOST: Final = "127.0.0.1"  # metrics stay off the public interface unless asked
+DEFAULT_ADMIN_PORT: Final = 9100
+DEFAULT_REALM: Final = "gateway"
+DEFAULT_CONNECT_TIMEOUT_S: Final = 2.0
+DEFAULT_UPSTREAM_TIMEOUT_S: Final = 30.0  # aiohttp's own default is 300 s total: far too long
+DEFAULT_MAX_CONNECTIONS: Final = 256  # per upstream host:port
+DEFAULT_LEEWAY_S: Final = 30.0  # clock skew tolerated on exp/nbf/iat (Envoy uses 60)
+DEFAULT_JWKS_CACHE_TTL_S: Final = 300.0
+DEFAULT_JWKS_REFETCH_COOLDOWN_S: Final = 30.0
+DEFAULT_JWKS_FETCH_TIMEOUT_S: Final = 3.0
+DEFAULT_JWKS_REFRESH_AHEAD_S: Final = 30.0
+DEFAULT_JWKS_MAX_BYTES: Final = 512 * 1024  # real key sets are a few KB
+DEFAULT_MAX_TOKEN_BYTES: Final = 8192  # aiohttp's own header-field limit is 8190
+
+# RFC 7518 asymmetric algorithms PyJWT verifies.  `none` and HS* are never accepted:
+# HMAC keyed with a public JWK is the algorithm-confusion attack.
+ASYMMETRIC_ALGORITHMS: Final = (
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
+)  # fmt: skip
+
+# Headers the gateway never lets a route inject: framing, routing and credentials.
+HOP_BY_HOP_HEADERS: Final = frozenset(
+    {
+        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+        "te", "trailer", "transfer-encoding", "upgrade",
+    }
+)  # fmt: skip
+RESERVED_HEADERS: Final = HOP_BY_HOP_HEADERS | frozenset(
+    {"authorization", "host", "content-length", "content-type", "cookie", "set-cookie"}
+)
+FORWARDED_HEADERS: Final = frozenset(
+    {"forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip"}
+)
+
+_ROUTE_ID: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+_ISSUER_ID: Final = _ROUTE_ID
+_HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
+_CLAIM_SEGMENT: Final = re.compile(r"[^.\s]+")
+_METHOD: Final = re.compile(r"[A-Z]+")
+_LOOPBACK_NAMES: Final = frozenset({"localhost"})
+
+
+# --- the frozen model -----------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ListenConfig:
+    """Where the proxy listens and how long it drains on shutdown."""
+
+    host: str = DEFAULT_LISTEN_HOST
+    port: int = DEFAULT_LISTEN_PORT
+    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """Where /metrics, /healthz and /readyz are served (a separate listener)."""
+
+    host: str = DEFAULT_ADMIN_HOST
+    port: int = DEFAULT_ADMIN_PORT
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamDefaults:
+    """Timeouts and pool size for every upstream hop."""
+
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    timeout_s: float = DEFAULT_UPSTREAM_TIMEOUT_S
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerConfig:
+    """One trusted identity provider with its pinned algorithms and key-cache settings."""
+
+    id: str
+    issuer: str
+    jwks_uri: str
+    algorithms: frozenset[str]
+    leeway_s: float = DEFAULT_LEEWAY_S
+    jwks_cache_ttl_s: float = DEFAULT_JWKS_CACHE_TTL_S
+    jwks_refetch_cooldown_s: float = DEFAULT_JWKS_REFETCH_COOLDOWN_S
+    jwks_fetch_timeout_s: float = DEFAULT_JWKS_FETCH_TIMEOUT_S
+    jwks_refresh_ahead_s: float = DEFAULT_JWKS_REFRESH_AHEAD_S
+    jwks_max_bytes: int = DEFAULT_JWKS_MAX_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    """What a request must look like to take a route.
+
+    ``path`` matches exactly; ``path_prefix`` matches whole segments (``/api``
+    matches ``/api`` and ``/api/x`` but not ``/apix``).  ``methods`` empty means any.
+    """
+
+    path: str | None
+    path_prefix: str | None
+    methods: frozenset[str]
+
+    def matches(self, method: str, path: str) -> bool:
+        """Whether a request with this method and raw path takes the route."""
+        if self.methods and method not in self.methods:
+            return False
+        if self.path is not None:
+            return path == self.path
+        prefix = self.path_prefix
+        assert prefix is not None
+        if prefix == "/":
+            return True
+        return path == prefix or path.startswith(prefix + "/")
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """An upstream origin: scheme, host and port only; the request path is forwarded as is."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class AuthPolicy:
+    """What a token must satisfy on a route.
+
+    ``audiences`` is ``None`` only when the YAML said ``audiences: any``.
+    """
+
+    issuers: tuple[IssuerConfig, ...]
+    audiences: frozenset[str] | None
+    required_claims: tuple[str, ...] = ()
+    required_scopes: frozenset[str] = frozenset()
+    forward_token: bool = False
+
+    def issuer_for(self, iss: str) -> IssuerConfig | None:
+        """The configured issuer whose ``issuer`` URL equals ``iss``, if the route trusts it."""
+        for issuer in self.issuers:
+            if issuer.issuer == iss:
+                return issuer
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimHeader:
+    """One injected header: its name and the claim path (``org.tenant_id`` → ``("org", "tenant_id")``)."""
+
+    header: str
+    claim: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """One route: how it is matched, where it goes and what it requires."""
+
+    id: str
+    match: RouteMatch
+    upstream: Upstream
+    auth: AuthPolicy | None  # None only for an explicit `auth: none`
+    claim_headers: tuple[ClaimHeader, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """The whole, validated configuration."""
+
+    listen: ListenConfig
+    admin: AdminConfig
+    realm: str
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    upstream_defaults: UpstreamDefaults
+    max_token_bytes: int
+    issuers: Mapping[str, IssuerConfig]
+    routes: tuple[RouteConfig, ...]
+
+    @property
+    def owned_headers(self) -> frozenset[str]:
+        """Lower-cased names of every header the gateway sets: stripped from every inbound request."""
+        names = {h.header.lower() for r in self.routes for h in r.claim_headers}
+        return frozenset(names)
+
+
+# --- the typed reader -----------------------------------------------------------
+class _Node:
+    """A YAML value together with its path, so every error can say where it is."""
+
+    __slots__ = ("path", "value")
+
+    def __init__(self, value: Any, path: str) -> None:
+        self.value = value
+        self.path = path
+
+    def child(self, key: str | int) -> _Node:
+        if isinstance(key, int):
+            return _Node(self.value[key], f"{self.path}[{key}]")
+        sep = "." if self.path else ""
+        return _Node(self.value.get(key) if isinstance(self.value, dict) else None,
+                     f"{self.path}{sep}{key}")  # fmt: skip
+
+    def fail(self, problem: str, expected: str | None = None) -> ConfigError:
+        return ConfigError(self.path or "<root>", problem, expected)
+
+    def mapping(self, allowed: frozenset[str], required: frozenset[str] = frozenset()) -> _Node:
+        if not isinstance(self.value, dict):
+            raise self.fail(f"got {_show(self.value)}", "a mapping")
+        for key in self.value:
+            if not isinstance(key, str) or key not in allowed:
+                raise self.child(str(key)).fail(
+                    f"unknown key {key!r}", f"one of: {', '.join(sorted(allowed))}"
+                )
+        for key in sorted(required):
+            if key not in self.value:
+                raise self.child(key).fail("missing required key")
+        return self
+
+    def has(self, key: str) -> bool:
+        return isinstance(self.value, dict) and key in self.value
+
+    def items(self) -> Iterator[tuple[str, _Node]]:
+        assert isinstance(self.value, dict)
+        for key in self.value:
+            yield str(key), self.child(key)
+
+    def seq(self, *, non_empty: bool = False) -> list[_Node]:
+        if not isinstance(self.value, list):
+            raise self.fail(f"got {_show(self.value)}", "a list")
+        if non_empty and not self.value:
+            raise self.fail("empty list", "at least one entry")
+        return [self.child(i) for i in range(len(self.value))]
+
+    def string(self, *, pattern: re.Pattern[str] | None = None, what: str = "") -> str:
+        if not isinstance(self.value, str) or not self.value:
+            raise self.fail(f"got {_show(self.value)}", what or "a non-empty string")
+        if pattern is not None and not pattern.fullmatch(self.value):
+            raise self.fail(f"invalid value {self.value!r}", what or f"to match {pattern.pattern}")
+        return self.value
+
+    def number(self, *, positive: bool = True, allow_zero: bool = False) -> float:
+        value = self.value
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise self.fail(f"got {_show(value)}", "a number of seconds")
+        if positive and (value < 0 or (value == 0 and not allow_zero)):
+            raise self.fail(f"got {value}", "a number >= 0" if allow_zero else "a number > 0")
+        return float(value)
+
+    def integer(self, *, low: int, high: int) -> int:
+        value = self.value
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self.fail(f"got {_show(value)}", f"an integer from {low} to {high}")
+        return value
+
+    def boolean(self) -> bool:
+        if not isinstance(self.value, bool):
+            raise self.fail(f"got {_show(self.value)}", "true or false")
+        return self.value
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _opt(node: _Node, key: str, read: Any, default: Any) -> Any:
+    return read(node.child(key)) if node.has(key) else default
+
+
+# --- sections -------------------------------------------------------------------
+def _read_listen(node: _Node) -> ListenConfig:
+    node.mapping(frozenset({"host", "port", "shutdown_timeout_s"}))
+    return ListenConfig(
+        host=_opt(node, "host", lambda n: n.string(), DEFAULT_LISTEN_HOST),
+        port=_opt(node, "port", lambda n: n.integer(low=0, high=65535), DEFAULT_LISTEN_PORT),
+        shutdown_timeout_s=_opt(
+            node, "shutdown_timeout_s", lambda n: n.number(), DEFAULT_SHUTDOWN_TIMEOUT_S
+        ),
+    )
+
+
+def _read_admin(node: _Node) -> AdminConfig:
+    node.mapping(frozenset({"host", "port"}))
+    return AdminConfig(
+        host=_opt(node, "host", lambda n: n.string(), DEFAULT_ADMIN_HOST),
+        port=_opt(node, "port", lambda n: n.integer(low=0, high=65535), DEFAULT_ADMIN_PORT),
+    )
+
+
+def _read_upstream_defaults(node: _Node) -> UpstreamDefaults:
+    node.mapping(frozenset({"connect_timeout_s", "timeout_s", "max_connections"}))
+    return UpstreamDefaults(
+        connect_timeout_s=_opt(
+            node, "connect_timeout_s", lambda n: n.number(), DEFAULT_CONNECT_TIMEOUT_S
+        ),
+        timeout_s=_opt(node, "timeout_s", lambda n: n.number(), DEFAULT_UPSTREAM_TIMEOUT_S),
+        max_connections=_opt(
+            node, "max_connections", lambda n: n.integer(low=1, high=100_000),
+            DEFAULT_MAX_CONNECTIONS,
+        ),
+    )  # fmt: skip
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _read_url(node: _Node, *, what: str, https_only: bool, origin_only: bool) -> tuple[str, Any]:
+    text = node.string(what=what)
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        raise node.fail(f"invalid URL {text!r}", what) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise node.fail(f"invalid URL {text!r}", what)
+    if https_only and parts.scheme != "https" and not _is_loopback(parts.hostname):
+        raise node.fail(f"{text!r} is not https", "an https URL (plain http only for loopback)")
+    if parts.username or parts.password:
+        raise node.fail(f"{text!r} carries credentials", "a URL without user:password")
+    if origin_only and (parts.path not in ("", "/") or parts.query or parts.fragment):
+        raise node.fail(
+            f"{text!r} has a path, query or fragment",
+            "an origin such as http://orders.internal:8080 (the request path is forwarded as is)",
+        )
+    del port
+    return text, parts
+
+
+def _read_algorithms(node: _Node) -> frozenset[str]:
+    algs: list[str] = []
+    for item in node.seq(non_empty=True):
+        alg = item.string()
+        if alg.lower() == "none" or alg.upper().startswith("HS"):
+            raise item.fail(
+                f"unsafe algorithm {alg!r} for a JWKS issuer",
+                f"one of: {', '.join(ASYMMETRIC_ALGORITHMS)}",
+            )
+        if alg not in ASYMMETRIC_ALGORITHMS:
+            raise item.fail(
+                f"unknown algorithm {alg!r}", f"one of: {', '.join(ASYMMETRIC_ALGORITHMS)}"
+            )
+        algs.append(alg)
+    return frozenset(algs)
+
+
+_ISSUER_KEYS: Final = frozenset(
+    {
+        "issuer", "jwks_uri", "algorithms", "leeway_s", "jwks_cache_ttl_s",
+        "jwks_refetch_cooldown_s", "jwks_fetch_timeout_s", "jwks_refresh_ahead_s",
+        "jwks_max_bytes",
+    }
+)  # fmt: skip
+
+
+def _read_issuer(issuer_id: str, node: _Node) -> IssuerConfig:
+    node.mapping(_ISSUER_KEYS, frozenset({"issuer", "jwks_uri", "algorithms"}))
+    iss = node.child("issuer").string(what="the issuer URL exactly as tokens carry it in 'iss'")
+    jwks_uri, _ = _read_url(
+        node.child("jwks_uri"), what="an https URL", https_only=True, origin_only=False
+    )
+    ttl = _opt(node, "jwks_cache_ttl_s", lambda n: n.number(), DEFAULT_JWKS_CACHE_TTL_S)
+    cooldown = _opt(
+        node, "jwks_refetch_cooldown_s", lambda n: n.number(), DEFAULT_JWKS_REFETCH_COOLDOWN_S
+    )
+    if cooldown > ttl:
+        raise node.child("jwks_refetch_cooldown_s").fail(
+            f"{cooldown:g} is longer than jwks_cache_ttl_s ({ttl:g})", "a value <= jwks_cache_ttl_s"
+        )
+    ahead = _opt(
+        node, "jwks_refresh_ahead_s", lambda n: n.number(allow_zero=True),
+        DEFAULT_JWKS_REFRESH_AHEAD_S,
+    )  # fmt: skip
+    if ahead >= ttl:
+        raise node.child("jwks_refresh_ahead_s").fail(
+            f"{ahead:g} is not shorter than jwks_cache_ttl_s ({ttl:g})",
+            "a value < jwks_cache_ttl_s",
+        )
+    return IssuerConfig(
+        id=issuer_id,
+        issuer=iss,
+        jwks_uri=jwks_uri,
+        algorithms=_read_algorithms(node.child("algorithms")),
+        leeway_s=_opt(node, "leeway_s", lambda n: n.number(allow_zero=True), DEFAULT_LEEWAY_S),
+        jwks_cache_ttl_s=ttl,
+        jwks_refetch_cooldown_s=cooldown,
+        jwks_fetch_timeout_s=_opt(
+            node, "jwks_fetch_timeout_s", lambda n: n.number(), DEFAULT_JWKS_FETCH_TIMEOUT_S
+        ),
+        jwks_refresh_ahead_s=ahead,
+        jwks_max_bytes=_opt(
+            node, "jwks_max_bytes", lambda n: n.integer(low=1024, high=16 * 1024 * 1024),
+            DEFAULT_JWKS_MAX_BYTES,
+        ),
+    )  # fmt: skip
+
+
+def _read_issuers(node: _Node) -> dict[str, IssuerConfig]:
+    if not isinstance(node.value, dict) or not node.value:
+        raise node.fail(f"got {_show(node.value)}", "a mapping of issuer id to issuer settings")
+    issuers: dict[str, IssuerConfig] = {}
+    seen_urls: dict[str, str] = {}
+    for issuer_id, child in node.items():
+        if not _ISSUER_ID.fullmatch(issuer_id):
+            raise child.fail(f"invalid issuer id {issuer_id!r}", f"to match {_ISSUER_ID.pattern}")
+        issuer = _read_issuer(issuer_id, child)
+        if issuer.issuer in seen_urls:
+            raise child.child("issuer").fail(
+                f"{issuer.issuer!r} is already issuer '{seen_urls[issuer.issuer]}'",
+                "each issuer URL configured once",
+            )
+        seen_urls[issuer.issuer] = issuer_id
+        issuers[issuer_id] = issuer
+    return issuers
+
+
+def _read_match(node: _Node) -> RouteMatch:
+    node.mapping(frozenset({"path", "path_prefix", "methods"}))
+    if node.has("path") == node.has("path_prefix"):
+        raise node.fail("exactly one of 'path' or 'path_prefix' must be set")
+    path = _opt(node, "path", _read_path, None)
+    prefix = _opt(node, "path_prefix", _read_path, None)
+    if prefix is not None and prefix != "/" and prefix.endswith("/"):
+        raise node.child("path_prefix").fail(
+            f"{prefix!r} ends with '/'",
+            "a prefix without a trailing slash (matching is per segment)",
+        )
+    methods: set[str] = set()
+    if node.has("methods"):
+        for item in node.child("methods").seq(non_empty=True):
+            methods.add(item.string(pattern=_METHOD, what="an upper-case HTTP method such as GET"))
+    return RouteMatch(path=path, path_prefix=prefix, methods=frozenset(methods))
+
+
+def _read_path(node: _Node) -> str:
+    path = node.string(what="a path starting with '/'")
+    if not path.startswith("/") or any(c in path for c in "?#%\\; \t") or "//" in path:
+        raise node.fail(f"invalid path {path!r}", "a plain path starting with '/'")
+    if any(seg in (".", "..") for seg in path.split("/")):
+        raise node.fail(f"invalid path {path!r}", "a path without dot segments")
+    return path
+
+
+def _read_upstream(node: _Node) -> Upstream:
+    text, parts = _read_url(node, what="an http(s) origin URL", https_only=False, origin_only=True)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return Upstream(url=text.rstrip("/"), scheme=parts.scheme, host=parts.hostname, port=port)
+
+
+_SCOPE_TOKEN: Final = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 scope-token
+_REALM: Final = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]+")  # fits a quoted-string unescaped
+
+
+def _read_auth(node: _Node, issuers: Mapping[str, IssuerConfig]) -> AuthPolicy | None:
+    if node.value == "none":
+        return None
+    if node.value is None:
+        raise node.fail(
+            "missing", "'none' for a public route, or a mapping with issuers and audiences"
+        )
+    node.mapping(
+        frozenset({"issuers", "audiences", "required_claims", "required_scopes", "forward_token"}),
+        frozenset({"issuers", "audiences"}),
+    )
+    known = ", ".join(sorted(issuers))
+    chosen: list[IssuerConfig] = []
+    for item in node.child("issuers").seq(non_empty=True):
+        name = item.string()
+        if name not in issuers:
+            raise item.fail(f"unknown issuer {name!r}", f"one of: {known}")
+        if issuers[name] in chosen:
+            raise item.fail(f"issuer {name!r} listed twice")
+        chosen.append(issuers[name])
+    aud_node = node.child("audiences")
+    audiences: frozenset[str] | None
+    if aud_node.value == "any":
+        audiences = None
+    else:
+        if not isinstance(aud_node.value, list):
+            raise aud_node.fail(f"got {_show(aud_node.value)}", "a list of audiences, or 'any'")
+        audiences = frozenset(item.string() for item in aud_node.seq(non_empty=True))
+    claims = tuple(item.string() for item in _opt(node, "required_claims", lambda n: n.seq(), []))
+    scopes = frozenset(
+        item.string(pattern=_SCOPE_TOKEN, what="a scope token")
+        for item in _opt(node, "required_scopes", lambda n: n.seq(), [])
+    )
+    return AuthPolicy(
+        issuers=tuple(chosen),
+        audiences=audiences,
+        required_claims=claims,
+        required_scopes=scopes,
+        forward_token=_opt(node, "forward_token", lambda n: n.boolean(), False),
+    )
+
+
+def _read_claim_headers(node: _Node) -> tuple[ClaimHeader, ...]:
+    if not isinstance(node.value, dict):
+        raise node.fail(f"got {_show(node.value)}", "a mapping of header name to claim path")
+    out: list[ClaimHeader] = []
+    seen: set[str] = set()
+    for header, child in node.items():
+        where = _Node(header, child.path)
+        where.string(pattern=_HEADER_NAME, what="a valid HTTP header name")
+        lower = header.lower()
+        if lower in RESERVED_HEADERS or lower in FORWARDED_HEADERS:
+            raise where.fail(f"header {header!r} is reserved", "a header the gateway does not own")
+        if lower in seen:
+            raise where.fail(f"header {header!r} is listed twice (names are case-insensitive)")
+        seen.add(lower)
+        claim = child.string(what="a claim name or dotted path such as org.tenant_id")
+        segments = tuple(claim.split("."))
+        if not all(_CLAIM_SEGMENT.fullmatch(s) for s in segments):
+            raise child.fail(f"invalid claim path {claim!r}", "a dotted path such as org.tenant_id")
+        out.append(ClaimHeader(header=header, claim=segments))
+    return tuple(out)
+
+
+_ROUTE_KEYS: Final = frozenset({"id", "match", "upstream", "auth", "claim_headers"})
+
+
+def _read_route(node: _Node, issuers: Mapping[str, IssuerConfig]) -> RouteConfig:
+    node.mapping(_ROUTE_KEYS, frozenset({"id", "match", "upstream", "auth"}))
+    route_id = node.child("id").string(
+        pattern=_ROUTE_ID, what="a lower-case id such as orders_read"
+    )
+    auth = _read_auth(node.child("auth"), issuers)
+    claim_headers = _opt(node, "claim_headers", _read_claim_headers, ())
+    if auth is None and claim_headers:
+        raise node.child("claim_headers").fail(
+            "claim headers on a route with 'auth: none'", "no claim_headers on a public route"
+        )
+    return RouteConfig(
+        id=route_id,
+        match=_read_match(node.child("match")),
+        upstream=_read_upstream(node.child("upstream")),
+        auth=auth,
+        claim_headers=claim_headers,
+    )
+
+
+_TOP_KEYS: Final = frozenset(
+    {"listen", "admin", "realm", "trusted_proxies", "upstream_defaults", "max_token_bytes",
+     "issuers", "routes"}
+)  # fmt: skip
+
+
+def _read_trusted_proxies(
+    node: _Node,
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    nets = []
+    for item in node.seq():
+        text = item.string()
+        try:
+            nets.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise item.fail(f"invalid network {text!r}", "an IP address or CIDR") from None
+    return tuple(nets)
+
+
+def parse_config(document: Any) -> GatewayConfig:
+    """Validate an already-parsed YAML document and freeze it into a ``GatewayConfig``."""
+    root = _Node(document, "")
+    root.mapping(_TOP_KEYS, frozenset({"routes"}))
+    issuers = _read_issuers(root.child("issuers")) if root.has("issuers") else {}
+    routes: list[RouteConfig] = []
+    seen: dict[str, int] = {}
+    for item in root.child("routes").seq(non_empty=True):
+        route = _read_route(item, issuers)
+        if route.id in seen:
+            raise item.child("id").fail(
+                f"duplicate route id {route.id!r} (first at routes[{seen[route.id]}])",
+                "unique route ids",
+            )
+        seen[route.id] = len(routes)
+        routes.append(route)
+    return GatewayConfig(
+        listen=_opt(root, "listen", _read_listen, ListenConfig()),
+        admin=_opt(root, "admin", _read_admin, AdminConfig()),
+        realm=_opt(
+            root, "realm", lambda n: n.string(pattern=_REALM),
+            DEFAULT_REALM,
+        ),
+        trusted_proxies=_opt(root, "trusted_proxies", _read_trusted_proxies, ()),
+        upstream_defaults=_opt(
+            root, "upstream_defaults", _read_upstream_defaults, UpstreamDefaults()
+        ),
+        max_token_bytes=_opt(
+            root, "max_token_bytes", lambda n: n.integer(low=256, high=65536),
+            DEFAULT_MAX_TOKEN_BYTES,
+        ),
+        issuers=MappingProxyType(issuers),
+        routes=tuple(routes),
+    )  # fmt: skip
+
+
+def load_config(path: str | Path) -> GatewayConfig:
+    """Read, validate and freeze the YAML file at ``path``; raise ``ConfigError`` if anything is off."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("", f"cannot read {str(path)!r}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("", f"{str(path)!r} is not UTF-8 text") from None
+    return loads_config(text)
+
+
+def loads_config(text: str) -> GatewayConfig:
+    """Validate YAML text; see ``load_config``."""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "YAML"
+        problem = getattr(exc, "problem", None) or "cannot be parsed"
+        raise ConfigError(where, f"invalid YAML: {problem}") from None
+    return parse_config(document)

@@ -1,0 +1,115 @@
+"""Every Prometheus metric the gateway exposes, declared against an injected registry."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .reasons import REASON_SPECS, Reason
+
+UNMATCHED_ROUTE: Final = "_unmatched"
+"""The ``route`` label of requests no route matched."""
+
+JWKS_FETCH_RESULTS: Final = ("success", "http_error", "timeout", "unreachable", "invalid")
+"""The bounded ``result`` label values of ``gateway_jwks_fetches_total``."""
+
+_LATENCY_BUCKETS: Final = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+
+class GatewayMetrics:
+    """The gateway's metrics; labels are route ids, reason values, issuer ids and status classes only."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        route_ids: Iterable[str] = (),
+        issuer_ids: Iterable[str] = (),
+    ) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "gateway_requests",
+            "Requests handled, by route and by the reason they ended with (ok when forwarded).",
+            ["route", "reason"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "gateway_request_duration_seconds",
+            "Time from receiving a request to the end of its response, by route and outcome.",
+            ["route", "outcome"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.upstream_duration = Histogram(
+            "gateway_upstream_duration_seconds",
+            "Time from sending a request upstream to receiving the upstream's response headers.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.upstream_responses = Counter(
+            "gateway_upstream_responses",
+            "Responses received from upstreams, by route and status class (2xx, 3xx, 4xx, 5xx).",
+            ["route", "code_class"],
+            registry=registry,
+        )
+        self.jwks_fetches = Counter(
+            "gateway_jwks_fetches",
+            "Key-set fetches from identity providers, by issuer and result.",
+            ["issuer", "result"],
+            registry=registry,
+        )
+        self.jwks_kid_misses = Counter(
+            "gateway_jwks_kid_misses",
+            "Tokens whose key id was not in the issuer's cached key set.",
+            ["issuer"],
+            registry=registry,
+        )
+        self.jwks_refetch_suppressed = Counter(
+            "gateway_jwks_refetch_suppressed",
+            "Unknown-key-id refetches refused because the issuer's cooldown had not passed.",
+            ["issuer"],
+            registry=registry,
+        )
+        self.jwks_keys = Gauge(
+            "gateway_jwks_keys",
+            "Usable signing keys in the issuer's current key set.",
+            ["issuer"],
+            registry=registry,
+        )
+        self.jwks_last_success = Gauge(
+            "gateway_jwks_last_success_timestamp_seconds",
+            "Unix time of the issuer's last successful key-set fetch (0 if none yet).",
+            ["issuer"],
+            registry=registry,
+        )
+        self.route_ids: tuple[str, ...] = (*route_ids, UNMATCHED_ROUTE)
+        # Pre-create every series so dashboards and rate() see zeros, not gaps.
+        for route in self.route_ids:
+            for reason in Reason:
+                self.requests.labels(route, reason.value)
+            self.upstream_duration.labels(route)
+            for code_class in ("2xx", "3xx", "4xx", "5xx"):
+                self.upstream_responses.labels(route, code_class)
+            for spec_outcome in {spec.outcome for spec in REASON_SPECS.values()}:
+                self.request_duration.labels(route, spec_outcome.value)
+        for issuer in issuer_ids:
+            for result in JWKS_FETCH_RESULTS:
+                self.jwks_fetches.labels(issuer, result)
+            self.jwks_kid_misses.labels(issuer)
+            self.jwks_refetch_suppressed.labels(issuer)
+            self.jwks_keys.labels(issuer).set(0)
+            self.jwks_last_success.labels(issuer).set(0)
+
+    def observe_request(self, route: str, reason: Reason, duration_s: float) -> None:
+        """Count one finished request; called exactly once per request."""
+        self.requests.labels(route, reason.value).inc()
+        self.request_duration.labels(route, REASON_SPECS[reason].outcome.value).observe(duration_s)
+
+    def observe_upstream(self, route: str, status: int, duration_s: float) -> None:
+        """Record the upstream's answer (status class and time to headers)."""
+        self.upstream_duration.labels(route).observe(duration_s)
+        self.upstream_responses.labels(route, f"{min(max(status // 100, 2), 5)}xx").inc()

@@ -1,0 +1,86 @@
+"""The observing middleware: the one place a request is counted, logged and, if rejected, answered."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from .errors import Rejection
+from .logs import REQUEST_LOGGER, kv
+from .metrics import GatewayMetrics
+from .reasons import REASON_SPECS, Reason, www_authenticate
+from .record import RECORD_KEY, RequestRecord
+
+log = logging.getLogger(REQUEST_LOGGER)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def rejection_response(reason: Reason, realm: str, scope: str | None = None) -> web.Response:
+    """The response for a rejected request: status, challenge and a fixed JSON body from the spec."""
+    spec = REASON_SPECS[reason]
+    status = spec.status or 500
+    body = {"error": {"code": status, "reason": reason.value, "message": spec.message}}
+    response = web.Response(
+        status=status,
+        body=json.dumps(body).encode(),
+        content_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
+    challenge = www_authenticate(reason, realm, scope)
+    if challenge is not None:
+        response.headers["WWW-Authenticate"] = challenge
+    return response
+
+
+def create_observe_middleware(metrics: GatewayMetrics, realm: str) -> Middleware:
+    """Build the middleware that turns rejections into responses and records every request once."""
+
+    @web.middleware
+    async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+        record = RequestRecord()
+        request[RECORD_KEY] = record
+        started = time.perf_counter()
+        response: web.StreamResponse
+        try:
+            response = await handler(request)
+        except Rejection as rejection:
+            record.reason = rejection.reason
+            record.detail = rejection.detail
+            response = rejection_response(rejection.reason, realm, rejection.scope)
+        except Exception:
+            # The only broad catch in the gateway: anything unexpected is a 500 with a traceback.
+            log.exception(kv(event="internal_error", route=record.route))
+            record.reason = Reason.INTERNAL_ERROR
+            response = rejection_response(Reason.INTERNAL_ERROR, realm)
+        duration = time.perf_counter() - started
+        if record.status is None:
+            record.status = response.status
+        metrics.observe_request(record.route, record.reason, duration)
+        spec = REASON_SPECS[record.reason]
+        if log.isEnabledFor(spec.log_level):
+            log.log(
+                spec.log_level,
+                kv(
+                    event="request",
+                    route=record.route,
+                    method=request.method,
+                    path=request.raw_path.partition("?")[0],
+                    status=record.status,
+                    reason=record.reason.value,
+                    outcome=spec.outcome.value,
+                    granted=str(record.reason is Reason.OK).lower(),
+                    issuer=record.issuer,
+                    kid=record.kid,
+                    duration_ms=f"{duration * 1000:.2f}",
+                    detail=record.detail or None,
+                ),
+            )
+        return response
+
+    return observe

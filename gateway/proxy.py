@@ -1,0 +1,155 @@
+"""The upstream hop: header hygiene, X-Forwarded-*, streaming both ways, and upstream errors as reasons."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import Mapping
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from .claims import headers_to_strip
+from .config import GatewayConfig, RouteConfig
+from .errors import Rejection
+from .metrics import GatewayMetrics
+from .reasons import Reason
+from .record import RECORD_KEY
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 64 * 1024
+# aiohttp adds these when absent; a proxy must not (an added Accept-Encoding
+# would let the upstream compress a response the client never asked to be compressed).
+_SKIP_AUTO_HEADERS = ("Accept-Encoding", "User-Agent", "Content-Type")
+_RESPONSE_HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+     "upgrade", "proxy-authenticate"}
+)  # fmt: skip
+
+
+def create_upstream_session(config: GatewayConfig) -> aiohttp.ClientSession:
+    """The one pooled, keep-alive client session every route's upstream traffic shares."""
+    defaults = config.upstream_defaults
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=defaults.max_connections)
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,  # bytes pass through as the upstream encoded them
+        cookie_jar=aiohttp.DummyCookieJar(),  # a proxy keeps no cookies between clients
+        timeout=aiohttp.ClientTimeout(
+            total=None, sock_connect=defaults.connect_timeout_s, sock_read=defaults.timeout_s
+        ),
+        skip_auto_headers=_SKIP_AUTO_HEADERS,
+    )
+
+
+class Forwarder:
+    """Sends an admitted request upstream and streams the answer back."""
+
+    def __init__(
+        self, config: GatewayConfig, session: aiohttp.ClientSession, metrics: GatewayMetrics
+    ) -> None:
+        self._session = session
+        self._metrics = metrics
+        self._owned = config.owned_headers
+        self._base_strip = headers_to_strip(self._owned, ())
+        self._trusted = config.trusted_proxies
+
+    def _peer_trusted(self, peer: str | None) -> bool:
+        if not self._trusted or peer is None:
+            return False
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in net for net in self._trusted)
+
+    def upstream_headers(
+        self, request: web.Request, route: RouteConfig, injected: Mapping[str, str]
+    ) -> CIMultiDict[str]:
+        """The request headers as the upstream sees them: owned, hop-by-hop and forwarding headers
+        removed, verified claims injected, X-Forwarded-* set."""
+        inbound = request.headers
+        connection = inbound.getall("Connection", [])
+        strip = headers_to_strip(self._owned, connection) if connection else self._base_strip
+        out: CIMultiDict[str] = CIMultiDict()
+        for name, value in inbound.items():
+            lower = name.lower()
+            if lower in strip or lower == "host":
+                continue
+            if lower == "authorization" and route.auth is not None and not route.auth.forward_token:
+                continue
+            out.add(name, value)
+        out.update(injected)
+        peer = request.remote
+        trusted = self._peer_trusted(peer)
+        prior_for = ", ".join(inbound.getall("X-Forwarded-For", [])) if trusted else ""
+        out["X-Forwarded-For"] = f"{prior_for}, {peer}" if prior_for else (peer or "unknown")
+        out["X-Forwarded-Proto"] = (
+            inbound.get("X-Forwarded-Proto", request.scheme) if trusted else request.scheme
+        )
+        out["X-Forwarded-Host"] = (
+            inbound.get("X-Forwarded-Host", request.host) if trusted else request.host
+        )
+        return out
+
+    async def forward(
+        self, request: web.Request, route: RouteConfig, injected: Mapping[str, str]
+    ) -> web.StreamResponse:
+        """Forward ``request`` to ``route``'s upstream with method, raw path and query unchanged."""
+        headers = self.upstream_headers(request, route, injected)
+        url = URL(route.upstream.url + request.raw_path, encoded=True)
+        body = request.content if request.body_exists else None
+        started = time.perf_counter()
+        try:
+            upstream = await self._session.request(
+                request.method, url, headers=headers, data=body, allow_redirects=False
+            )
+        except TimeoutError:
+            raise Rejection(Reason.UPSTREAM_TIMEOUT, "no response headers in time") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise Rejection(Reason.UPSTREAM_UNAVAILABLE, type(exc).__name__) from None
+        async with upstream:
+            self._metrics.observe_upstream(route.id, upstream.status, time.perf_counter() - started)
+            return await self._relay(request, upstream)
+
+    async def _relay(
+        self, request: web.Request, upstream: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
+        connection = {
+            token.strip().lower()
+            for value in upstream.headers.getall("Connection", [])
+            for token in value.split(",")
+        }
+        headers: CIMultiDict[str] = CIMultiDict(
+            (name, value)
+            for name, value in upstream.headers.items()
+            if name.lower() not in _RESPONSE_HOP_BY_HOP and name.lower() not in connection
+        )
+        response = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason, headers=headers
+        )
+        await response.prepare(request)
+        record = request[RECORD_KEY]
+        record.status = upstream.status
+        # From here on the status line is sent: failures are logged and counted,
+        # and the connection is closed so the client sees a cut stream, never a
+        # complete-looking truncated body.
+        try:
+            async for chunk in upstream.content.iter_chunked(_CHUNK):
+                try:
+                    await response.write(chunk)
+                except ConnectionError:
+                    record.reason = Reason.CLIENT_DISCONNECTED
+                    return response
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            record.reason = Reason.UPSTREAM_ABORTED
+            record.detail = type(exc).__name__
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        await response.write_eof()
+        return response

@@ -1,0 +1,156 @@
+"""The one vocabulary of request outcomes: every status, header, body, log field and label derives from it.
+
+``Reason`` values are a public contract: they appear in the JSON body, in the
+``reason=`` log field, in the ``reason`` label of ``gateway_requests_total`` and
+in the alerting rules.  Renaming a value is a breaking change.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Final
+
+
+class Outcome(enum.StrEnum):
+    """How a request ended, coarse enough to label a histogram with."""
+
+    ALLOWED = "allowed"
+    REJECTED = "rejected"
+    ERROR = "error"
+
+
+class Reason(enum.StrEnum):
+    """Why a request ended the way it did; ``OK`` is the only non-rejection member."""
+
+    OK = "ok"
+    ROUTE_NOT_FOUND = "route_not_found"
+    REQUEST_REJECTED = "request_rejected"
+    AUTH_HEADER_INVALID = "auth_header_invalid"
+    TOKEN_MISSING = "token_missing"
+    TOKEN_MALFORMED = "token_malformed"
+    ALGORITHM_NOT_ALLOWED = "algorithm_not_allowed"
+    ISSUER_NOT_ALLOWED = "issuer_not_allowed"
+    KEY_NOT_FOUND = "key_not_found"
+    SIGNATURE_INVALID = "signature_invalid"
+    TOKEN_EXPIRED = "token_expired"
+    TOKEN_NOT_YET_VALID = "token_not_yet_valid"
+    CLAIM_MISSING = "claim_missing"
+    CLAIM_INVALID = "claim_invalid"
+    AUDIENCE_NOT_ALLOWED = "audience_not_allowed"
+    INSUFFICIENT_SCOPE = "insufficient_scope"
+    JWKS_UNAVAILABLE = "jwks_unavailable"
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    UPSTREAM_ABORTED = "upstream_aborted"
+    CLIENT_DISCONNECTED = "client_disconnected"
+    INTERNAL_ERROR = "internal_error"
+
+
+@dataclass(frozen=True, slots=True)
+class ReasonSpec:
+    """How one ``Reason`` is answered.
+
+    ``status`` is ``None`` only where the upstream's status stands (``ok``) or the
+    response had already started (``upstream_aborted``, ``client_disconnected``).  ``bearer_error`` is the
+    RFC 6750 ``error`` attribute; ``challenge`` says whether a ``WWW-Authenticate``
+    header is sent at all (RFC 6750 §3: a request without a token gets a challenge
+    without an ``error``).
+    """
+
+    status: int | None
+    message: str
+    outcome: Outcome
+    log_level: int
+    challenge: bool = False
+    bearer_error: str | None = None
+
+
+_INFO: Final = logging.INFO
+_WARN: Final = logging.WARNING
+_ERR: Final = logging.ERROR
+
+
+def _invalid_token(message: str, log_level: int = _INFO) -> ReasonSpec:
+    return ReasonSpec(401, message, Outcome.REJECTED, log_level, True, "invalid_token")
+
+
+REASON_SPECS: Final[Mapping[Reason, ReasonSpec]] = MappingProxyType(
+    {
+        Reason.OK: ReasonSpec(None, "OK.", Outcome.ALLOWED, _INFO),
+        Reason.ROUTE_NOT_FOUND: ReasonSpec(
+            404, "No route matches this request.", Outcome.REJECTED, _INFO
+        ),
+        Reason.REQUEST_REJECTED: ReasonSpec(
+            400, "The request path is not accepted.", Outcome.REJECTED, _INFO
+        ),
+        # RFC 6750 §3.1 invalid_request: repeated or malformed credentials → 400.
+        Reason.AUTH_HEADER_INVALID: ReasonSpec(
+            400,
+            "The Authorization header is malformed or repeated.",
+            Outcome.REJECTED,
+            _INFO,
+            True,
+            "invalid_request",
+        ),
+        Reason.TOKEN_MISSING: ReasonSpec(
+            401, "A bearer token is required.", Outcome.REJECTED, _INFO, True, None
+        ),
+        Reason.TOKEN_MALFORMED: _invalid_token("The token is malformed."),
+        Reason.ALGORITHM_NOT_ALLOWED: _invalid_token(
+            "The token's signing algorithm is not allowed.", _WARN
+        ),
+        Reason.ISSUER_NOT_ALLOWED: _invalid_token("The token's issuer is not accepted here."),
+        Reason.KEY_NOT_FOUND: _invalid_token("The token's signing key is not known.", _WARN),
+        Reason.SIGNATURE_INVALID: _invalid_token("The token's signature is invalid.", _WARN),
+        Reason.TOKEN_EXPIRED: _invalid_token("The token has expired."),
+        Reason.TOKEN_NOT_YET_VALID: _invalid_token("The token is not valid yet."),
+        Reason.CLAIM_MISSING: _invalid_token("The token lacks a required claim."),
+        Reason.CLAIM_INVALID: _invalid_token("The token has an invalid claim."),
+        Reason.AUDIENCE_NOT_ALLOWED: _invalid_token("The token is not meant for this service."),
+        Reason.INSUFFICIENT_SCOPE: ReasonSpec(
+            403,
+            "The token does not grant the required scope.",
+            Outcome.REJECTED,
+            _INFO,
+            True,
+            "insufficient_scope",
+        ),
+        # 503, not 401: the client cannot fix it, and it keeps the 401 rate meaningful.
+        Reason.JWKS_UNAVAILABLE: ReasonSpec(
+            503, "The signing keys are unavailable; try again later.", Outcome.ERROR, _ERR
+        ),
+        Reason.UPSTREAM_UNAVAILABLE: ReasonSpec(
+            502, "The upstream service is unavailable.", Outcome.ERROR, _ERR
+        ),
+        Reason.UPSTREAM_TIMEOUT: ReasonSpec(
+            504, "The upstream service did not answer in time.", Outcome.ERROR, _ERR
+        ),
+        Reason.UPSTREAM_ABORTED: ReasonSpec(
+            None, "The upstream response broke off.", Outcome.ERROR, _WARN
+        ),
+        # The client went away mid-response (nginx's 499); not the gateway's fault.
+        Reason.CLIENT_DISCONNECTED: ReasonSpec(
+            None, "The client closed the connection.", Outcome.ERROR, _INFO
+        ),
+        Reason.INTERNAL_ERROR: ReasonSpec(500, "Internal error.", Outcome.ERROR, _ERR),
+    }
+)
+"""The single table from which every response, log line and label is derived."""
+
+
+def www_authenticate(reason: Reason, realm: str, scope: str | None = None) -> str | None:
+    """Render the RFC 6750 ``WWW-Authenticate`` challenge for ``reason``, or ``None``."""
+    spec = REASON_SPECS[reason]
+    if not spec.challenge:
+        return None
+    parts = [f'Bearer realm="{realm}"']
+    if spec.bearer_error is not None:
+        parts.append(f'error="{spec.bearer_error}"')
+        parts.append(f'error_description="{spec.message}"')
+    if scope and reason is Reason.INSUFFICIENT_SCOPE:
+        parts.append(f'scope="{scope}"')
+    return ", ".join(parts)

@@ -1,0 +1,54 @@
+"""Route matching on the raw request path, and refusal of paths a matcher and an upstream could read differently."""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from .config import RouteConfig
+from .errors import Rejection
+from .reasons import Reason
+
+# What we refuse rather than normalise.  The path that is matched is the path
+# that is forwarded, byte for byte; anything an upstream might rewrite before
+# routing (dot segments, decoded slashes or unreserved characters, merged
+# slashes, backslashes, `;` path parameters as in Tomcat) would let a request
+# match one route here and land on another there.  Spring's StrictHttpFirewall
+# refuses the same set.
+_UNSAFE_PATH: Final = re.compile(
+    r"""
+      (?:^|/)\.{1,2}(?:/|$)                 # dot segments
+    | //                                    # empty segments (merge_slashes)
+    | [\\;\x00-\x20\x7f]                    # backslash, path parameters, controls, space
+    | %(?:2[eEfF]|5[cC]|[46][1-9a-fA-F]|[57][0-9aA]|3[0-9]|2[dD]|5[fF]|7[eE]|[01][0-9a-fA-F]|7[fF]|25)
+                                            # encoded . / \ unreserved, controls, or a double encoding
+    | %(?![0-9a-fA-F]{2})                   # a bare '%'
+    """,
+    re.VERBOSE,
+)
+
+
+def check_raw_path(raw_path: str) -> str:
+    """Return the path part of ``raw_path`` (no query), or raise ``REQUEST_REJECTED`` if it is ambiguous."""
+    path, _, _ = raw_path.partition("?")
+    if not path.startswith("/"):
+        raise Rejection(Reason.REQUEST_REJECTED, "path is not origin-form")
+    if _UNSAFE_PATH.search(path):
+        raise Rejection(Reason.REQUEST_REJECTED, "ambiguous path")
+    return path
+
+
+class RouteTable:
+    """The ordered routes; the first whose match fits the request wins."""
+
+    __slots__ = ("_routes",)
+
+    def __init__(self, routes: tuple[RouteConfig, ...]) -> None:
+        self._routes = routes
+
+    def match(self, method: str, path: str) -> RouteConfig | None:
+        """The route for a request with this method and (already checked) raw path, or ``None``."""
+        for route in self._routes:
+            if route.match.matches(method, path):
+                return route
+        return None
