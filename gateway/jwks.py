@@ -216,6 +216,7 @@ class _Entry:
     failures: int = 0
     inflight: asyncio.Task[None] | None = None
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    attempted: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class JwksCache:
@@ -249,6 +250,11 @@ class JwksCache:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._refreshers.clear()
+
+    async def settled(self) -> None:
+        """Return once every issuer's first fetch has finished, whether it succeeded or not."""
+        for entry in self._entries.values():
+            await entry.attempted.wait()
 
     def ready(self) -> bool:
         """Whether every issuer has a key set (stale or not)."""
@@ -329,6 +335,7 @@ class JwksCache:
         finally:
             entry.inflight = None
             entry.wakeup.set()
+            entry.attempted.set()
 
     async def _refresh_loop(self, entry: _Entry) -> None:
         """Keep one issuer's set fresh: fetch now, then ahead of expiry, backing off on failure."""
