@@ -144,6 +144,8 @@ def _load_key(jwk: Any, issuer: IssuerConfig, index: int) -> dict[str, PyJWK]:
     if fits is None:
         return skip("unsupported_kty_or_crv")
     declared = jwk.get("alg")
+    if declared is not None and not isinstance(declared, str):
+        return skip("alg_not_a_string")
     wanted = fits & issuer.algorithms
     if declared is not None:
         # A key that names its algorithm is used for that algorithm only.
@@ -154,7 +156,7 @@ def _load_key(jwk: Any, issuer: IssuerConfig, index: int) -> dict[str, PyJWK]:
     for alg in sorted(wanted):
         try:
             key = PyJWK(jwk, algorithm=alg)
-        except PyJWTError:
+        except (PyJWTError, ValueError, TypeError, KeyError):
             return skip("unloadable")
         if key.Algorithm.check_key_length(key.key) is not None:
             return skip("key_too_short")
@@ -313,7 +315,16 @@ class JwksCache:
         entry.last_fetch_started = started
         try:
             document = await self._fetcher.fetch(issuer)
-            key_set = build_key_set(document, issuer)
+            try:
+                key_set = build_key_set(document, issuer)
+            except JwksFetchError:
+                raise
+            except Exception as exc:
+                # A document shaped in a way nobody foresaw is an invalid document: it
+                # must back off and keep the stale set like any failed fetch, not turn
+                # every request into a 500 or end the refresher.
+                log.exception(kv(event="jwks_document_error", issuer=issuer.id))
+                raise JwksFetchError("invalid", type(exc).__name__) from None
         except JwksFetchError as exc:
             entry.failures += 1
             backoff = min(RETRY_INITIAL_S * 2 ** (entry.failures - 1), RETRY_MAX_S)

@@ -53,6 +53,12 @@ def create_observe_middleware(metrics: GatewayMetrics, realm: str) -> Middleware
             record.reason = rejection.reason
             record.detail = rejection.detail
             response = rejection_response(rejection.reason, realm, rejection.scope)
+        except web.HTTPException as exc:
+            # aiohttp's own router refuses targets our catch-all cannot take
+            # (`OPTIONS *`, `CONNECT host:port`): a bad request, not a server fault.
+            record.reason = Reason.REQUEST_REJECTED
+            record.detail = f"aiohttp_{exc.status}"
+            response = rejection_response(Reason.REQUEST_REJECTED, realm)
         except Exception:
             # The only broad catch in the gateway: anything unexpected is a 500 with a traceback.
             log.exception(kv(event="internal_error", route=record.route))

@@ -76,11 +76,14 @@ class Forwarder:
         connection = inbound.getall("Connection", [])
         strip = headers_to_strip(self._owned, connection) if connection else self._base_strip
         out: CIMultiDict[str] = CIMultiDict()
+        keep_token = route.auth is not None and route.auth.forward_token
         for name, value in inbound.items():
-            lower = name.lower()
-            if lower in strip or lower == "host":
+            # CGI/WSGI upstreams read X_User_Sub as X-User-Sub: compare in that spelling too.
+            lower = name.lower().replace("_", "-")
+            # Host is the upstream's; Expect was already answered by this server.
+            if lower in strip or lower in ("host", "expect"):
                 continue
-            if lower == "authorization" and route.auth is not None and not route.auth.forward_token:
+            if lower == "authorization" and not keep_token:
                 continue
             out.add(name, value)
         out.update(injected)

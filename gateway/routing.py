@@ -19,7 +19,7 @@ _UNSAFE_PATH: Final = re.compile(
     r"""
       (?:^|/)\.{1,2}(?:/|$)                 # dot segments
     | //                                    # empty segments (merge_slashes)
-    | [\\;\x00-\x20\x7f]                    # backslash, path parameters, controls, space
+    | [\\;#\x00-\x20\x7f]                   # backslash, path parameters, fragment, controls, space
     | %(?:2[eEfF]|5[cC]|[46][1-9a-fA-F]|[57][0-9aA]|3[0-9]|2[dD]|5[fF]|7[eE]|[01][0-9a-fA-F]|7[fF]|25)
                                             # encoded . / \ unreserved, controls, or a double encoding
     | %(?![0-9a-fA-F]{2})                   # a bare '%'

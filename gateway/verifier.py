@@ -17,6 +17,7 @@ clock itself; the gateway's clock is injected so tests can move it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -156,9 +157,16 @@ def _numeric_date(claims: dict[str, Any], name: str, *, required: bool) -> float
         if required:
             raise Rejection(Reason.CLAIM_MISSING, f"claim {name} missing")
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise Rejection(Reason.CLAIM_INVALID, f"claim {name} is not a NumericDate")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    # json.loads accepts NaN and Infinity; an infinite exp would never expire.
+    if not math.isfinite(number):
+        raise Rejection(Reason.CLAIM_INVALID, f"claim {name} is not finite")
+    return number
 
 
 def _check_audience(aud: Any, accepted: frozenset[str]) -> None:
