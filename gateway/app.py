@@ -10,8 +10,9 @@ from prometheus_client import CollectorRegistry
 
 from .clock import SYSTEM_CLOCK, Clock
 from .config import GatewayConfig
+from .documents import DocumentFetcher, HttpDocumentFetcher
 from .handler import GatewayHandler
-from .jwks import HttpJwksFetcher, JwksCache, JwksFetcher
+from .jwks import JwksCache
 from .metrics import GatewayMetrics
 from .middleware import create_observe_middleware
 from .proxy import Forwarder, create_upstream_session
@@ -23,7 +24,7 @@ JWKS_KEY = web.AppKey("jwks", JwksCache)
 HANDLER_KEY = web.AppKey("handler", GatewayHandler)
 DRAINING_KEY = web.AppKey("draining", list[bool])  # a one-slot box: set at shutdown
 
-JwksFetcherFactory = Callable[[aiohttp.ClientSession], JwksFetcher]
+DocumentFetcherFactory = Callable[[aiohttp.ClientSession], DocumentFetcher]
 
 
 def create_app(
@@ -31,12 +32,13 @@ def create_app(
     *,
     registry: CollectorRegistry | None = None,
     clock: Clock = SYSTEM_CLOCK,
-    jwks_fetcher: JwksFetcherFactory = HttpJwksFetcher,
+    document_fetcher: DocumentFetcherFactory | None = None,
 ) -> web.Application:
     """Build the proxy application for ``config``.
 
     Collaborators are injected: a fresh ``CollectorRegistry`` per app unless one
-    is given, the clock (tests pass a fake one), and the JWKS fetcher factory.
+    is given, the clock (tests pass a fake one), and the factory of the fetcher of
+    discovery and JWKS documents (default: HTTP through the app's JWKS session).
     The upstream and JWKS client sessions are created on start-up and closed on
     clean-up.
     """
@@ -57,7 +59,12 @@ def create_app(
             connector=aiohttp.TCPConnector(limit=16), cookie_jar=aiohttp.DummyCookieJar()
         )
         upstream_session = create_upstream_session(config)
-        jwks = JwksCache(config.issuers, jwks_fetcher(jwks_session), metrics, clock)
+        fetcher = (
+            document_fetcher(jwks_session)
+            if document_fetcher is not None
+            else HttpDocumentFetcher(jwks_session, clock)
+        )
+        jwks = JwksCache(config.issuers, fetcher, metrics, clock)
         app[JWKS_KEY] = jwks
         app[HANDLER_KEY] = GatewayHandler(
             config, Verifier(jwks, clock), Forwarder(config, upstream_session, metrics)

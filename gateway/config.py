@@ -13,6 +13,7 @@ Defaults are named constants below, each with where it comes from.
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import re
 from collections.abc import Iterator, Mapping
@@ -24,7 +25,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, JwksFetchError
+from .keyset import build_key_set
 
 # --- defaults -----------------------------------------------------------------
 DEFAULT_LISTEN_HOST: Final = "0.0.0.0"  # noqa: S104 - a proxy listens on all interfaces by default
@@ -37,7 +39,12 @@ DEFAULT_CONNECT_TIMEOUT_S: Final = 2.0
 DEFAULT_UPSTREAM_TIMEOUT_S: Final = 30.0  # aiohttp's own default is 300 s total: far too long
 DEFAULT_MAX_CONNECTIONS: Final = 256  # per upstream host:port
 DEFAULT_LEEWAY_S: Final = 30.0  # clock skew tolerated on exp/nbf/iat (Envoy uses 60)
-DEFAULT_JWKS_CACHE_TTL_S: Final = 300.0
+DEFAULT_JWKS_CACHE_TTL_S: Final = 300.0  # used when the JWKS response names no lifetime
+DEFAULT_JWKS_CACHE_MIN_TTL_S: Final = 60.0  # an IdP's max-age=0 must not mean a fetch per request
+DEFAULT_JWKS_CACHE_MAX_TTL_S: Final = (
+    3600.0  # a retired key is trusted at most an hour after removal
+)
+DEFAULT_JWKS_MAX_STALE_S: Final = 21600.0  # past expiry, a failing IdP's last keys serve 6 h more
 DEFAULT_JWKS_REFETCH_COOLDOWN_S: Final = 30.0
 DEFAULT_JWKS_FETCH_TIMEOUT_S: Final = 3.0
 DEFAULT_JWKS_REFRESH_AHEAD_S: Final = 30.0
@@ -105,14 +112,31 @@ class IssuerConfig:
 
     id: str
     issuer: str
-    jwks_uri: str
+    jwks_uri: str | None  # None: found by OpenID discovery, unless the set is static
     algorithms: frozenset[str]
     leeway_s: float = DEFAULT_LEEWAY_S
     jwks_cache_ttl_s: float = DEFAULT_JWKS_CACHE_TTL_S
+    jwks_cache_min_ttl_s: float = DEFAULT_JWKS_CACHE_MIN_TTL_S
+    jwks_cache_max_ttl_s: float = DEFAULT_JWKS_CACHE_MAX_TTL_S
     jwks_refetch_cooldown_s: float = DEFAULT_JWKS_REFETCH_COOLDOWN_S
     jwks_fetch_timeout_s: float = DEFAULT_JWKS_FETCH_TIMEOUT_S
     jwks_refresh_ahead_s: float = DEFAULT_JWKS_REFRESH_AHEAD_S
+    jwks_max_stale_s: float = DEFAULT_JWKS_MAX_STALE_S
     jwks_max_bytes: int = DEFAULT_JWKS_MAX_BYTES
+    static_jwks: str | None = None  # canonical JSON of a jwks_file / inline jwks: never fetched
+    required_for_readiness: bool = True
+    typ: str | None = None  # None: typ absent, JWT or at+jwt; else exactly this (RFC 9068: at+jwt)
+
+    @property
+    def discovery_uri(self) -> str:
+        """Where OpenID discovery looks (OpenID Connect Discovery 1.0 §4)."""
+        return self.issuer.rstrip("/") + "/.well-known/openid-configuration"
+
+    def cache_lifetime(self, max_age_s: float | None) -> float:
+        """The key-set lifetime for a response's max-age, clamped to the configured bounds."""
+        if max_age_s is None:
+            return self.jwks_cache_ttl_s
+        return min(max(max_age_s, self.jwks_cache_min_ttl_s), self.jwks_cache_max_ttl_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,56 +412,133 @@ def _read_algorithms(node: _Node) -> frozenset[str]:
 
 _ISSUER_KEYS: Final = frozenset(
     {
-        "issuer", "jwks_uri", "algorithms", "leeway_s", "jwks_cache_ttl_s",
-        "jwks_refetch_cooldown_s", "jwks_fetch_timeout_s", "jwks_refresh_ahead_s",
-        "jwks_max_bytes",
+        "issuer", "jwks_uri", "jwks_file", "jwks", "algorithms", "leeway_s", "jwks_cache_ttl_s",
+        "jwks_cache_min_ttl_s", "jwks_cache_max_ttl_s", "jwks_refetch_cooldown_s",
+        "jwks_fetch_timeout_s", "jwks_refresh_ahead_s", "jwks_max_stale_s", "jwks_max_bytes",
+        "required_for_readiness", "typ",
     }
 )  # fmt: skip
+_TYP: Final = re.compile(r"[A-Za-z0-9!#$&^_.+-]{1,64}(?:/[A-Za-z0-9!#$&^_.+-]{1,64})?")
 
 
-def _read_issuer(issuer_id: str, node: _Node) -> IssuerConfig:
-    node.mapping(_ISSUER_KEYS, frozenset({"issuer", "jwks_uri", "algorithms"}))
-    iss = node.child("issuer").string(what="the issuer URL exactly as tokens carry it in 'iss'")
-    jwks_uri, _ = _read_url(
-        node.child("jwks_uri"), what="an https URL", https_only=True, origin_only=False
-    )
-    ttl = _opt(node, "jwks_cache_ttl_s", lambda n: n.number(), DEFAULT_JWKS_CACHE_TTL_S)
-    cooldown = _opt(
-        node, "jwks_refetch_cooldown_s", lambda n: n.number(), DEFAULT_JWKS_REFETCH_COOLDOWN_S
-    )
+def is_secure_url(url: str) -> bool:
+    """Whether ``url`` is https, or plain http to a loopback host (tests, sidecars)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    if not parts.hostname or parts.username or parts.password:
+        return False
+    return parts.scheme == "https" or (parts.scheme == "http" and _is_loopback(parts.hostname))
+
+
+def _read_static_jwks(
+    node: _Node, issuer_id: str, algorithms: frozenset[str], base_dir: Path | None
+) -> str | None:
+    """A static key set (``jwks_file`` or inline ``jwks``), checked for usable keys at load."""
+    if node.has("jwks_file"):
+        where = node.child("jwks_file")
+        path = Path(where.string(what="a path to a JWKS JSON file"))
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise where.fail(f"cannot read {str(path)!r}: {exc.strerror}") from None
+        except (ValueError, UnicodeDecodeError):
+            raise where.fail(f"{str(path)!r} is not JSON", "a JWKS document") from None
+    elif node.has("jwks"):
+        where = node.child("jwks")
+        document = where.value
+    else:
+        return None
+    try:
+        build_key_set(document, issuer_id, algorithms)
+    except JwksFetchError as exc:
+        raise where.fail(
+            exc.detail, "a JWKS with at least one key usable with 'algorithms'"
+        ) from None
+    return json.dumps(document, sort_keys=True, separators=(",", ":"))
+
+
+def _read_issuer(issuer_id: str, node: _Node, base_dir: Path | None) -> IssuerConfig:
+    node.mapping(_ISSUER_KEYS, frozenset({"issuer", "algorithms"}))
+    sources = [k for k in ("jwks_uri", "jwks_file", "jwks") if node.has(k)]
+    if len(sources) > 1:
+        raise node.fail(
+            f"both {sources[0]!r} and {sources[1]!r} are set",
+            "at most one of jwks_uri, jwks_file, jwks (none: OpenID discovery from 'issuer')",
+        )
+    iss_node = node.child("issuer")
+    iss = iss_node.string(what="the issuer URL exactly as tokens carry it in 'iss'")
+    algorithms = _read_algorithms(node.child("algorithms"))
+    jwks_uri: str | None = None
+    if node.has("jwks_uri"):
+        jwks_uri, _ = _read_url(
+            node.child("jwks_uri"), what="an https URL", https_only=True, origin_only=False
+        )
+    static = _read_static_jwks(node, issuer_id, algorithms, base_dir)
+    if not sources and not is_secure_url(iss):
+        raise iss_node.fail(
+            f"{iss!r} cannot be used for OpenID discovery",
+            "an https issuer URL (plain http only for loopback), or jwks_uri/jwks_file/jwks",
+        )
+
+    def number(key: str, default: float) -> float:
+        value: float = _opt(node, key, lambda n: n.number(), default)
+        return value
+
+    ttl = number("jwks_cache_ttl_s", DEFAULT_JWKS_CACHE_TTL_S)
+    min_ttl = number("jwks_cache_min_ttl_s", min(DEFAULT_JWKS_CACHE_MIN_TTL_S, ttl))
+    max_ttl = number("jwks_cache_max_ttl_s", max(DEFAULT_JWKS_CACHE_MAX_TTL_S, ttl))
+    if not min_ttl <= ttl <= max_ttl:
+        raise node.fail(
+            f"cache lifetimes min {min_ttl:g}, default {ttl:g}, max {max_ttl:g} are out of order",
+            "jwks_cache_min_ttl_s <= jwks_cache_ttl_s <= jwks_cache_max_ttl_s",
+        )
+    cooldown = number("jwks_refetch_cooldown_s", min(DEFAULT_JWKS_REFETCH_COOLDOWN_S, ttl))
     if cooldown > ttl:
         raise node.child("jwks_refetch_cooldown_s").fail(
             f"{cooldown:g} is longer than jwks_cache_ttl_s ({ttl:g})", "a value <= jwks_cache_ttl_s"
         )
     ahead = _opt(
         node, "jwks_refresh_ahead_s", lambda n: n.number(allow_zero=True),
-        DEFAULT_JWKS_REFRESH_AHEAD_S,
+        min(DEFAULT_JWKS_REFRESH_AHEAD_S, ttl / 2),
     )  # fmt: skip
     if ahead >= ttl:
         raise node.child("jwks_refresh_ahead_s").fail(
             f"{ahead:g} is not shorter than jwks_cache_ttl_s ({ttl:g})",
             "a value < jwks_cache_ttl_s",
         )
+    typ = _opt(
+        node, "typ", lambda n: n.string(pattern=_TYP, what="a media type such as at+jwt"), None
+    )
     return IssuerConfig(
         id=issuer_id,
         issuer=iss,
         jwks_uri=jwks_uri,
-        algorithms=_read_algorithms(node.child("algorithms")),
+        algorithms=algorithms,
         leeway_s=_opt(node, "leeway_s", lambda n: n.number(allow_zero=True), DEFAULT_LEEWAY_S),
         jwks_cache_ttl_s=ttl,
+        jwks_cache_min_ttl_s=min_ttl,
+        jwks_cache_max_ttl_s=max_ttl,
         jwks_refetch_cooldown_s=cooldown,
-        jwks_fetch_timeout_s=_opt(
-            node, "jwks_fetch_timeout_s", lambda n: n.number(), DEFAULT_JWKS_FETCH_TIMEOUT_S
-        ),
+        jwks_fetch_timeout_s=number("jwks_fetch_timeout_s", DEFAULT_JWKS_FETCH_TIMEOUT_S),
         jwks_refresh_ahead_s=ahead,
+        jwks_max_stale_s=_opt(
+            node, "jwks_max_stale_s", lambda n: n.number(allow_zero=True), DEFAULT_JWKS_MAX_STALE_S
+        ),
         jwks_max_bytes=_opt(
             node, "jwks_max_bytes", lambda n: n.integer(low=1024, high=16 * 1024 * 1024),
             DEFAULT_JWKS_MAX_BYTES,
         ),
+        static_jwks=static,
+        required_for_readiness=_opt(node, "required_for_readiness", lambda n: n.boolean(), True),
+        typ=typ,
     )  # fmt: skip
 
 
-def _read_issuers(node: _Node) -> dict[str, IssuerConfig]:
+def _read_issuers(node: _Node, base_dir: Path | None) -> dict[str, IssuerConfig]:
     if not isinstance(node.value, dict) or not node.value:
         raise node.fail(f"got {_show(node.value)}", "a mapping of issuer id to issuer settings")
     issuers: dict[str, IssuerConfig] = {}
@@ -445,7 +546,7 @@ def _read_issuers(node: _Node) -> dict[str, IssuerConfig]:
     for issuer_id, child in node.items():
         if not _ISSUER_ID.fullmatch(issuer_id):
             raise child.fail(f"invalid issuer id {issuer_id!r}", f"to match {_ISSUER_ID.pattern}")
-        issuer = _read_issuer(issuer_id, child)
+        issuer = _read_issuer(issuer_id, child, base_dir)
         if issuer.issuer in seen_urls:
             raise child.child("issuer").fail(
                 f"{issuer.issuer!r} is already issuer '{seen_urls[issuer.issuer]}'",
@@ -599,11 +700,14 @@ def _read_trusted_proxies(
     return tuple(nets)
 
 
-def parse_config(document: Any) -> GatewayConfig:
-    """Validate an already-parsed YAML document and freeze it into a ``GatewayConfig``."""
+def parse_config(document: Any, base_dir: Path | None = None) -> GatewayConfig:
+    """Validate an already-parsed YAML document and freeze it into a ``GatewayConfig``.
+
+    Relative ``jwks_file`` paths are resolved against ``base_dir`` (the config file's folder).
+    """
     root = _Node(document, "")
     root.mapping(_TOP_KEYS, frozenset({"routes"}))
-    issuers = _read_issuers(root.child("issuers")) if root.has("issuers") else {}
+    issuers = _read_issuers(root.child("issuers"), base_dir) if root.has("issuers") else {}
     routes: list[RouteConfig] = []
     seen: dict[str, int] = {}
     for item in root.child("routes").seq(non_empty=True):
@@ -643,10 +747,10 @@ def load_config(path: str | Path) -> GatewayConfig:
         raise ConfigError("", f"cannot read {str(path)!r}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError("", f"{str(path)!r} is not UTF-8 text") from None
-    return loads_config(text)
+    return loads_config(text, base_dir=Path(path).parent)
 
 
-def loads_config(text: str) -> GatewayConfig:
+def loads_config(text: str, base_dir: Path | None = None) -> GatewayConfig:
     """Validate YAML text; see ``load_config``."""
     try:
         document = yaml.safe_load(text)
@@ -655,4 +759,4 @@ def loads_config(text: str) -> GatewayConfig:
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "YAML"
         problem = getattr(exc, "problem", None) or "cannot be parsed"
         raise ConfigError(where, f"invalid YAML: {problem}") from None
-    return parse_config(document)
+    return parse_config(document, base_dir)

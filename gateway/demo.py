@@ -137,11 +137,12 @@ async def run_demo(config_path: Path | None) -> int:
     config = _demo_config(config_path)
     issuer = next(iter(config.issuers.values()))
     idp = DemoIdentityProvider(issuer.issuer)
-    jwks_url = urlsplit(issuer.jwks_uri)
+    # The demo IdP serves where the issuer URL points; the gateway finds its keys by discovery.
+    origin = urlsplit(issuer.issuer)
     upstream = config.routes[0].upstream
     runners = []
     for app, host, port in (
-        (idp.app(jwks_url.path), jwks_url.hostname or "127.0.0.1", jwks_url.port or 80),
+        (idp.app("/.well-known/jwks.json"), origin.hostname or "127.0.0.1", origin.port or 80),
         (create_echo_app(), upstream.host, upstream.port),
     ):
         runner = web.AppRunner(app, access_log=None)

@@ -1,17 +1,21 @@
-"""Key sets per issuer: fetched, cached, refreshed ahead of expiry, and guarded by a refetch cooldown.
+"""Key sets per issuer: discovered, fetched, cached, refreshed ahead of expiry, guarded by a refetch cooldown.
 
-Semantics (see the README, "When keys rotate"):
+Semantics (the README's "When keys rotate" is the user-facing version):
 
 * Only configured issuers have an entry; nothing is keyed by what a token says.
-* A key set lives ``jwks_cache_ttl_s``; the background refresher fetches it again
-  ``jwks_refresh_ahead_s`` before that, so steady-state requests never wait.
-* A token whose ``kid`` is unknown triggers at most one refetch per
-  ``jwks_refetch_cooldown_s`` per issuer (counted from the last fetch of any
-  kind); inside the window it is answered ``key_not_found`` without network.
-* Concurrent fetches are single-flight; a request waits for one at most
-  ``jwks_fetch_timeout_s`` while the fetch itself carries on and fills the cache.
-* A failed fetch keeps the last good set; only "no set at all" is
-  ``jwks_unavailable``.  Failed fetches are retried with exponential backoff.
+* Where: ``jwks_uri``, or OpenID discovery from ``issuer`` (the document's
+  ``issuer`` must equal it exactly), or a static set from the config.
+* How long: the JWKS response's ``Cache-Control``/``Expires`` lifetime clamped
+  to [``jwks_cache_min_ttl_s``, ``jwks_cache_max_ttl_s``], else
+  ``jwks_cache_ttl_s``.  A background task refetches ahead of expiry, so
+  steady-state requests never wait on the network.
+* Unknown ``kid``: at most one refetch per ``jwks_refetch_cooldown_s`` per
+  issuer, counted from the last fetch of any kind; inside the window the answer
+  is ``key_not_found`` without network.  Concurrent fetches are single-flight;
+  a request waits for one at most ``jwks_fetch_timeout_s``.
+* Outages: a failed fetch keeps the last good set, which serves until
+  ``jwks_max_stale_s`` past its expiry; then ``jwks_unavailable`` until the
+  first good fetch.  Failures are retried with exponential backoff.
 """
 
 from __future__ import annotations
@@ -24,13 +28,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
-import aiohttp
 from jwt import PyJWK
-from jwt.exceptions import PyJWTError
 
 from .clock import Clock
-from .config import IssuerConfig
+from .config import IssuerConfig, is_secure_url
+from .documents import DocumentFetcher, FetchedDocument
 from .errors import JwksFetchError, Rejection
+from .keyset import KeySet, build_key_set
 from .logs import kv
 from .metrics import GatewayMetrics
 from .reasons import Reason
@@ -40,16 +44,7 @@ log = logging.getLogger(__name__)
 RETRY_INITIAL_S: Final = 1.0  # Envoy retries a failed fetch after 1 s
 RETRY_MAX_S: Final = 60.0
 
-# Which algorithms a key of each type and curve can verify (RFC 7518 §3, RFC 8037).
-_RSA_ALGS: Final = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
-_ALGS_BY_KEY: Final[Mapping[tuple[str, str | None], frozenset[str]]] = {
-    ("RSA", None): _RSA_ALGS,
-    ("EC", "P-256"): frozenset({"ES256"}),
-    ("EC", "P-384"): frozenset({"ES384"}),
-    ("EC", "P-521"): frozenset({"ES512"}),
-    ("OKP", "Ed25519"): frozenset({"EdDSA"}),
-    ("OKP", "Ed448"): frozenset({"EdDSA"}),
-}
+__all__ = ["RETRY_INITIAL_S", "RETRY_MAX_S", "JwksCache", "KeyLookup", "KeySet", "build_key_set"]
 
 
 class KeyLookup(Protocol):
@@ -58,167 +53,32 @@ class KeyLookup(Protocol):
     async def get_key(self, issuer: IssuerConfig, kid: str | None, alg: str) -> PyJWK: ...
 
 
-@dataclass(frozen=True, slots=True)
-class KeySet:
-    """The usable signing keys of one fetch: ``kid`` → ``alg`` → key, plus keys without a kid."""
-
-    by_kid: Mapping[str, Mapping[str, PyJWK]]
-    unnamed: Mapping[str, tuple[PyJWK, ...]]
-    size: int
-
-    def lookup(self, kid: str | None, alg: str) -> PyJWK | Reason:
-        """The key for this kid and alg, or the reason there is none.
-
-        ``KEY_NOT_FOUND`` means the kid is unknown (a refetch may help);
-        ``ALGORITHM_NOT_ALLOWED`` means the kid is known but not for this alg.
-        A token without a kid is matched only when exactly one key fits its alg.
-        """
-        if kid is None:
-            candidates = [*self.unnamed.get(alg, ()),
-                          *(keys[alg] for keys in self.by_kid.values() if alg in keys)]  # fmt: skip
-            return candidates[0] if len(candidates) == 1 else Reason.KEY_NOT_FOUND
-        keys = self.by_kid.get(kid)
-        if keys is None:
-            return Reason.KEY_NOT_FOUND
-        return keys.get(alg, Reason.ALGORITHM_NOT_ALLOWED)
-
-
-def build_key_set(document: Any, issuer: IssuerConfig) -> KeySet:
-    """Turn a JWKS document into a ``KeySet`` of the keys usable with the issuer's algorithms.
-
-    Encryption keys, HMAC keys, keys for other algorithms and keys PyJWT cannot
-    load are skipped one by one (and logged); a set with no usable key at all is
-    a failed fetch (``invalid``), so it never replaces a good set.
-    """
-    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
-        raise JwksFetchError("invalid", "document has no 'keys' list")
-    by_kid: dict[str, dict[str, PyJWK]] = {}
-    unnamed: dict[str, list[PyJWK]] = {}
-    size = 0
-    for index, jwk in enumerate(document["keys"]):
-        usable = _load_key(jwk, issuer, index)
-        if not usable:
-            continue
-        kid = jwk.get("kid")
-        if isinstance(kid, str):
-            slot = by_kid.setdefault(kid, {})
-            if any(alg in slot for alg in usable):
-                log.warning(kv(event="jwks_key_skipped", issuer=issuer.id, index=index,
-                               why="duplicate_kid"))  # fmt: skip
-                continue
-            slot.update(usable)
-        else:
-            for alg, key in usable.items():
-                unnamed.setdefault(alg, []).append(key)
-        size += 1
-    if size == 0:
-        raise JwksFetchError("invalid", "no usable signing key")
-    return KeySet(
-        by_kid={k: dict(v) for k, v in by_kid.items()},
-        unnamed={alg: tuple(keys) for alg, keys in unnamed.items()},
-        size=size,
-    )
-
-
-def _load_key(jwk: Any, issuer: IssuerConfig, index: int) -> dict[str, PyJWK]:
-    """The PyJWK objects one JWK yields, by algorithm; empty when it is not usable."""
-
-    def skip(why: str) -> dict[str, PyJWK]:
-        log.warning(kv(event="jwks_key_skipped", issuer=issuer.id, index=index, why=why))
-        return {}
-
-    if not isinstance(jwk, dict):
-        return skip("not_an_object")
-    if jwk.get("use", "sig") != "sig":
-        return {}  # encryption keys are never used to verify; not worth a warning
-    ops = jwk.get("key_ops")
-    if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
-        return {}
-    kid = jwk.get("kid")
-    if kid is not None and not isinstance(kid, str):
-        return skip("kid_not_a_string")
-    kty, crv = jwk.get("kty"), jwk.get("crv")
-    if not isinstance(kty, str) or not isinstance(crv, str | None):
-        return skip("kty_or_crv_not_a_string")
-    fits = _ALGS_BY_KEY.get((kty, None if kty == "RSA" else crv))
-    if fits is None:
-        return skip("unsupported_kty_or_crv")
-    declared = jwk.get("alg")
-    if declared is not None and not isinstance(declared, str):
-        return skip("alg_not_a_string")
-    wanted = fits & issuer.algorithms
-    if declared is not None:
-        # A key that names its algorithm is used for that algorithm only.
-        if declared not in fits:
-            return skip("alg_does_not_fit_kty")
-        wanted = wanted & {declared}
-    loaded: dict[str, PyJWK] = {}
-    for alg in sorted(wanted):
-        try:
-            key = PyJWK(jwk, algorithm=alg)
-        except (PyJWTError, ValueError, TypeError, KeyError):
-            return skip("unloadable")
-        if key.Algorithm.check_key_length(key.key) is not None:
-            return skip("key_too_short")
-        loaded[alg] = key
-    return loaded
-
-
-class JwksFetcher(Protocol):
-    """Fetches one issuer's JWKS document."""
-
-    async def fetch(self, issuer: IssuerConfig) -> Any: ...
-
-
-class HttpJwksFetcher:
-    """Fetches a JWKS over HTTP(S) with a timeout and a size limit; maps every failure to a result label."""
-
-    def __init__(self, session: aiohttp.ClientSession) -> None:
-        self._session = session
-
-    async def fetch(self, issuer: IssuerConfig) -> Any:
-        timeout = aiohttp.ClientTimeout(total=issuer.jwks_fetch_timeout_s)
-        try:
-            async with self._session.get(
-                issuer.jwks_uri,
-                timeout=timeout,
-                allow_redirects=False,
-                headers={"Accept": "application/json, application/jwk-set+json"},
-            ) as response:
-                if response.status != 200:
-                    raise JwksFetchError("http_error", f"status {response.status}")
-                body = bytearray()
-                async for chunk in response.content.iter_chunked(65536):
-                    body += chunk
-                    if len(body) > issuer.jwks_max_bytes:
-                        raise JwksFetchError("invalid", f"body over {issuer.jwks_max_bytes} bytes")
-        except TimeoutError:
-            raise JwksFetchError(
-                "timeout", f"no answer within {issuer.jwks_fetch_timeout_s}s"
-            ) from None
-        except aiohttp.ClientResponseError as exc:
-            raise JwksFetchError("http_error", f"bad response: {exc.status}") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise JwksFetchError("unreachable", type(exc).__name__) from None
-        try:
-            return json.loads(body)
-        except (ValueError, RecursionError):
-            raise JwksFetchError("invalid", "body is not JSON") from None
-
-
 @dataclass(slots=True, eq=False)
 class _Entry:
     """The mutable cache state of one issuer."""
 
     issuer: IssuerConfig
     key_set: KeySet | None = None
-    expires_at: float = 0.0
+    fetched_at: float = float("-inf")
+    expires_at: float = float("-inf")
+    jwks_uri: str | None = None  # configured, or learnt by discovery
+    discovery_expires_at: float = float("-inf")
     last_fetch_started: float = float("-inf")
     next_retry_at: float = float("-inf")
     failures: int = 0
     inflight: asyncio.Task[None] | None = None
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     attempted: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def static(self) -> bool:
+        return self.issuer.static_jwks is not None
+
+    def usable(self, now: float) -> KeySet | None:
+        """The set requests may use: fresh, or stale by no more than ``jwks_max_stale_s``."""
+        if self.key_set is None or now >= self.expires_at + self.issuer.jwks_max_stale_s:
+            return None
+        return self.key_set
 
 
 class JwksCache:
@@ -227,21 +87,46 @@ class JwksCache:
     def __init__(
         self,
         issuers: Mapping[str, IssuerConfig],
-        fetcher: JwksFetcher,
+        fetcher: DocumentFetcher,
         metrics: GatewayMetrics,
         clock: Clock,
     ) -> None:
-        self._entries = {issuer_id: _Entry(cfg) for issuer_id, cfg in issuers.items()}
+        self._entries = {
+            issuer_id: _Entry(cfg, jwks_uri=cfg.jwks_uri) for issuer_id, cfg in issuers.items()
+        }
         self._fetcher = fetcher
         self._metrics = metrics
         self._clock = clock
         self._refreshers: list[asyncio.Task[None]] = []
+        for entry in self._entries.values():
+            if entry.issuer.static_jwks is not None:
+                entry.key_set = build_key_set(
+                    json.loads(entry.issuer.static_jwks), entry.issuer.id, entry.issuer.algorithms
+                )
+                entry.expires_at = float("inf")
+                entry.attempted.set()
+            self._export(entry)
+
+    def _export(self, entry: _Entry) -> None:
+        """Gauges computed at scrape time, so staleness shows without any request."""
+        issuer_id = entry.issuer.id
+
+        def usable_keys() -> float:
+            key_set = entry.usable(self._clock.monotonic())
+            return float(key_set.size) if key_set else 0.0
+
+        def stale() -> float:
+            return float(entry.key_set is not None and self._clock.monotonic() >= entry.expires_at)
+
+        self._metrics.jwks_keys.labels(issuer_id).set_function(usable_keys)
+        self._metrics.jwks_stale.labels(issuer_id).set_function(stale)
 
     # --- lifecycle -------------------------------------------------------------
     def start(self) -> None:
-        """Start one background refresher per issuer; each fetches at once."""
+        """Start one background refresher per fetched issuer; each fetches at once."""
         for entry in self._entries.values():
-            self._refreshers.append(asyncio.create_task(self._refresh_loop(entry)))
+            if not entry.static:
+                self._refreshers.append(asyncio.create_task(self._refresh_loop(entry)))
 
     async def close(self) -> None:
         """Cancel the refreshers and any fetch in flight."""
@@ -259,42 +144,63 @@ class JwksCache:
             await entry.attempted.wait()
 
     def ready(self) -> bool:
-        """Whether every issuer has a key set (stale or not)."""
-        return all(entry.key_set is not None for entry in self._entries.values())
+        """Whether every issuer that gates readiness has a usable key set."""
+        now = self._clock.monotonic()
+        return all(
+            entry.usable(now) is not None
+            for entry in self._entries.values()
+            if entry.issuer.required_for_readiness
+        )
 
     def status(self) -> dict[str, dict[str, Any]]:
-        """Per-issuer state for /readyz: whether keys are held, how many, and consecutive failures."""
-        return {
-            issuer_id: {
-                "keys": entry.key_set.size if entry.key_set else 0,
-                "ready": entry.key_set is not None,
+        """Per-issuer state for /readyz."""
+        now = self._clock.monotonic()
+        out: dict[str, dict[str, Any]] = {}
+        for issuer_id, entry in self._entries.items():
+            usable = entry.usable(now)
+            out[issuer_id] = {
+                "ready": usable is not None,
+                "keys": usable.size if usable else 0,
+                "stale": entry.key_set is not None and now >= entry.expires_at,
                 "failures": entry.failures,
+                "source": "static"
+                if entry.static
+                else "discovery"
+                if entry.issuer.jwks_uri is None
+                else "jwks_uri",
+                "required_for_readiness": entry.issuer.required_for_readiness,
             }
-            for issuer_id, entry in self._entries.items()
-        }
+        return out
 
     # --- the request path ------------------------------------------------------
     async def get_key(self, issuer: IssuerConfig, kid: str | None, alg: str) -> PyJWK:
         """The verification key for ``kid``/``alg`` of ``issuer``, or a ``Rejection``."""
         entry = self._entries[issuer.id]
         now = self._clock.monotonic()
-        stale = entry.key_set is None or now >= entry.expires_at
-        if stale and (entry.inflight is not None or now >= entry.next_retry_at):
+        expired = entry.key_set is None or now >= entry.expires_at
+        if (
+            expired
+            and not entry.static
+            and (entry.inflight is not None or now >= entry.next_retry_at)
+        ):
             await self._await_fetch(entry)
-        if entry.key_set is None:
-            raise Rejection(Reason.JWKS_UNAVAILABLE, f"no key set for issuer {issuer.id}")
-        found = entry.key_set.lookup(kid, alg)
+        key_set = entry.usable(self._clock.monotonic())
+        if key_set is None:
+            raise Rejection(Reason.JWKS_UNAVAILABLE, f"no usable key set for issuer {issuer.id}")
+        found = key_set.lookup(kid, alg)
         if not isinstance(found, Reason):
             return found
         if found is Reason.ALGORITHM_NOT_ALLOWED:
             raise Rejection(found, f"key {kid!r} is not for {alg}")
         self._metrics.jwks_kid_misses.labels(issuer.id).inc()
         in_cooldown = now - entry.last_fetch_started < issuer.jwks_refetch_cooldown_s
-        if entry.inflight is None and in_cooldown:
-            self._metrics.jwks_refetch_suppressed.labels(issuer.id).inc()
-            raise Rejection(Reason.KEY_NOT_FOUND, "unknown kid; refetch in cooldown")
+        if entry.static or (entry.inflight is None and in_cooldown):
+            if not entry.static:
+                self._metrics.jwks_refetch_suppressed.labels(issuer.id).inc()
+            raise Rejection(Reason.KEY_NOT_FOUND, "unknown kid; no refetch allowed now")
         await self._await_fetch(entry)
-        found = entry.key_set.lookup(kid, alg)
+        key_set = entry.usable(self._clock.monotonic())
+        found = key_set.lookup(kid, alg) if key_set else Reason.KEY_NOT_FOUND
         if isinstance(found, Reason):
             raise Rejection(found, "unknown kid after refetch")
         return found
@@ -309,14 +215,53 @@ class JwksCache:
                 asyncio.shield(entry.inflight), entry.issuer.jwks_fetch_timeout_s
             )
 
+    async def _get(self, issuer: IssuerConfig, url: str) -> FetchedDocument:
+        return await self._fetcher.fetch(
+            url, timeout_s=issuer.jwks_fetch_timeout_s, max_bytes=issuer.jwks_max_bytes
+        )
+
+    async def _resolve_jwks_uri(self, entry: _Entry) -> str:
+        """The configured jwks_uri, or the one OpenID discovery names (cached like a key set)."""
+        issuer = entry.issuer
+        if issuer.jwks_uri is not None:
+            return issuer.jwks_uri
+        now = self._clock.monotonic()
+        if entry.jwks_uri is not None and now < entry.discovery_expires_at:
+            return entry.jwks_uri
+        try:
+            document = await self._get(issuer, issuer.discovery_uri)
+            body = document.body
+            if not isinstance(body, dict) or body.get("issuer") != issuer.issuer:
+                raise JwksFetchError("invalid", "discovery document names another issuer")
+            jwks_uri = body.get("jwks_uri")
+            if not isinstance(jwks_uri, str) or not is_secure_url(jwks_uri):
+                raise JwksFetchError("invalid", "discovery jwks_uri missing or not https")
+        except JwksFetchError as exc:
+            if entry.jwks_uri is None:
+                raise
+            # Stale-on-error for discovery too: keep using the jwks_uri learnt before.
+            log.warning(
+                kv(
+                    event="discovery_fetch",
+                    issuer=issuer.id,
+                    result=exc.result,
+                    detail=exc.detail,
+                    stale=True,
+                )
+            )
+            return entry.jwks_uri
+        entry.jwks_uri = jwks_uri
+        entry.discovery_expires_at = now + issuer.cache_lifetime(document.max_age_s)
+        return jwks_uri
+
     async def _fetch(self, entry: _Entry) -> None:
         issuer = entry.issuer
         started = self._clock.monotonic()
         entry.last_fetch_started = started
         try:
-            document = await self._fetcher.fetch(issuer)
+            document = await self._get(issuer, await self._resolve_jwks_uri(entry))
             try:
-                key_set = build_key_set(document, issuer)
+                key_set = build_key_set(document.body, issuer.id, issuer.algorithms)
             except JwksFetchError:
                 raise
             except Exception as exc:
@@ -334,15 +279,16 @@ class JwksCache:
                            detail=exc.detail, failures=entry.failures,
                            stale=entry.key_set is not None, retry_in_s=backoff))  # fmt: skip
         else:
+            lifetime = issuer.cache_lifetime(document.max_age_s)
             entry.key_set = key_set
-            entry.expires_at = started + issuer.jwks_cache_ttl_s
+            entry.fetched_at = started
+            entry.expires_at = started + lifetime
             entry.failures = 0
             entry.next_retry_at = float("-inf")
             self._metrics.jwks_fetches.labels(issuer.id, "success").inc()
-            self._metrics.jwks_keys.labels(issuer.id).set(key_set.size)
             self._metrics.jwks_last_success.labels(issuer.id).set(self._clock.time())
             log.info(kv(event="jwks_fetch", issuer=issuer.id, result="success",
-                        keys=key_set.size))  # fmt: skip
+                        keys=key_set.size, ttl_s=f"{lifetime:g}"))  # fmt: skip
         finally:
             entry.inflight = None
             entry.wakeup.set()
@@ -356,7 +302,9 @@ class JwksCache:
             if entry.key_set is None or entry.failures:
                 due = entry.next_retry_at
             else:
-                due = entry.expires_at - issuer.jwks_refresh_ahead_s
+                # Ahead of expiry, but never sooner than half-way through a short lifetime.
+                lifetime = entry.expires_at - entry.fetched_at
+                due = entry.expires_at - min(issuer.jwks_refresh_ahead_s, lifetime / 2)
             if now >= due:
                 if entry.inflight is None:
                     entry.inflight = asyncio.create_task(self._fetch(entry))

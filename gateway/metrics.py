@@ -80,6 +80,12 @@ class GatewayMetrics:
             ["issuer"],
             registry=registry,
         )
+        self.jwks_stale = Gauge(
+            "gateway_jwks_stale",
+            "1 while the issuer's key set is past its lifetime and served only because fetches fail.",
+            ["issuer"],
+            registry=registry,
+        )
         self.jwks_last_success = Gauge(
             "gateway_jwks_last_success_timestamp_seconds",
             "Unix time of the issuer's last successful key-set fetch (0 if none yet).",
@@ -101,7 +107,6 @@ class GatewayMetrics:
                 self.jwks_fetches.labels(issuer, result)
             self.jwks_kid_misses.labels(issuer)
             self.jwks_refetch_suppressed.labels(issuer)
-            self.jwks_keys.labels(issuer).set(0)
             self.jwks_last_success.labels(issuer).set(0)
 
     def observe_request(self, route: str, reason: Reason, duration_s: float) -> None:

@@ -32,6 +32,7 @@ class Reason(enum.StrEnum):
     AUTH_HEADER_INVALID = "auth_header_invalid"
     TOKEN_MISSING = "token_missing"
     TOKEN_MALFORMED = "token_malformed"
+    TOKEN_TYPE_INVALID = "token_type_invalid"
     ALGORITHM_NOT_ALLOWED = "algorithm_not_allowed"
     ISSUER_NOT_ALLOWED = "issuer_not_allowed"
     KEY_NOT_FOUND = "key_not_found"
@@ -100,6 +101,7 @@ REASON_SPECS: Final[Mapping[Reason, ReasonSpec]] = MappingProxyType(
             401, "A bearer token is required.", Outcome.REJECTED, _INFO, True, None
         ),
         Reason.TOKEN_MALFORMED: _invalid_token("The token is malformed."),
+        Reason.TOKEN_TYPE_INVALID: _invalid_token("The token is not of an accepted type."),
         Reason.ALGORITHM_NOT_ALLOWED: _invalid_token(
             "The token's signing algorithm is not allowed.", _WARN
         ),

@@ -7,8 +7,9 @@ Order matters and is the point (see the README's request flow):
 3. the unverified ``iss`` must name one of the route's issuers, *before* any key
    is fetched, so a forged ``iss`` never reaches the network;
 4. ``alg`` must be pinned by that issuer; the key comes from that issuer's set only;
-5. signature (PyJWT, with the key bound to its algorithm);
-6. claims: ``iss``, ``exp`` (required), ``nbf``/``iat`` with leeway, ``aud``,
+5. the header ``typ``: JWT, at+jwt or absent, or exactly the issuer's ``typ``;
+6. signature (PyJWT, with the key bound to its algorithm);
+7. claims: ``iss``, ``exp`` (required), ``nbf``/``iat`` with leeway, ``aud``,
    required claims, then scopes (403).
 
 Time claims are checked here rather than by PyJWT because PyJWT reads the wall
@@ -102,6 +103,8 @@ class Verifier:
             raise Rejection(Reason.ISSUER_NOT_ALLOWED, "iss not trusted on this route")
         if alg not in issuer.algorithms:
             raise Rejection(Reason.ALGORITHM_NOT_ALLOWED, f"alg {alg} not pinned for {issuer.id}")
+        if not _typ_accepted(header.get("typ"), issuer.typ):
+            raise Rejection(Reason.TOKEN_TYPE_INVALID, "typ not accepted")
         kid = header.get("kid")
         key: PyJWK = await self._keys.get_key(issuer, kid, alg)
 
@@ -148,6 +151,22 @@ class Verifier:
                     "required scope not granted",
                     scope=" ".join(sorted(policy.required_scopes)),
                 )
+
+
+# RFC 9068 access tokens say at+jwt; most other issuers say JWT or nothing.
+_DEFAULT_TYPES: Final = frozenset({"jwt", "at+jwt"})
+
+
+def _typ_accepted(typ: Any, required: str | None) -> bool:
+    """Compare ``typ`` as RFC 7515 §4.1.9 says: case-insensitive, ``application/`` optional."""
+    if typ is None:
+        return required is None
+    if not isinstance(typ, str):
+        return False
+    name = typ.lower().removeprefix("application/")
+    if required is None:
+        return name in _DEFAULT_TYPES
+    return name == required.lower().removeprefix("application/")
 
 
 def _numeric_date(claims: dict[str, Any], name: str, *, required: bool) -> float | None:

@@ -58,6 +58,7 @@ async def idp(aiohttp_server: Any, signing_keys: dict[str, SigningKey]) -> Async
     fake.publish(*signing_keys.values())
     server = await aiohttp_server(fake.app())
     fake.jwks_uri = str(server.make_url("/jwks.json"))
+    fake.issuer = str(server.make_url("")).rstrip("/")
     yield fake
     fake.release.set()
 

@@ -115,7 +115,8 @@ class FakeIdP:
 
     ``mode`` is one of: ``ok``, ``error`` (HTTP 500), ``hang`` (never answers),
     ``garbage`` (non-JSON body), ``empty`` (a set without keys), ``huge`` (a
-    body over any sane size limit).
+    body over any sane size limit).  It also serves OpenID discovery at
+    ``/.well-known/openid-configuration`` naming ``issuer`` and its ``/jwks.json``.
     """
 
     keys: list[dict[str, Any]] = field(default_factory=list)
@@ -123,6 +124,11 @@ class FakeIdP:
     hits: int = 0
     release: asyncio.Event = field(default_factory=asyncio.Event)
     jwks_uri: str = ""  # set once the server is listening
+    issuer: str = ""  # what the discovery document names (set once listening, or overridden)
+    headers: dict[str, str] = field(default_factory=dict)  # e.g. Cache-Control on the JWKS
+    discovery: dict[str, Any] | None = None  # overrides the discovery document when set
+    discovery_mode: str = "ok"  # ok or error
+    discovery_hits: int = 0
 
     def publish(self, *keys: SigningKey) -> None:
         """Replace the served key set with the public halves of ``keys``."""
@@ -144,9 +150,20 @@ class FakeIdP:
                 return web.json_response({"keys": []})
             if self.mode == "huge":
                 return web.Response(body=b"[" + b" " * (2 * 1024 * 1024) + b"]")
-            return web.json_response({"keys": self.keys})
+            return web.json_response({"keys": self.keys}, headers=self.headers)
+
+        async def discovery(request: web.Request) -> web.Response:
+            self.discovery_hits += 1
+            if self.discovery_mode == "error":
+                return web.Response(status=500, text="boom")
+            document = self.discovery or {
+                "issuer": self.issuer,
+                "jwks_uri": str(request.url.with_path("/jwks.json").with_query(None)),
+            }
+            return web.json_response(document, headers=self.headers)
 
         app.router.add_get("/jwks.json", jwks)
+        app.router.add_get("/.well-known/openid-configuration", discovery)
         return app
 
 

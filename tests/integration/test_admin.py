@@ -27,6 +27,7 @@ EXPECTED_FAMILIES = {
     "gateway_jwks_kid_misses": "counter",
     "gateway_jwks_refetch_suppressed": "counter",
     "gateway_jwks_keys": "gauge",
+    "gateway_jwks_stale": "gauge",
     "gateway_jwks_last_success_timestamp_seconds": "gauge",
 }
 
@@ -138,7 +139,14 @@ async def test_readyz_is_503_before_the_first_good_fetch_and_200_after(
     assert ready.status == 503
     body = await ready.json()
     assert body["status"] == "waiting_for_keys"
-    assert body["issuers"]["test"] == {"keys": 0, "ready": False, "failures": 1}
+    assert body["issuers"]["test"] == {
+        "keys": 0,
+        "ready": False,
+        "failures": 1,
+        "stale": False,
+        "source": "jwks_uri",
+        "required_for_readiness": True,
+    }
     assert gw.metric("gateway_jwks_keys", issuer="test") == 0
     assert gw.metric("gateway_jwks_last_success_timestamp_seconds", issuer="test") == 0
     assert gw.metric("gateway_jwks_fetches_total", issuer="test", result="http_error") == 1
@@ -153,7 +161,16 @@ async def test_readyz_is_503_before_the_first_good_fetch_and_200_after(
     body = await (await gw.admin.get("/readyz")).json()
     assert body == {
         "status": "ready",
-        "issuers": {"test": {"keys": len(signing_keys), "ready": True, "failures": 0}},
+        "issuers": {
+            "test": {
+                "keys": len(signing_keys),
+                "ready": True,
+                "failures": 0,
+                "stale": False,
+                "source": "jwks_uri",
+                "required_for_readiness": True,
+            }
+        },
     }
     assert gw.metric("gateway_jwks_keys", issuer="test") == len(signing_keys)
     assert gw.metric("gateway_jwks_last_success_timestamp_seconds", issuer="test") == clock.time()

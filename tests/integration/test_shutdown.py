@@ -16,7 +16,7 @@ from aiohttp import web
 import gateway as gateway_package
 from gateway import create_app, loads_config
 from gateway.app import HANDLER_KEY, JWKS_KEY
-from gateway.jwks import HttpJwksFetcher
+from gateway.documents import HttpDocumentFetcher
 from tests import conftest
 from tests.integration.e2e_helpers import echoed_headers, wait_until
 
@@ -46,12 +46,12 @@ class Started:
     def __init__(self, config_doc: dict[str, Any], clock: Any) -> None:
         self.jwks_sessions: list[aiohttp.ClientSession] = []
 
-        def fetcher(session: aiohttp.ClientSession) -> HttpJwksFetcher:
+        def fetcher(session: aiohttp.ClientSession) -> HttpDocumentFetcher:
             self.jwks_sessions.append(session)
-            return HttpJwksFetcher(session)
+            return HttpDocumentFetcher(session, clock)
 
         config = loads_config(yaml.safe_dump(config_doc))
-        self.app = create_app(config, clock=clock, jwks_fetcher=fetcher)
+        self.app = create_app(config, clock=clock, document_fetcher=fetcher)
         self.runner = web.AppRunner(self.app, shutdown_timeout=5)
         self.port = 0
 

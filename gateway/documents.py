@@ -1,0 +1,97 @@
+"""Fetching the identity provider's JSON documents (discovery, JWKS): size limit, timeout, HTTP cache lifetime."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any, Final, Protocol
+
+import aiohttp
+from multidict import CIMultiDictProxy
+
+from .clock import Clock
+from .errors import JwksFetchError
+
+_MAX_AGE: Final = re.compile(r"^\s*(s-maxage|max-age)\s*=\s*\"?(\d+)\"?\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedDocument:
+    """A parsed JSON body and the lifetime its response declared (``None`` when it said nothing)."""
+
+    body: Any
+    max_age_s: float | None
+
+
+class DocumentFetcher(Protocol):
+    """Fetches one JSON document; every failure is a ``JwksFetchError`` with a bounded result label."""
+
+    async def fetch(self, url: str, *, timeout_s: float, max_bytes: int) -> FetchedDocument: ...
+
+
+def declared_lifetime(headers: CIMultiDictProxy[str], now: float) -> float | None:
+    """The lifetime a response declares (RFC 9111 §4.2.1): ``s-maxage``, then ``max-age``, then
+    ``Expires`` minus ``Date``; ``no-store``/``no-cache`` mean 0.  ``None`` when it says nothing."""
+    directives = [
+        d.strip().lower() for value in headers.getall("Cache-Control", []) for d in value.split(",")
+    ]
+    ages: dict[str, float] = {}
+    for directive in directives:
+        if directive in ("no-store", "no-cache"):
+            return 0.0
+        match = _MAX_AGE.match(directive)
+        if match:
+            ages[match.group(1).lower()] = float(match.group(2))
+    if "s-maxage" in ages:  # the gateway is a shared cache
+        return ages["s-maxage"]
+    if "max-age" in ages:
+        return ages["max-age"]
+    expires = headers.get("Expires")
+    if expires is None:
+        return None
+    try:
+        expires_at = parsedate_to_datetime(expires).timestamp()
+        date = headers.get("Date")
+        origin_now = parsedate_to_datetime(date).timestamp() if date else now
+    except (TypeError, ValueError, IndexError):
+        return 0.0  # RFC 9111 §5.3: an invalid Expires means "already expired"
+    return max(expires_at - origin_now, 0.0)
+
+
+class HttpDocumentFetcher:
+    """GETs JSON over HTTP(S) without redirects, within a time and size budget."""
+
+    def __init__(self, session: aiohttp.ClientSession, clock: Clock) -> None:
+        self._session = session
+        self._clock = clock
+
+    async def fetch(self, url: str, *, timeout_s: float, max_bytes: int) -> FetchedDocument:
+        try:
+            async with self._session.get(
+                url,
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+                allow_redirects=False,
+                headers={"Accept": "application/json, application/jwk-set+json"},
+            ) as response:
+                if response.status != 200:
+                    raise JwksFetchError("http_error", f"status {response.status}")
+                if (response.content_length or 0) > max_bytes:
+                    raise JwksFetchError("invalid", f"body over {max_bytes} bytes")
+                body = bytearray()
+                async for chunk in response.content.iter_chunked(65536):
+                    body += chunk
+                    if len(body) > max_bytes:
+                        raise JwksFetchError("invalid", f"body over {max_bytes} bytes")
+                lifetime = declared_lifetime(response.headers, self._clock.time())
+        except TimeoutError:
+            raise JwksFetchError("timeout", f"no answer within {timeout_s}s") from None
+        except aiohttp.ClientResponseError as exc:
+            raise JwksFetchError("http_error", f"bad response: {exc.status}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise JwksFetchError("unreachable", type(exc).__name__) from None
+        try:
+            return FetchedDocument(json.loads(body), lifetime)
+        except (ValueError, RecursionError):
+            raise JwksFetchError("invalid", "body is not JSON") from None
