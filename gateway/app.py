@@ -9,7 +9,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from .clock import SYSTEM_CLOCK, Clock
-from .config import GatewayConfig
+from .config import AuthMode, GatewayConfig
 from .documents import DocumentFetcher, HttpDocumentFetcher
 from .handler import GatewayHandler
 from .jwks import JwksCache
@@ -43,7 +43,12 @@ def create_app(
     clean-up.
     """
     registry = registry if registry is not None else CollectorRegistry()
-    metrics = GatewayMetrics(registry, (r.id for r in config.routes), config.issuers)
+    metrics = GatewayMetrics(
+        registry,
+        (r.id for r in config.routes),
+        config.issuers,
+        (r.id for r in config.routes if r.auth is not None and r.auth.mode is AuthMode.REPORT_ONLY),
+    )
     app = web.Application(
         middlewares=[create_observe_middleware(metrics, config.realm)],
         handler_args={"max_field_size": 8190, "max_line_size": 8190},
@@ -67,7 +72,7 @@ def create_app(
         jwks = JwksCache(config.issuers, fetcher, metrics, clock)
         app[JWKS_KEY] = jwks
         app[HANDLER_KEY] = GatewayHandler(
-            config, Verifier(jwks, clock), Forwarder(config, upstream_session, metrics)
+            config, Verifier(jwks, clock), Forwarder(config, upstream_session, metrics), metrics
         )
         jwks.start()
         try:

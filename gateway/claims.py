@@ -7,9 +7,10 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
-from .config import FORWARDED_HEADERS, HOP_BY_HOP_HEADERS, ClaimHeader
+from .config import FORWARDED_HEADERS, HOP_BY_HOP_HEADERS, ClaimHeader, RouteConfig
 from .errors import Rejection
 from .reasons import Reason
+from .verifier import VerifiedToken, lookup_claim
 
 # A header value may carry visible ASCII, spaces and tabs, and UTF-8 text; never
 # CR, LF, NUL or other controls (header injection).
@@ -24,25 +25,18 @@ def headers_to_strip(owned: frozenset[str], connection_values: Iterable[str]) ->
     return owned | HOP_BY_HOP_HEADERS | FORWARDED_HEADERS | named
 
 
-def lookup_claim(claims: Mapping[str, Any], path: tuple[str, ...]) -> Any:
-    """The value at a claim path (``("org", "tenant_id")``), or ``None`` when any step is absent."""
-    value: Any = claims
-    for segment in path:
-        if not isinstance(value, Mapping):
-            return None
-        value = value.get(segment)
-    return value
-
-
-def render_claim(value: Any) -> str | None:
+def render_claim(value: Any, fmt: str = "csv") -> str | None:
     """A claim value as a header value; ``None`` leaves the header out.
 
     Strings as they are; integers and integral floats in plain decimal (as
     Envoy prints them); booleans as ``true``/``false``; lists of scalars
-    comma-joined; objects and anything else as compact JSON.
+    comma-joined (``fmt="csv"``) or as JSON (``fmt="json"``); objects and
+    anything else as compact JSON.
     """
     if value is None:
         return None
+    if fmt == "json" and isinstance(value, list | dict):
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
@@ -62,7 +56,7 @@ def claim_headers(claims: Mapping[str, Any], mapping: tuple[ClaimHeader, ...]) -
     """The headers to inject for a verified token; a value with control characters is refused."""
     out: dict[str, str] = {}
     for entry in mapping:
-        text = render_claim(lookup_claim(claims, entry.claim))
+        text = render_claim(lookup_claim(claims, entry.claim), entry.format)
         if text is None:
             continue
         if _CONTROL.search(text):
@@ -71,3 +65,12 @@ def claim_headers(claims: Mapping[str, Any], mapping: tuple[ClaimHeader, ...]) -
             )
         out[entry.header] = text
     return out
+
+
+def identity_headers(verified: VerifiedToken, route: RouteConfig) -> dict[str, str]:
+    """Every header a verified token earns on ``route``: its claim headers and, if configured,
+    the whole payload (the token's own signed base64url payload segment, byte for byte)."""
+    headers = claim_headers(verified.claims, route.claim_headers)
+    if route.payload_header is not None:
+        headers[route.payload_header] = verified.payload_segment
+    return headers

@@ -32,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", "-c", required=True, type=Path, help="the gateway YAML file")
     check = commands.add_parser("check-config", help="validate a config file; exit 0 or 1")
     check.add_argument("file", type=Path)
+    explain = commands.add_parser(
+        "explain", help="show how a route would judge a token, check by check"
+    )
+    explain.add_argument("--config", "-c", required=True, type=Path)
+    explain.add_argument("--route", "-r", required=True, help="the route id")
+    explain.add_argument("token", nargs="?", default=None, help="the token (default: read stdin)")
     demo = commands.add_parser(
         "demo", help="run a self-contained demo: identity provider, echo upstream and gateway"
     )
@@ -51,6 +57,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         print(f"{args.file}: ok ({len(config.routes)} routes, {len(config.issuers)} issuers)")
         return 0
+    if args.command == "explain":
+        from .explain import explain, read_token
+
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            print(f"{args.config}: {exc}", file=sys.stderr)
+            return 2
+        setup_logging("WARNING")
+        return asyncio.run(explain(config, args.route, read_token(args.token), sys.stdout))
     setup_logging(args.log_level)
     if args.command == "demo":
         from .demo import run_demo

@@ -12,6 +12,7 @@ Defaults are named constants below, each with where it comes from.
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import json
 import math
@@ -50,6 +51,7 @@ DEFAULT_JWKS_FETCH_TIMEOUT_S: Final = 3.0
 DEFAULT_JWKS_REFRESH_AHEAD_S: Final = 30.0
 DEFAULT_JWKS_MAX_BYTES: Final = 512 * 1024  # real key sets are a few KB
 DEFAULT_MAX_TOKEN_BYTES: Final = 8192  # aiohttp's own header-field limit is 8190
+AUTH_OUTCOME_HEADER: Final = "X-Gateway-Auth-Outcome"  # report-only routes tell the upstream
 
 # RFC 7518 asymmetric algorithms PyJWT verifies.  `none` and HS* are never accepted:
 # HMAC keyed with a public JWK is the algorithm-confusion attack.
@@ -76,6 +78,11 @@ _ISSUER_ID: Final = _ROUTE_ID
 _HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
 _CLAIM_SEGMENT: Final = re.compile(r"[^.\s]+")
 _METHOD: Final = re.compile(r"[A-Z]+")
+_HOST: Final = re.compile(
+    r"(?:\*\.)?[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+)
+_COOKIE_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_QUERY_NAME: Final = re.compile(r"[A-Za-z0-9_.~-]+")
 _LOOPBACK_NAMES: Final = frozenset({"localhost"})
 
 
@@ -150,10 +157,22 @@ class RouteMatch:
     path: str | None
     path_prefix: str | None
     methods: frozenset[str]
+    hosts: frozenset[str] = frozenset()  # exact names, lower-case; empty means any
+    host_suffixes: tuple[str, ...] = ()  # from "*.example.com": ".example.com"
 
-    def matches(self, method: str, path: str) -> bool:
-        """Whether a request with this method and raw path takes the route."""
+    def matches_host(self, host: str) -> bool:
+        """Whether the request's host (lower-case, without port) is one this route serves."""
+        if not self.hosts and not self.host_suffixes:
+            return True
+        return host in self.hosts or any(
+            host.endswith(s) and len(host) > len(s) for s in self.host_suffixes
+        )
+
+    def matches(self, method: str, path: str, host: str = "") -> bool:
+        """Whether a request with this method, raw path and host takes the route."""
         if self.methods and method not in self.methods:
+            return False
+        if not self.matches_host(host):
             return False
         if self.path is not None:
             return path == self.path
@@ -174,6 +193,56 @@ class Upstream:
     port: int
 
 
+class AuthMode(enum.StrEnum):
+    """How a route treats tokens."""
+
+    REQUIRED = "required"  # no valid token, no entry
+    OPTIONAL = "optional"  # no token: forwarded without identity; an invalid token: rejected
+    REPORT_ONLY = "report-only"  # verified, counted and logged, but forwarded whatever the outcome
+
+
+class TokenLocation(enum.StrEnum):
+    """Where a route looks for its token."""
+
+    HEADER = "header"
+    COOKIE = "cookie"
+    QUERY = "query"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSource:
+    """One place a token may come from; ``prefix`` (headers only) is matched case-insensitively."""
+
+    location: TokenLocation
+    name: str
+    prefix: str = ""
+
+
+BEARER_HEADER: Final = TokenSource(TokenLocation.HEADER, "Authorization", "Bearer ")
+
+
+class MatchOp(enum.StrEnum):
+    """How a claim matcher compares."""
+
+    EQUALS = "equals"  # the claim equals the one value
+    ONE_OF = "one_of"  # the claim equals one of the values
+    CONTAINS = "contains"  # the claim (a list, or a space-delimited string) contains the value
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimMatcher:
+    """A condition on a verified claim; failing it answers 403 like a missing scope."""
+
+    path: tuple[str, ...]
+    op: MatchOp
+    values: tuple[str | int | bool, ...]
+
+    def describe(self) -> str:
+        """A short human form, e.g. ``realm_access.roles contains admin``."""
+        shown = ",".join(str(v) for v in self.values)
+        return f"{'.'.join(self.path)} {self.op.value} {shown}"
+
+
 @dataclass(frozen=True, slots=True)
 class AuthPolicy:
     """What a token must satisfy on a route.
@@ -185,7 +254,11 @@ class AuthPolicy:
     audiences: frozenset[str] | None
     required_claims: tuple[str, ...] = ()
     required_scopes: frozenset[str] = frozenset()
+    scopes_any_of: bool = False  # required_scopes: one suffices instead of all
+    claim_matchers: tuple[ClaimMatcher, ...] = ()
     forward_token: bool = False
+    mode: AuthMode = AuthMode.REQUIRED
+    token_sources: tuple[TokenSource, ...] = (BEARER_HEADER,)
 
     def issuer_for(self, iss: str) -> IssuerConfig | None:
         """The configured issuer whose ``issuer`` URL equals ``iss``, if the route trusts it."""
@@ -197,10 +270,25 @@ class AuthPolicy:
 
 @dataclass(frozen=True, slots=True)
 class ClaimHeader:
-    """One injected header: its name and the claim path (``org.tenant_id`` → ``("org", "tenant_id")``)."""
+    """One injected header: its name, the claim path (``org.tenant_id`` → ``("org", "tenant_id")``)
+    and how lists and objects are rendered (``csv``: lists comma-joined; ``json``: compact JSON)."""
 
     header: str
     claim: tuple[str, ...]
+    format: str = "csv"
+
+
+@dataclass(frozen=True, slots=True)
+class PathRewrite:
+    """What replaces the matched ``path_prefix`` in the forwarded path (``""`` strips it)."""
+
+    prefix: str
+    replacement: str
+
+    def apply(self, path: str) -> str:
+        rest = path[len(self.prefix) :] if self.prefix != "/" else path
+        rewritten = self.replacement + rest
+        return rewritten if rewritten.startswith("/") else "/" + rewritten
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +300,9 @@ class RouteConfig:
     upstream: Upstream
     auth: AuthPolicy | None  # None only for an explicit `auth: none`
     claim_headers: tuple[ClaimHeader, ...] = ()
+    rewrite: PathRewrite | None = None
+    payload_header: str | None = None  # the whole verified payload, base64url JSON
+    cors_preflight: bool = False  # OPTIONS preflights pass without a token
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +322,8 @@ class GatewayConfig:
     def owned_headers(self) -> frozenset[str]:
         """Lower-cased names of every header the gateway sets: stripped from every inbound request."""
         names = {h.header.lower() for r in self.routes for h in r.claim_headers}
+        names.update(r.payload_header.lower() for r in self.routes if r.payload_header)
+        names.add(AUTH_OUTCOME_HEADER.lower())
         return frozenset(names)
 
 
@@ -306,6 +399,11 @@ class _Node:
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise self.fail(f"got {_show(value)}", f"an integer from {low} to {high}")
         return value
+
+    def choice(self, options: list[str]) -> str:
+        if self.value not in options:
+            raise self.fail(f"got {_show(self.value)}", f"one of: {', '.join(options)}")
+        return str(self.value)
 
     def boolean(self) -> bool:
         if not isinstance(self.value, bool):
@@ -558,7 +656,7 @@ def _read_issuers(node: _Node, base_dir: Path | None) -> dict[str, IssuerConfig]
 
 
 def _read_match(node: _Node) -> RouteMatch:
-    node.mapping(frozenset({"path", "path_prefix", "methods"}))
+    node.mapping(frozenset({"path", "path_prefix", "methods", "hosts"}))
     if node.has("path") == node.has("path_prefix"):
         raise node.fail("exactly one of 'path' or 'path_prefix' must be set")
     path = _opt(node, "path", _read_path, None)
@@ -572,7 +670,23 @@ def _read_match(node: _Node) -> RouteMatch:
     if node.has("methods"):
         for item in node.child("methods").seq(non_empty=True):
             methods.add(item.string(pattern=_METHOD, what="an upper-case HTTP method such as GET"))
-    return RouteMatch(path=path, path_prefix=prefix, methods=frozenset(methods))
+    hosts: set[str] = set()
+    suffixes: list[str] = []
+    for item in _opt(node, "hosts", lambda n: n.seq(non_empty=True), []):
+        host = item.string(
+            pattern=_HOST, what="a host name such as api.example.com or *.example.com"
+        )
+        if host.startswith("*."):
+            suffixes.append(host[1:].lower())
+        else:
+            hosts.add(host.lower())
+    return RouteMatch(
+        path=path,
+        path_prefix=prefix,
+        methods=frozenset(methods),
+        hosts=frozenset(hosts),
+        host_suffixes=tuple(suffixes),
+    )
 
 
 def _read_path(node: _Node) -> str:
@@ -594,6 +708,95 @@ _SCOPE_TOKEN: Final = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 scope
 _REALM: Final = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]+")  # fits a quoted-string unescaped
 
 
+_AUTH_KEYS: Final = frozenset(
+    {"issuers", "audiences", "required_claims", "required_scopes", "claims", "forward_token",
+     "mode", "token_from"}
+)  # fmt: skip
+
+
+def _read_claim_path(node: _Node) -> tuple[str, ...]:
+    """A claim path: ``org.tenant_id`` (dotted) or a list of names, for names that contain dots
+    or are URLs (``["https://example.com/roles"]``)."""
+    if isinstance(node.value, list):
+        return tuple(item.string(what="a claim name") for item in node.seq(non_empty=True))
+    claim = node.string(
+        what="a claim name, a dotted path such as org.tenant_id, or a list of names"
+    )
+    segments = tuple(claim.split("."))
+    if not all(_CLAIM_SEGMENT.fullmatch(s) for s in segments):
+        raise node.fail(
+            f"invalid claim path {claim!r}",
+            "a dotted path such as org.tenant_id (a list of names for names with dots)",
+        )
+    return segments
+
+
+def _read_scalar(node: _Node) -> str | int | bool:
+    value = node.value
+    if isinstance(value, bool | int | str) and value != "":
+        return value
+    raise node.fail(f"got {_show(value)}", "a string, integer or boolean")
+
+
+def _read_matchers(node: _Node) -> tuple[ClaimMatcher, ...]:
+    matchers: list[ClaimMatcher] = []
+    ops = {op.value for op in MatchOp}
+    for item in node.seq(non_empty=True):
+        item.mapping(frozenset({"path", *ops}), frozenset({"path"}))
+        given = [op for op in MatchOp if item.has(op.value)]
+        if len(given) != 1:
+            raise item.fail("needs exactly one comparison", f"one of: {', '.join(sorted(ops))}")
+        op = given[0]
+        where = item.child(op.value)
+        values: tuple[str | int | bool, ...]
+        if op is MatchOp.ONE_OF:
+            values = tuple(_read_scalar(v) for v in where.seq(non_empty=True))
+        else:
+            values = (_read_scalar(where),)
+        matchers.append(ClaimMatcher(_read_claim_path(item.child("path")), op, values))
+    return tuple(matchers)
+
+
+def _read_scopes(node: _Node) -> tuple[frozenset[str], bool]:
+    """``[a, b]`` or ``{all_of: [a, b]}`` (every one), or ``{any_of: [a, b]}`` (one suffices)."""
+    any_of = False
+    if isinstance(node.value, dict):
+        node.mapping(frozenset({"all_of", "any_of"}))
+        if len(node.value) != 1:
+            raise node.fail("needs exactly one of all_of, any_of")
+        any_of = node.has("any_of")
+        node = node.child("any_of" if any_of else "all_of")
+    scopes = frozenset(
+        item.string(pattern=_SCOPE_TOKEN, what="a scope token") for item in node.seq(non_empty=True)
+    )
+    return scopes, any_of
+
+
+def _read_token_sources(node: _Node) -> tuple[TokenSource, ...]:
+    sources: list[TokenSource] = []
+    for item in node.seq(non_empty=True):
+        item.mapping(frozenset({"header", "prefix", "cookie", "query"}))
+        kinds = [loc for loc in TokenLocation if item.has(loc.value)]
+        if len(kinds) != 1:
+            raise item.fail("needs exactly one of header, cookie, query")
+        location = kinds[0]
+        if item.has("prefix") and location is not TokenLocation.HEADER:
+            raise item.child("prefix").fail("a prefix applies to headers only")
+        where = item.child(location.value)
+        if location is TokenLocation.HEADER:
+            name = where.string(pattern=_HEADER_NAME, what="a valid HTTP header name")
+            if name.lower() in HOP_BY_HOP_HEADERS or name.lower() in ("host", "cookie"):
+                raise where.fail(f"header {name!r} cannot carry a token", "an end-to-end header")
+            prefix = _opt(item, "prefix", lambda n: n.string(), "")
+            sources.append(TokenSource(location, name, prefix))
+        else:
+            pattern = _COOKIE_NAME if location is TokenLocation.COOKIE else _QUERY_NAME
+            sources.append(TokenSource(location, where.string(pattern=pattern)))
+    if len({(s.location, s.name.lower()) for s in sources}) != len(sources):
+        raise node.fail("a token source is listed twice")
+    return tuple(sources)
+
+
 def _read_auth(node: _Node, issuers: Mapping[str, IssuerConfig]) -> AuthPolicy | None:
     if node.value == "none":
         return None
@@ -601,10 +804,7 @@ def _read_auth(node: _Node, issuers: Mapping[str, IssuerConfig]) -> AuthPolicy |
         raise node.fail(
             "missing", "'none' for a public route, or a mapping with issuers and audiences"
         )
-    node.mapping(
-        frozenset({"issuers", "audiences", "required_claims", "required_scopes", "forward_token"}),
-        frozenset({"issuers", "audiences"}),
-    )
+    node.mapping(_AUTH_KEYS, frozenset({"issuers", "audiences"}))
     known = ", ".join(sorted(issuers))
     chosen: list[IssuerConfig] = []
     for item in node.child("issuers").seq(non_empty=True):
@@ -623,17 +823,31 @@ def _read_auth(node: _Node, issuers: Mapping[str, IssuerConfig]) -> AuthPolicy |
             raise aud_node.fail(f"got {_show(aud_node.value)}", "a list of audiences, or 'any'")
         audiences = frozenset(item.string() for item in aud_node.seq(non_empty=True))
     claims = tuple(item.string() for item in _opt(node, "required_claims", lambda n: n.seq(), []))
-    scopes = frozenset(
-        item.string(pattern=_SCOPE_TOKEN, what="a scope token")
-        for item in _opt(node, "required_scopes", lambda n: n.seq(), [])
-    )
+    scopes, any_of = _opt(node, "required_scopes", _read_scopes, (frozenset(), False))
+    mode = AuthMode(_opt(node, "mode", lambda n: n.choice([m.value for m in AuthMode]), "required"))
     return AuthPolicy(
         issuers=tuple(chosen),
         audiences=audiences,
         required_claims=claims,
         required_scopes=scopes,
+        scopes_any_of=any_of,
+        claim_matchers=_opt(node, "claims", _read_matchers, ()),
         forward_token=_opt(node, "forward_token", lambda n: n.boolean(), False),
+        mode=mode,
+        token_sources=_opt(node, "token_from", _read_token_sources, (BEARER_HEADER,)),
     )
+
+
+def _read_owned_header_name(node: _Node, header: str) -> str:
+    node.string(pattern=_HEADER_NAME, what="a valid HTTP header name")
+    lower = header.lower()
+    if (
+        lower in RESERVED_HEADERS
+        or lower in FORWARDED_HEADERS
+        or lower == AUTH_OUTCOME_HEADER.lower()
+    ):
+        raise node.fail(f"header {header!r} is reserved", "a header the gateway does not own")
+    return header
 
 
 def _read_claim_headers(node: _Node) -> tuple[ClaimHeader, ...]:
@@ -642,23 +856,40 @@ def _read_claim_headers(node: _Node) -> tuple[ClaimHeader, ...]:
     out: list[ClaimHeader] = []
     seen: set[str] = set()
     for header, child in node.items():
-        where = _Node(header, child.path)
-        where.string(pattern=_HEADER_NAME, what="a valid HTTP header name")
-        lower = header.lower()
-        if lower in RESERVED_HEADERS or lower in FORWARDED_HEADERS:
-            raise where.fail(f"header {header!r} is reserved", "a header the gateway does not own")
-        if lower in seen:
-            raise where.fail(f"header {header!r} is listed twice (names are case-insensitive)")
-        seen.add(lower)
-        claim = child.string(what="a claim name or dotted path such as org.tenant_id")
-        segments = tuple(claim.split("."))
-        if not all(_CLAIM_SEGMENT.fullmatch(s) for s in segments):
-            raise child.fail(f"invalid claim path {claim!r}", "a dotted path such as org.tenant_id")
-        out.append(ClaimHeader(header=header, claim=segments))
+        _read_owned_header_name(_Node(header, child.path), header)
+        if header.lower() in seen:
+            raise _Node(header, child.path).fail(
+                f"header {header!r} is listed twice (names are case-insensitive)"
+            )
+        seen.add(header.lower())
+        fmt = "csv"
+        claim_node = child
+        if isinstance(child.value, dict):
+            child.mapping(frozenset({"claim", "format"}), frozenset({"claim"}))
+            claim_node = child.child("claim")
+            fmt = _opt(child, "format", lambda n: n.choice(["csv", "json"]), "csv")
+        out.append(ClaimHeader(header=header, claim=_read_claim_path(claim_node), format=fmt))
     return tuple(out)
 
 
-_ROUTE_KEYS: Final = frozenset({"id", "match", "upstream", "auth", "claim_headers"})
+def _read_rewrite(node: _Node, match: RouteMatch) -> PathRewrite:
+    node.mapping(frozenset({"strip_prefix", "replace_prefix"}))
+    if match.path_prefix is None:
+        raise node.fail("a rewrite needs match.path_prefix", "match.path_prefix, not match.path")
+    if node.has("strip_prefix") == node.has("replace_prefix"):
+        raise node.fail("needs exactly one of strip_prefix, replace_prefix")
+    if node.has("strip_prefix"):
+        if not node.child("strip_prefix").boolean():
+            raise node.child("strip_prefix").fail("false does nothing", "true, or no rewrite")
+        return PathRewrite(match.path_prefix, "")
+    replacement = _read_path(node.child("replace_prefix"))
+    return PathRewrite(match.path_prefix, "" if replacement == "/" else replacement)
+
+
+_ROUTE_KEYS: Final = frozenset(
+    {"id", "match", "upstream", "auth", "claim_headers", "rewrite", "payload_header",
+     "cors_preflight"}
+)  # fmt: skip
 
 
 def _read_route(node: _Node, issuers: Mapping[str, IssuerConfig]) -> RouteConfig:
@@ -668,16 +899,26 @@ def _read_route(node: _Node, issuers: Mapping[str, IssuerConfig]) -> RouteConfig
     )
     auth = _read_auth(node.child("auth"), issuers)
     claim_headers = _opt(node, "claim_headers", _read_claim_headers, ())
-    if auth is None and claim_headers:
-        raise node.child("claim_headers").fail(
-            "claim headers on a route with 'auth: none'", "no claim_headers on a public route"
-        )
+    payload_header = _opt(
+        node, "payload_header", lambda n: _read_owned_header_name(n, n.value), None
+    )
+    for key, value in (("claim_headers", claim_headers), ("payload_header", payload_header)):
+        if auth is None and value:
+            raise node.child(key).fail(
+                f"{key} on a route with 'auth: none'", "no identity on a public route"
+            )
+    if payload_header and payload_header.lower() in {h.header.lower() for h in claim_headers}:
+        raise node.child("payload_header").fail(f"{payload_header!r} is also a claim header")
+    match = _read_match(node.child("match"))
     return RouteConfig(
         id=route_id,
-        match=_read_match(node.child("match")),
+        match=match,
         upstream=_read_upstream(node.child("upstream")),
         auth=auth,
         claim_headers=claim_headers,
+        rewrite=_opt(node, "rewrite", lambda n: _read_rewrite(n, match), None),
+        payload_header=payload_header,
+        cors_preflight=_opt(node, "cors_preflight", lambda n: n.boolean(), False),
     )
 
 

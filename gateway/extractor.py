@@ -1,37 +1,105 @@
-"""Taking the bearer token out of a request's headers (RFC 6750 §2.1)."""
+"""Taking the token out of a request: from the route's configured header, cookie or query parameter.
+
+The default source is ``Authorization: Bearer`` (RFC 6750 §2.1); a query
+parameter is read only when a route names one (RFC 6750 §2.3 discourages it).
+A request that carries more than one token, or one source twice, is refused
+(``invalid_request``): which one would be "the" token is exactly the ambiguity
+an attacker wants.
+"""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Final
+from urllib.parse import unquote_plus
 
 from multidict import CIMultiDictProxy
 
+from .config import TokenLocation, TokenSource
 from .errors import Rejection
 from .reasons import Reason
 
-# RFC 6750 b64token: the whole credential after "Bearer ", nothing more.
+# RFC 6750 b64token: the whole credential, nothing more.
 _B64TOKEN: Final = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
-def extract_bearer(headers: CIMultiDictProxy[str], max_token_bytes: int) -> str:
-    """Return the bearer token from the one ``Authorization`` header.
+@dataclass(frozen=True, slots=True)
+class FoundToken:
+    """A token and the source it came from (so it can be removed before forwarding)."""
 
-    No header, or a scheme other than Bearer: ``TOKEN_MISSING`` (the client sent no
-    bearer credentials).  Two headers, an empty or malformed credential, or an
-    oversized one: ``AUTH_HEADER_INVALID`` (400, ``invalid_request``).
-    """
-    values = headers.getall("Authorization", [])
-    if not values:
-        raise Rejection(Reason.TOKEN_MISSING, "no Authorization header")
+    token: str
+    source: TokenSource
+
+
+def cookie_values(headers: CIMultiDictProxy[str], name: str) -> list[str]:
+    """Every value of cookie ``name`` across all ``Cookie`` headers (RFC 6265 §5.4 syntax)."""
+    found = []
+    for header in headers.getall("Cookie", []):
+        for pair in header.split(";"):
+            key, sep, value = pair.strip().partition("=")
+            if sep and key == name:
+                found.append(value.strip().strip('"'))
+    return found
+
+
+def query_values(query: str, name: str) -> list[str]:
+    """Every (decoded) value of parameter ``name`` in a raw query string."""
+    found = []
+    for pair in query.split("&"):
+        key, sep, value = pair.partition("=")
+        if sep and unquote_plus(key) == name:
+            found.append(unquote_plus(value))
+    return found
+
+
+def _from_header(headers: CIMultiDictProxy[str], source: TokenSource) -> list[str]:
+    values = headers.getall(source.name, [])
     if len(values) > 1:
-        raise Rejection(Reason.AUTH_HEADER_INVALID, "more than one Authorization header")
-    scheme, _, credentials = values[0].strip().partition(" ")
-    if scheme.lower() != "bearer":
-        raise Rejection(Reason.TOKEN_MISSING, "Authorization scheme is not Bearer")
-    token = credentials.strip(" ")
+        raise Rejection(Reason.INVALID_REQUEST, f"more than one {source.name} header")
+    if not values:
+        return []
+    value = values[0].strip()
+    if not source.prefix:
+        return [value]
+    scheme = source.prefix.strip()
+    head, _, rest = value.partition(" ")
+    if head.lower() != scheme.lower():
+        # Another scheme (Basic, say) carries no token for us: RFC 6750 §3.1 says
+        # such a request lacks authentication, it is not malformed.
+        return []
+    return [rest.strip(" ")]
+
+
+def extract_token(
+    headers: CIMultiDictProxy[str],
+    query: str,
+    sources: tuple[TokenSource, ...],
+    max_token_bytes: int,
+) -> FoundToken | None:
+    """The one token in the request, or ``None`` if it carries none.
+
+    Raises ``INVALID_REQUEST`` (400) for a repeated source, more than one token,
+    or a credential that is empty, oversized or not a single b64token.
+    """
+    found: list[FoundToken] = []
+    for source in sources:
+        if source.location is TokenLocation.HEADER:
+            values = _from_header(headers, source)
+        elif source.location is TokenLocation.COOKIE:
+            values = cookie_values(headers, source.name)
+        else:
+            values = query_values(query, source.name)
+        if len(values) > 1:
+            raise Rejection(Reason.INVALID_REQUEST, f"{source.location} {source.name} repeated")
+        found.extend(FoundToken(value, source) for value in values)
+    if not found:
+        return None
+    if len(found) > 1:
+        raise Rejection(Reason.INVALID_REQUEST, "more than one token in the request")
+    token = found[0].token
     if len(token) > max_token_bytes:
-        raise Rejection(Reason.AUTH_HEADER_INVALID, f"token longer than {max_token_bytes} bytes")
+        raise Rejection(Reason.INVALID_REQUEST, f"token longer than {max_token_bytes} bytes")
     if not _B64TOKEN.fullmatch(token):
-        raise Rejection(Reason.AUTH_HEADER_INVALID, "credentials are not a single b64token")
-    return token
+        raise Rejection(Reason.INVALID_REQUEST, "credentials are not a single b64token")
+    return found[0]

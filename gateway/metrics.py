@@ -28,6 +28,7 @@ class GatewayMetrics:
         registry: CollectorRegistry,
         route_ids: Iterable[str] = (),
         issuer_ids: Iterable[str] = (),
+        report_only_route_ids: Iterable[str] = (),
     ) -> None:
         self.registry = registry
         self.requests = Counter(
@@ -54,6 +55,12 @@ class GatewayMetrics:
             "gateway_upstream_responses",
             "Responses received from upstreams, by route and status class (2xx, 3xx, 4xx, 5xx).",
             ["route", "code_class"],
+            registry=registry,
+        )
+        self.report_only = Counter(
+            "gateway_report_only_decisions",
+            "Verification outcomes on report-only routes, whose requests were forwarded regardless.",
+            ["route", "reason"],
             registry=registry,
         )
         self.jwks_fetches = Counter(
@@ -102,6 +109,9 @@ class GatewayMetrics:
                 self.upstream_responses.labels(route, code_class)
             for spec_outcome in {spec.outcome for spec in REASON_SPECS.values()}:
                 self.request_duration.labels(route, spec_outcome.value)
+        for route in report_only_route_ids:
+            for reason in Reason:
+                self.report_only.labels(route, reason.value)
         for issuer in issuer_ids:
             for result in JWKS_FETCH_RESULTS:
                 self.jwks_fetches.labels(issuer, result)

@@ -83,6 +83,11 @@ def create_observe_middleware(metrics: GatewayMetrics, realm: str) -> Middleware
                     granted=str(record.reason is Reason.OK).lower(),
                     issuer=record.issuer,
                     kid=record.kid,
+                    would_reject=(
+                        record.auth_outcome.value
+                        if record.auth_outcome not in (None, Reason.OK)
+                        else None
+                    ),
                     duration_ms=f"{duration * 1000:.2f}",
                     detail=record.detail or None,
                 ),

@@ -6,6 +6,9 @@ import ipaddress
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import unquote_plus
 
 import aiohttp
 from aiohttp import web
@@ -13,8 +16,9 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .claims import headers_to_strip
-from .config import GatewayConfig, RouteConfig
+from .config import GatewayConfig, RouteConfig, TokenLocation
 from .errors import Rejection
+from .extractor import FoundToken
 from .metrics import GatewayMetrics
 from .reasons import Reason
 from .record import RECORD_KEY
@@ -43,6 +47,50 @@ def create_upstream_session(config: GatewayConfig) -> aiohttp.ClientSession:
             total=None, sock_connect=defaults.connect_timeout_s, sock_read=defaults.timeout_s
         ),
         skip_auto_headers=_SKIP_AUTO_HEADERS,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Carriers:
+    """Where a route's token may sit, to be removed before forwarding (unless forward_token)."""
+
+    headers: frozenset[str]
+    cookies: frozenset[str]
+    query: frozenset[str]
+
+
+_KEEP_ALL: Final = _Carriers(frozenset(), frozenset(), frozenset())
+_AUTHORIZATION_ONLY: Final = _Carriers(frozenset({"authorization"}), frozenset(), frozenset())
+
+
+def _token_carriers(route: RouteConfig) -> _Carriers:
+    # Authorization never reaches an upstream unless a route forwards its token on
+    # purpose: a compromised or logging upstream must not be able to replay it.
+    if route.auth is None:
+        return _AUTHORIZATION_ONLY
+    if route.auth.forward_token:
+        return _KEEP_ALL
+    sources = route.auth.token_sources
+    return _Carriers(
+        frozenset(
+            {"authorization"}
+            | {s.name.lower() for s in sources if s.location is TokenLocation.HEADER}
+        ),
+        frozenset(s.name for s in sources if s.location is TokenLocation.COOKIE),
+        frozenset(s.name for s in sources if s.location is TokenLocation.QUERY),
+    )
+
+
+def _without_cookies(header: str, names: frozenset[str]) -> str:
+    pairs = [p.strip() for p in header.split(";")]
+    return "; ".join(p for p in pairs if p and p.partition("=")[0].strip() not in names)
+
+
+def _without_params(query: str, names: frozenset[str]) -> str:
+    return "&".join(
+        pair
+        for pair in query.split("&")
+        if pair and unquote_plus(pair.partition("=")[0]) not in names
     )
 
 
@@ -76,15 +124,17 @@ class Forwarder:
         connection = inbound.getall("Connection", [])
         strip = headers_to_strip(self._owned, connection) if connection else self._base_strip
         out: CIMultiDict[str] = CIMultiDict()
-        keep_token = route.auth is not None and route.auth.forward_token
+        hidden = _token_carriers(route)
         for name, value in inbound.items():
             # CGI/WSGI upstreams read X_User_Sub as X-User-Sub: compare in that spelling too.
             lower = name.lower().replace("_", "-")
             # Host is the upstream's; Expect was already answered by this server.
-            if lower in strip or lower in ("host", "expect"):
+            if lower in strip or lower in ("host", "expect") or lower in hidden.headers:
                 continue
-            if lower == "authorization" and not keep_token:
-                continue
+            if lower == "cookie" and hidden.cookies:
+                value = _without_cookies(value, hidden.cookies)
+                if not value:
+                    continue
             out.add(name, value)
         out.update(injected)
         peer = request.remote
@@ -100,11 +150,25 @@ class Forwarder:
         return out
 
     async def forward(
-        self, request: web.Request, route: RouteConfig, injected: Mapping[str, str]
+        self,
+        request: web.Request,
+        route: RouteConfig,
+        injected: Mapping[str, str],
+        found: FoundToken | None = None,
     ) -> web.StreamResponse:
-        """Forward ``request`` to ``route``'s upstream with method, raw path and query unchanged."""
+        """Forward ``request`` to ``route``'s upstream: method, raw path and query as received,
+        except a configured prefix rewrite and a query-parameter token, which is removed."""
         headers = self.upstream_headers(request, route, injected)
-        url = URL(route.upstream.url + request.raw_path, encoded=True)
+        target = request.raw_path
+        hidden = _token_carriers(route)
+        if route.rewrite is not None or hidden.query:
+            path, sep, query = target.partition("?")
+            if route.rewrite is not None:
+                path = route.rewrite.apply(path)
+            if hidden.query:
+                query = _without_params(query, hidden.query)
+            target = path + (sep + query if query else "")
+        url = URL(route.upstream.url + target, encoded=True)
         body = request.content if request.body_exists else None
         started = time.perf_counter()
         try:

@@ -29,7 +29,7 @@ class Reason(enum.StrEnum):
     OK = "ok"
     ROUTE_NOT_FOUND = "route_not_found"
     REQUEST_REJECTED = "request_rejected"
-    AUTH_HEADER_INVALID = "auth_header_invalid"
+    INVALID_REQUEST = "invalid_request"
     TOKEN_MISSING = "token_missing"
     TOKEN_MALFORMED = "token_malformed"
     TOKEN_TYPE_INVALID = "token_type_invalid"
@@ -89,9 +89,9 @@ REASON_SPECS: Final[Mapping[Reason, ReasonSpec]] = MappingProxyType(
             400, "The request path is not accepted.", Outcome.REJECTED, _INFO
         ),
         # RFC 6750 §3.1 invalid_request: repeated or malformed credentials → 400.
-        Reason.AUTH_HEADER_INVALID: ReasonSpec(
+        Reason.INVALID_REQUEST: ReasonSpec(
             400,
-            "The Authorization header is malformed or repeated.",
+            "The request carries a malformed, oversized or repeated token.",
             Outcome.REJECTED,
             _INFO,
             True,

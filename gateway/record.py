@@ -20,6 +20,7 @@ class RequestRecord:
     status: int | None = None
     issuer: str | None = None
     kid: str | None = None
+    auth_outcome: Reason | None = None  # report-only routes: what verification would have said
 
 
 RECORD_KEY = web.RequestKey("gateway_record", RequestRecord)

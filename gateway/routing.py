@@ -28,6 +28,14 @@ _UNSAFE_PATH: Final = re.compile(
 )
 
 
+def request_host(host: str) -> str:
+    """The request's host name, lower-case and without a port (``[::1]:8080`` → ``[::1]``)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host.partition("]")[0] + "]"
+    return host.partition(":")[0]
+
+
 def check_raw_path(raw_path: str) -> str:
     """Return the path part of ``raw_path`` (no query), or raise ``REQUEST_REJECTED`` if it is ambiguous."""
     path, _, _ = raw_path.partition("?")
@@ -46,9 +54,9 @@ class RouteTable:
     def __init__(self, routes: tuple[RouteConfig, ...]) -> None:
         self._routes = routes
 
-    def match(self, method: str, path: str) -> RouteConfig | None:
-        """The route for a request with this method and (already checked) raw path, or ``None``."""
+    def match(self, method: str, path: str, host: str = "") -> RouteConfig | None:
+        """The route for a request with this method, (already checked) raw path and host, or ``None``."""
         for route in self._routes:
-            if route.match.matches(method, path):
+            if route.match.matches(method, path, host):
                 return route
         return None

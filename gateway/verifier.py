@@ -28,7 +28,7 @@ from jwt import PyJWK
 from jwt.exceptions import InvalidJTIError, InvalidSubjectError
 
 from .clock import Clock
-from .config import AuthPolicy, IssuerConfig
+from .config import AuthPolicy, ClaimMatcher, IssuerConfig, MatchOp
 from .errors import Rejection
 from .jwks import KeyLookup
 from .reasons import Reason
@@ -75,6 +75,7 @@ class VerifiedToken:
     claims: Mapping[str, Any]
     issuer: IssuerConfig
     kid: str | None
+    payload_segment: str  # the signed base64url payload, as the token carried it
 
 
 class Verifier:
@@ -85,14 +86,21 @@ class Verifier:
         self._clock = clock
         self._jwt = jwt.PyJWT()
 
-    async def verify(self, token: str, policy: AuthPolicy) -> VerifiedToken:
-        """Verify ``token`` for ``policy``; raise ``Rejection`` with the first failed check."""
+    async def verify(
+        self, token: str, policy: AuthPolicy, trace: list[str] | None = None
+    ) -> VerifiedToken:
+        """Verify ``token`` for ``policy``; raise ``Rejection`` with the first failed check.
+
+        ``trace``, when given, receives one line per check passed (``gateway explain``).
+        """
         try:
             unverified = self._jwt.decode_complete(token, options=_PARSE_ONLY)  # type: ignore[arg-type]
         except jwt.InvalidTokenError as exc:
             raise Rejection(reason_for(exc), type(exc).__name__) from None
         header: dict[str, Any] = unverified["header"]
         payload: dict[str, Any] = unverified["payload"]
+        if trace is not None:
+            trace.append("token parses as a JWS with a JSON header and payload")
 
         alg = header.get("alg")
         if not isinstance(alg, str) or not any(alg in i.algorithms for i in policy.issuers):
@@ -103,10 +111,16 @@ class Verifier:
             raise Rejection(Reason.ISSUER_NOT_ALLOWED, "iss not trusted on this route")
         if alg not in issuer.algorithms:
             raise Rejection(Reason.ALGORITHM_NOT_ALLOWED, f"alg {alg} not pinned for {issuer.id}")
+        if trace is not None:
+            trace.append(f"iss names issuer '{issuer.id}', trusted on this route")
+            trace.append(f"alg {alg} is pinned for issuer '{issuer.id}'")
         if not _typ_accepted(header.get("typ"), issuer.typ):
             raise Rejection(Reason.TOKEN_TYPE_INVALID, "typ not accepted")
         kid = header.get("kid")
         key: PyJWK = await self._keys.get_key(issuer, kid, alg)
+        if trace is not None:
+            trace.append(f"typ {header.get('typ')!r} is accepted")
+            trace.append(f"key {kid!r} found in the issuer's key set")
 
         try:
             verified = self._jwt.decode_complete(
@@ -118,11 +132,19 @@ class Verifier:
         except jwt.InvalidTokenError as exc:
             raise Rejection(reason_for(exc), type(exc).__name__) from None
         claims: dict[str, Any] = verified["payload"]
-        self._check_claims(claims, issuer, policy)
-        return VerifiedToken(claims=claims, issuer=issuer, kid=kid)
+        if trace is not None:
+            trace.append("signature verifies")
+        self._check_claims(claims, issuer, policy, trace)
+        return VerifiedToken(
+            claims=claims, issuer=issuer, kid=kid, payload_segment=token.split(".", 2)[1]
+        )
 
     def _check_claims(
-        self, claims: dict[str, Any], issuer: IssuerConfig, policy: AuthPolicy
+        self,
+        claims: dict[str, Any],
+        issuer: IssuerConfig,
+        policy: AuthPolicy,
+        trace: list[str] | None,
     ) -> None:
         if claims.get("iss") != issuer.issuer:
             raise Rejection(Reason.ISSUER_NOT_ALLOWED, "verified iss differs")
@@ -138,19 +160,40 @@ class Verifier:
         iat = _numeric_date(claims, "iat", required=False)
         if iat is not None and iat > now + leeway:
             raise Rejection(Reason.TOKEN_NOT_YET_VALID, "iat in the future")
+        if trace is not None:
+            trace.append(f"exp, nbf and iat are valid now (leeway {leeway:g}s)")
         if policy.audiences is not None:
             _check_audience(claims.get("aud"), policy.audiences)
+            if trace is not None:
+                trace.append("aud names an audience of this route")
         for name in policy.required_claims:
             if claims.get(name) is None:
                 raise Rejection(Reason.CLAIM_MISSING, f"claim {name} missing")
+            if trace is not None:
+                trace.append(f"required claim {name!r} is present")
+        scope = " ".join(sorted(policy.required_scopes)) or None
         if policy.required_scopes:
             granted = _granted_scopes(claims)
-            if not policy.required_scopes <= granted:
+            enough = (
+                not policy.required_scopes.isdisjoint(granted)
+                if policy.scopes_any_of
+                else policy.required_scopes <= granted
+            )
+            if not enough:
+                raise Rejection(
+                    Reason.INSUFFICIENT_SCOPE, "required scope not granted", scope=scope
+                )
+            if trace is not None:
+                trace.append(f"scopes grant {'any' if policy.scopes_any_of else 'all'} of: {scope}")
+        for matcher in policy.claim_matchers:
+            if not claim_matches(matcher, claims):
                 raise Rejection(
                     Reason.INSUFFICIENT_SCOPE,
-                    "required scope not granted",
-                    scope=" ".join(sorted(policy.required_scopes)),
+                    f"claim check failed: {matcher.describe()}",
+                    scope=scope,
                 )
+            if trace is not None:
+                trace.append(f"claim check holds: {matcher.describe()}")
 
 
 # RFC 9068 access tokens say at+jwt; most other issuers say JWT or nothing.
@@ -197,6 +240,32 @@ def _check_audience(aud: Any, accepted: frozenset[str]) -> None:
         raise Rejection(Reason.AUDIENCE_NOT_ALLOWED, "aud is not a string or list of strings")
     if accepted.isdisjoint(values):
         raise Rejection(Reason.AUDIENCE_NOT_ALLOWED, "aud not accepted")
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality that does not take True for 1 (JSON booleans are not numbers)."""
+    return type(a) is type(b) and a == b
+
+
+def claim_matches(matcher: ClaimMatcher, claims: Mapping[str, Any]) -> bool:
+    """Whether the verified claims satisfy one configured matcher."""
+    value = lookup_claim(claims, matcher.path)
+    if matcher.op is MatchOp.CONTAINS:
+        wanted = matcher.values[0]
+        if isinstance(value, str):
+            return isinstance(wanted, str) and wanted in value.split()
+        return isinstance(value, list) and any(_same(item, wanted) for item in value)
+    return any(_same(value, wanted) for wanted in matcher.values)
+
+
+def lookup_claim(claims: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    """The value at a claim path (``("org", "tenant_id")``), or ``None`` when any step is absent."""
+    value: Any = claims
+    for segment in path:
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(segment)
+    return value
 
 
 def _granted_scopes(claims: dict[str, Any]) -> frozenset[str]:

@@ -35,7 +35,7 @@ REALM = "gateway"
 EXPECTED: dict[Reason, tuple[int, str | None]] = {
     Reason.ROUTE_NOT_FOUND: (404, None),
     Reason.REQUEST_REJECTED: (400, None),
-    Reason.AUTH_HEADER_INVALID: (400, "invalid_request"),
+    Reason.INVALID_REQUEST: (400, "invalid_request"),
     Reason.TOKEN_MISSING: (401, ""),
     Reason.TOKEN_MALFORMED: (401, "invalid_token"),
     Reason.ALGORITHM_NOT_ALLOWED: (401, "invalid_token"),

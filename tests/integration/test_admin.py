@@ -23,6 +23,7 @@ EXPECTED_FAMILIES = {
     "gateway_request_duration_seconds": "histogram",
     "gateway_upstream_duration_seconds": "histogram",
     "gateway_upstream_responses": "counter",
+    "gateway_report_only_decisions": "counter",
     "gateway_jwks_fetches": "counter",
     "gateway_jwks_kid_misses": "counter",
     "gateway_jwks_refetch_suppressed": "counter",

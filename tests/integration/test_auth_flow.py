@@ -164,15 +164,15 @@ CASES: tuple[Refused, ...] = (
         UNMATCHED_ROUTE,
     ),
     # --- the Authorization header ----------------------------------------------------------------
-    Refused("two-authorization-headers", Reason.AUTH_HEADER_INVALID, _two_authorization_headers),
+    Refused("two-authorization-headers", Reason.INVALID_REQUEST, _two_authorization_headers),
     Refused(
         "two-credentials",
-        Reason.AUTH_HEADER_INVALID,
+        Reason.INVALID_REQUEST,
         lambda k: Req(headers=(("Authorization", "Bearer a b"),)),
     ),
     Refused(
         "token-over-max-token-bytes",
-        Reason.AUTH_HEADER_INVALID,
+        Reason.INVALID_REQUEST,
         lambda k: Req(headers=(("Authorization", "Bearer " + "a" * 300),)),
         edit=_small_token_limit,
     ),

@@ -264,7 +264,12 @@ async def test_cold_start_during_outage_is_503_then_recovers_by_itself(
     ready = await gw.admin.get("/readyz")
     assert ready.status == 503
     state = (await ready.json())["issuers"][ISSUER_ID]
-    assert (state["keys"], state["ready"], state["failures"], state["stale"]) == (0, False, 1, False)
+    assert (state["keys"], state["ready"], state["failures"], state["stale"]) == (
+        0,
+        False,
+        1,
+        False,
+    )
 
     idp.mode = "ok"
     clock.advance(0.5)  # before the 1 s retry: nothing happens
