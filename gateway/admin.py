@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from .app import DRAINING_KEY, JWKS_KEY, METRICS_KEY
+from .app import GATEWAY_KEY, JWKS_KEY, METRICS_KEY
 
 
 def create_admin_app(gateway: web.Application) -> web.Application:
@@ -19,7 +19,7 @@ def create_admin_app(gateway: web.Application) -> web.Application:
 
     async def readyz(_: web.Request) -> web.Response:
         jwks = gateway.get(JWKS_KEY)
-        if gateway[DRAINING_KEY][0]:
+        if gateway[GATEWAY_KEY].draining:
             return web.json_response({"status": "draining"}, status=503)
         if jwks is None:
             return web.json_response({"status": "starting"}, status=503)

@@ -1,30 +1,124 @@
-"""Application assembly: collaborators wired once, shared state under typed keys, resources in cleanup_ctx."""
+"""Application assembly: collaborators wired once, shared state under typed keys, resources in cleanup_ctx.
+
+The request path is built from the config into a ``GatewayHandler``; a reload
+builds a new one and swaps it in whole, so a request finishes on the config it
+started with.  Key caches of issuers whose settings did not change survive.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from .clock import SYSTEM_CLOCK, Clock
-from .config import AuthMode, GatewayConfig
+from .config import AuthMode, GatewayConfig, load_config
 from .documents import DocumentFetcher, HttpDocumentFetcher
+from .errors import ConfigError
 from .handler import GatewayHandler
 from .jwks import JwksCache
+from .logs import kv
 from .metrics import GatewayMetrics
 from .middleware import create_observe_middleware
 from .proxy import Forwarder, create_upstream_session
 from .verifier import Verifier
 
-CONFIG_KEY = web.AppKey("config", GatewayConfig)
-METRICS_KEY = web.AppKey("metrics", GatewayMetrics)
-JWKS_KEY = web.AppKey("jwks", JwksCache)
-HANDLER_KEY = web.AppKey("handler", GatewayHandler)
-DRAINING_KEY = web.AppKey("draining", list[bool])  # a one-slot box: set at shutdown
+log = logging.getLogger(__name__)
 
 DocumentFetcherFactory = Callable[[aiohttp.ClientSession], DocumentFetcher]
+
+
+def _report_only_routes(config: GatewayConfig) -> list[str]:
+    return [
+        r.id for r in config.routes if r.auth is not None and r.auth.mode is AuthMode.REPORT_ONLY
+    ]
+
+
+class Gateway:
+    """The running gateway: its current config and handler, key cache, sessions and metrics."""
+
+    def __init__(self, config: GatewayConfig, metrics: GatewayMetrics, clock: Clock) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.clock = clock
+        self.draining = False
+        self._handler: GatewayHandler | None = None
+        self._jwks: JwksCache | None = None
+        self._upstream_session: aiohttp.ClientSession | None = None
+        self._reload_lock = asyncio.Lock()
+
+    @property
+    def handler(self) -> GatewayHandler:
+        assert self._handler is not None, "the gateway has not started"
+        return self._handler
+
+    @property
+    def jwks(self) -> JwksCache:
+        assert self._jwks is not None, "the gateway has not started"
+        return self._jwks
+
+    @property
+    def upstream_session(self) -> aiohttp.ClientSession:
+        assert self._upstream_session is not None, "the gateway has not started"
+        return self._upstream_session
+
+    def _build_handler(self, config: GatewayConfig) -> GatewayHandler:
+        forwarder = Forwarder(config, self.upstream_session, self.metrics)
+        return GatewayHandler(config, Verifier(self.jwks, self.clock), forwarder, self.metrics)
+
+    def start(self, jwks: JwksCache, upstream_session: aiohttp.ClientSession) -> None:
+        self._jwks = jwks
+        self._upstream_session = upstream_session
+        self._handler = self._build_handler(self.config)
+        jwks.start()
+
+    def apply(self, config: GatewayConfig) -> None:
+        """Swap in a validated config: new routes and policies at once, surviving key caches."""
+        old = self.config
+        for what, before, after in (
+            ("listen", old.listen, config.listen),
+            ("admin", old.admin, config.admin),
+            ("upstream_defaults.max_connections", old.upstream_defaults.max_connections,
+             config.upstream_defaults.max_connections),
+        ):  # fmt: skip
+            if before != after:
+                log.warning(kv(event="config_reload", ignored=what, why="needs_restart"))
+        self.metrics.add_routes((r.id for r in config.routes), _report_only_routes(config))
+        self.metrics.add_issuers(config.issuers)
+        self.jwks.reconfigure(config.issuers)
+        self._handler = self._build_handler(config)
+        self.config = config
+
+    async def reload(self, path: str | Path, *, count: bool = True) -> bool:
+        """Re-read ``path``; apply it if valid, else log (and count) the error and keep running.
+
+        Workers pass ``count=False``: their supervisor validates and counts once.
+        """
+        async with self._reload_lock:
+            try:
+                config = await asyncio.to_thread(load_config, path)
+            except ConfigError as exc:
+                if count:
+                    self.metrics.config_reloads.labels("failure").inc()
+                log.error(
+                    kv(event="config_reload", result="failure", file=str(path), error=str(exc))
+                )
+                return False
+            self.apply(config)
+            if count:
+                self.metrics.config_reloads.labels("success").inc()
+            log.info(kv(event="config_reload", result="success", routes=len(config.routes)))
+            return True
+
+
+GATEWAY_KEY = web.AppKey("gateway", Gateway)
+METRICS_KEY = web.AppKey("metrics", GatewayMetrics)
+JWKS_KEY = web.AppKey("jwks", JwksCache)
 
 
 def create_app(
@@ -33,6 +127,7 @@ def create_app(
     registry: CollectorRegistry | None = None,
     clock: Clock = SYSTEM_CLOCK,
     document_fetcher: DocumentFetcherFactory | None = None,
+    multiprocess: bool = False,
 ) -> web.Application:
     """Build the proxy application for ``config``.
 
@@ -40,22 +135,19 @@ def create_app(
     is given, the clock (tests pass a fake one), and the factory of the fetcher of
     discovery and JWKS documents (default: HTTP through the app's JWKS session).
     The upstream and JWKS client sessions are created on start-up and closed on
-    clean-up.
+    clean-up.  ``multiprocess`` is set by worker processes (``--workers``).
     """
     registry = registry if registry is not None else CollectorRegistry()
-    metrics = GatewayMetrics(
-        registry,
-        (r.id for r in config.routes),
-        config.issuers,
-        (r.id for r in config.routes if r.auth is not None and r.auth.mode is AuthMode.REPORT_ONLY),
-    )
+    metrics = GatewayMetrics(registry, multiprocess=multiprocess)
+    metrics.add_routes((r.id for r in config.routes), _report_only_routes(config))
+    metrics.add_issuers(config.issuers)
+    gateway = Gateway(config, metrics, clock)
     app = web.Application(
-        middlewares=[create_observe_middleware(metrics, config.realm)],
+        middlewares=[create_observe_middleware(metrics, lambda: gateway.config.realm)],
         handler_args={"max_field_size": 8190, "max_line_size": 8190},
     )
-    app[CONFIG_KEY] = config
+    app[GATEWAY_KEY] = gateway
     app[METRICS_KEY] = metrics
-    app[DRAINING_KEY] = [False]
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         # JWKS traffic gets its own small session: it must not queue behind
@@ -71,10 +163,7 @@ def create_app(
         )
         jwks = JwksCache(config.issuers, fetcher, metrics, clock)
         app[JWKS_KEY] = jwks
-        app[HANDLER_KEY] = GatewayHandler(
-            config, Verifier(jwks, clock), Forwarder(config, upstream_session, metrics), metrics
-        )
-        jwks.start()
+        gateway.start(jwks, upstream_session)
         try:
             yield
         finally:
@@ -86,7 +175,8 @@ def create_app(
 
     async def dispatch(request: web.Request) -> web.StreamResponse:
         # Policy routing is ours (RouteTable), so aiohttp's router has one catch-all.
-        return await request.app[HANDLER_KEY](request)
+        # The handler is read once: a reload mid-request does not change its config.
+        return await gateway.handler(request)
 
     app.router.add_route("*", "/{tail:.*}", dispatch)
     return app

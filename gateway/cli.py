@@ -1,4 +1,4 @@
-"""The command line: ``gateway run``, ``gateway check-config`` and ``gateway demo``."""
+"""The command line: ``gateway run``, ``check-config``, ``explain`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -6,20 +6,35 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from aiohttp import web
 
 from .admin import create_admin_app
-from .app import DRAINING_KEY, create_app
+from .app import GATEWAY_KEY, Gateway, create_app
 from .config import GatewayConfig, load_config
 from .errors import ConfigError
 from .logs import kv, setup_logging
 
 log = logging.getLogger(__name__)
+
+WATCH_INTERVAL_S = 2.0
+
+
+def _workers(value: str) -> int:
+    if value == "auto":
+        return os.cpu_count() or 1
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a number or 'auto'") from None
+    if not 1 <= count <= 256:
+        raise argparse.ArgumentTypeError("expected 1 to 256")
+    return count
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,9 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
+    parser.add_argument("--log-format", default="text", choices=["text", "json"])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="serve the proxy and the admin listener")
     run.add_argument("--config", "-c", required=True, type=Path, help="the gateway YAML file")
+    run.add_argument("--workers", type=_workers, default=1, help="worker processes, or 'auto'")
+    run.add_argument(
+        "--watch-config", action="store_true", help="reload when the config file changes"
+    )
     check = commands.add_parser("check-config", help="validate a config file; exit 0 or 1")
     check.add_argument("file", type=Path)
     explain = commands.add_parser(
@@ -67,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         setup_logging("WARNING")
         return asyncio.run(explain(config, args.route, read_token(args.token), sys.stdout))
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     if args.command == "demo":
         from .demo import run_demo
 
@@ -75,40 +95,96 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        log.error(kv(event="config_invalid", file=str(args.config)) + f" error={exc}")
+        log.error(kv(event="config_invalid", file=str(args.config), error=str(exc)))
         print(f"{args.config}: {exc}", file=sys.stderr)
         return 1
-    asyncio.run(serve(config))
+    if args.workers > 1:
+        from .workers import run_workers
+
+        return run_workers(args.config, config, args.workers, watch=args.watch_config,
+                           log_level=args.log_level, log_format=args.log_format)  # fmt: skip
+    asyncio.run(serve(config, config_path=args.config, watch=args.watch_config))
     return 0
 
 
-async def serve(config: GatewayConfig, *, on_ready: str | None = None) -> None:
+def file_signature(path: Path) -> tuple[int, int] | None:
+    """What changes when a file is rewritten or its symlink swapped (Kubernetes ConfigMaps)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_mtime_ns, stat.st_size)
+
+
+async def watch_file(path: Path, on_change: Callable[[], Awaitable[object]]) -> None:
+    """Call ``on_change()`` whenever ``path``'s signature changes (polled; no inotify needed)."""
+    seen = file_signature(path)
+    while True:
+        await asyncio.sleep(WATCH_INTERVAL_S)
+        now = file_signature(path)
+        if now != seen and now is not None:
+            seen = now
+            await on_change()
+
+
+async def serve(
+    config: GatewayConfig,
+    *,
+    config_path: Path | None = None,
+    watch: bool = False,
+    on_ready: str | None = None,
+    worker: bool = False,
+) -> None:
     """Serve ``config`` until SIGINT or SIGTERM, then drain and stop.
 
-    On the signal, /readyz turns 503 at once, the listener stops accepting, and
-    requests in flight get up to ``listen.shutdown_timeout_s`` to finish.
+    SIGHUP (and, with ``watch``, a changed file) reloads ``config_path``.  On
+    SIGTERM, /readyz turns 503 at once, the listener stops accepting, and requests
+    in flight get up to ``listen.shutdown_timeout_s`` to finish.  A ``worker``
+    (``--workers``) shares the port with its siblings and leaves the admin
+    listener and the counting of reloads to the supervisor.
     """
-    app = create_app(config)
+    app = create_app(config, multiprocess=worker)
+    gateway: Gateway = app[GATEWAY_KEY]
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.listen.shutdown_timeout_s)
-    admin_runner = web.AppRunner(create_admin_app(app), access_log=None)
+    admin_runner = None if worker else web.AppRunner(create_admin_app(app), access_log=None)
     await runner.setup()
-    await admin_runner.setup()
+    if admin_runner is not None:
+        await admin_runner.setup()
+    tasks: list[asyncio.Task[object]] = []
     try:
-        await web.TCPSite(runner, config.listen.host, config.listen.port).start()
-        await web.TCPSite(admin_runner, config.admin.host, config.admin.port).start()
+        await web.TCPSite(
+            runner, config.listen.host, config.listen.port, reuse_port=worker or None
+        ).start()
+        if admin_runner is not None:
+            await web.TCPSite(admin_runner, config.admin.host, config.admin.port).start()
         log.info(kv(event="listening", proxy=f"{config.listen.host}:{config.listen.port}",
-                    admin=f"{config.admin.host}:{config.admin.port}",
-                    routes=len(config.routes)))  # fmt: skip
+                    admin=None if worker else f"{config.admin.host}:{config.admin.port}",
+                    routes=len(config.routes), pid=os.getpid()))  # fmt: skip
         if on_ready:
             print(on_ready, flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        if config_path is not None:
+            path = config_path
+
+            async def reload() -> None:
+                await gateway.reload(path, count=not worker)
+
+            loop.add_signal_handler(
+                signal.SIGHUP, lambda: tasks.append(asyncio.ensure_future(reload()))
+            )
+            if watch:
+                tasks.append(asyncio.ensure_future(watch_file(path, reload)))
         await stop.wait()
-        log.info(kv(event="shutdown", drain_s=config.listen.shutdown_timeout_s))
-        app[DRAINING_KEY][0] = True
+        # Readiness turns false first, so load balancers stop sending while we drain.
+        gateway.draining = True
+        log.info(kv(event="shutdown", drain_s=gateway.config.listen.shutdown_timeout_s))
     finally:
+        for task in tasks:
+            task.cancel()
         with contextlib.suppress(Exception):
             await runner.cleanup()
-        await admin_runner.cleanup()
+        if admin_runner is not None:
+            await admin_runner.cleanup()

@@ -523,6 +523,7 @@ def is_secure_url(url: str) -> bool:
     """Whether ``url`` is https, or plain http to a loopback host (tests, sidecars)."""
     try:
         parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
     except ValueError:
         return False
     if not parts.hostname or parts.username or parts.password:

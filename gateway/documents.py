@@ -32,8 +32,9 @@ class DocumentFetcher(Protocol):
 
 
 def declared_lifetime(headers: CIMultiDictProxy[str], now: float) -> float | None:
-    """The lifetime a response declares (RFC 9111 §4.2.1): ``s-maxage``, then ``max-age``, then
-    ``Expires`` minus ``Date``; ``no-store``/``no-cache`` mean 0.  ``None`` when it says nothing."""
+    """The lifetime a response has left (RFC 9111 §4.2.1): ``s-maxage``, then ``max-age``, less
+    ``Age``; else ``Expires`` minus ``Date``; ``no-store``/``no-cache`` mean 0.  ``None`` when it
+    says nothing."""
     directives = [
         d.strip().lower() for value in headers.getall("Cache-Control", []) for d in value.split(",")
     ]
@@ -44,10 +45,15 @@ def declared_lifetime(headers: CIMultiDictProxy[str], now: float) -> float | Non
         match = _MAX_AGE.match(directive)
         if match:
             ages[match.group(1).lower()] = float(match.group(2))
+    # A cache between us and the IdP says how long it has held the response (RFC 9111 §5.1).
+    try:
+        age = max(float(headers.get("Age", "0")), 0.0)
+    except ValueError:
+        age = 0.0
     if "s-maxage" in ages:  # the gateway is a shared cache
-        return ages["s-maxage"]
+        return max(ages["s-maxage"] - age, 0.0)
     if "max-age" in ages:
-        return ages["max-age"]
+        return max(ages["max-age"] - age, 0.0)
     expires = headers.get("Expires")
     if expires is None:
         return None

@@ -91,46 +91,86 @@ class JwksCache:
         metrics: GatewayMetrics,
         clock: Clock,
     ) -> None:
-        self._entries = {
-            issuer_id: _Entry(cfg, jwks_uri=cfg.jwks_uri) for issuer_id, cfg in issuers.items()
-        }
         self._fetcher = fetcher
         self._metrics = metrics
         self._clock = clock
-        self._refreshers: list[asyncio.Task[None]] = []
-        for entry in self._entries.values():
-            if entry.issuer.static_jwks is not None:
-                entry.key_set = build_key_set(
-                    json.loads(entry.issuer.static_jwks), entry.issuer.id, entry.issuer.algorithms
-                )
-                entry.expires_at = float("inf")
-                entry.attempted.set()
-            self._export(entry)
+        self._started = False
+        self._refreshers: dict[str, asyncio.Task[None]] = {}
+        self._ticker: asyncio.Task[None] | None = None
+        self._entries: dict[str, _Entry] = {}
+        for issuer_id, cfg in issuers.items():
+            self._entries[issuer_id] = self._new_entry(cfg)
+        if not metrics.multiprocess:
+            metrics.ready.set_function(lambda: float(self.ready()))
 
-    def _export(self, entry: _Entry) -> None:
-        """Gauges computed at scrape time, so staleness shows without any request."""
-        issuer_id = entry.issuer.id
+    def _new_entry(self, issuer: IssuerConfig) -> _Entry:
+        entry = _Entry(issuer, jwks_uri=issuer.jwks_uri)
+        if issuer.static_jwks is not None:
+            entry.key_set = build_key_set(
+                json.loads(issuer.static_jwks), issuer.id, issuer.algorithms
+            )
+            entry.expires_at = float("inf")
+            entry.attempted.set()
+        if not self._metrics.multiprocess:
+            # Computed at scrape time, so staleness shows without any request.  With
+            # --workers, the ticker sets them instead (set_function is per process).
+            self._metrics.jwks_keys.labels(issuer.id).set_function(lambda: self._usable_keys(entry))
+            self._metrics.jwks_stale.labels(issuer.id).set_function(lambda: self._stale(entry))
+        return entry
 
-        def usable_keys() -> float:
-            key_set = entry.usable(self._clock.monotonic())
-            return float(key_set.size) if key_set else 0.0
+    def _usable_keys(self, entry: _Entry) -> float:
+        key_set = entry.usable(self._clock.monotonic())
+        return float(key_set.size) if key_set else 0.0
 
-        def stale() -> float:
-            return float(entry.key_set is not None and self._clock.monotonic() >= entry.expires_at)
+    def _stale(self, entry: _Entry) -> float:
+        return float(entry.key_set is not None and self._clock.monotonic() >= entry.expires_at)
 
-        self._metrics.jwks_keys.labels(issuer_id).set_function(usable_keys)
-        self._metrics.jwks_stale.labels(issuer_id).set_function(stale)
+    async def _tick(self) -> None:
+        """Multiprocess mode: publish this worker's key gauges once a second."""
+        while True:
+            for entry in self._entries.values():
+                self._metrics.jwks_keys.labels(entry.issuer.id).set(self._usable_keys(entry))
+                self._metrics.jwks_stale.labels(entry.issuer.id).set(self._stale(entry))
+            self._metrics.ready.set(float(self.ready()))
+            await asyncio.sleep(1.0)
+
+    def reconfigure(self, issuers: Mapping[str, IssuerConfig]) -> None:
+        """Adopt a reloaded issuer set: unchanged issuers keep their keys and schedule; changed
+        or new ones start afresh (fetching at once); removed ones stop."""
+        for issuer_id in list(self._entries):
+            if self._entries[issuer_id].issuer != issuers.get(issuer_id):
+                self._stop(issuer_id)
+                del self._entries[issuer_id]
+        for issuer_id, cfg in issuers.items():
+            if issuer_id not in self._entries:
+                self._entries[issuer_id] = entry = self._new_entry(cfg)
+                if self._started and not entry.static:
+                    self._refreshers[issuer_id] = asyncio.create_task(self._refresh_loop(entry))
+
+    def _stop(self, issuer_id: str) -> None:
+        task = self._refreshers.pop(issuer_id, None)
+        if task is not None:
+            task.cancel()
+        # A fetch in flight is left to finish: requests may be waiting on it.
 
     # --- lifecycle -------------------------------------------------------------
     def start(self) -> None:
         """Start one background refresher per fetched issuer; each fetches at once."""
-        for entry in self._entries.values():
+        self._started = True
+        for issuer_id, entry in self._entries.items():
             if not entry.static:
-                self._refreshers.append(asyncio.create_task(self._refresh_loop(entry)))
+                self._refreshers[issuer_id] = asyncio.create_task(self._refresh_loop(entry))
+        if self._metrics.multiprocess:
+            self._ticker = asyncio.create_task(self._tick())
 
     async def close(self) -> None:
         """Cancel the refreshers and any fetch in flight."""
-        tasks = [*self._refreshers, *(e.inflight for e in self._entries.values() if e.inflight)]
+        tasks = [
+            *self._refreshers.values(),
+            *(e.inflight for e in self._entries.values() if e.inflight),
+        ]
+        if self._ticker is not None:
+            tasks.append(self._ticker)
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -175,7 +215,9 @@ class JwksCache:
     # --- the request path ------------------------------------------------------
     async def get_key(self, issuer: IssuerConfig, kid: str | None, alg: str) -> PyJWK:
         """The verification key for ``kid``/``alg`` of ``issuer``, or a ``Rejection``."""
-        entry = self._entries[issuer.id]
+        entry = self._entries.get(issuer.id)
+        if entry is None:  # removed by a reload while this request was in flight
+            raise Rejection(Reason.JWKS_UNAVAILABLE, f"issuer {issuer.id} no longer configured")
         now = self._clock.monotonic()
         expired = entry.key_set is None or now >= entry.expires_at
         if (

@@ -29,8 +29,14 @@ class GatewayMetrics:
         route_ids: Iterable[str] = (),
         issuer_ids: Iterable[str] = (),
         report_only_route_ids: Iterable[str] = (),
+        *,
+        multiprocess: bool = False,
     ) -> None:
         self.registry = registry
+        # With --workers, gauges are per process; the admin listener aggregates them
+        # (prometheus-client multiprocess mode): keys by the least-served worker,
+        # staleness and last success by the worst and latest one.
+        self.multiprocess = multiprocess
         self.requests = Counter(
             "gateway_requests",
             "Requests handled, by route and by the reason they ended with (ok when forwarded).",
@@ -86,38 +92,68 @@ class GatewayMetrics:
             "Usable signing keys in the issuer's current key set.",
             ["issuer"],
             registry=registry,
+            multiprocess_mode="livemin",
         )
         self.jwks_stale = Gauge(
             "gateway_jwks_stale",
             "1 while the issuer's key set is past its lifetime and served only because fetches fail.",
             ["issuer"],
             registry=registry,
+            multiprocess_mode="livemax",
         )
         self.jwks_last_success = Gauge(
             "gateway_jwks_last_success_timestamp_seconds",
             "Unix time of the issuer's last successful key-set fetch (0 if none yet).",
             ["issuer"],
             registry=registry,
+            multiprocess_mode="max",
         )
-        self.route_ids: tuple[str, ...] = (*route_ids, UNMATCHED_ROUTE)
-        # Pre-create every series so dashboards and rate() see zeros, not gaps.
-        for route in self.route_ids:
+        self.config_reloads = Counter(
+            "gateway_config_reloads",
+            "Configuration reloads (SIGHUP or a changed file), by result (success, failure).",
+            ["result"],
+            registry=registry,
+        )
+        self.ready = Gauge(
+            "gateway_ready",
+            "1 while the gateway is ready: every issuer that gates readiness has keys.",
+            registry=registry,
+            multiprocess_mode="liveall",  # per worker: the supervisor needs each one ready
+        )
+        if not multiprocess:  # with --workers the supervisor counts reloads, once
+            for result in ("success", "failure"):
+                self.config_reloads.labels(result)
+        self.route_ids: tuple[str, ...] = ()
+        self.add_routes(route_ids, report_only_route_ids)
+        self.add_issuers(issuer_ids)
+
+    def add_routes(
+        self, route_ids: Iterable[str], report_only_route_ids: Iterable[str] = ()
+    ) -> None:
+        """Pre-create every series of these routes, so dashboards and rate() see zeros, not gaps."""
+        new = [r for r in (*route_ids, UNMATCHED_ROUTE) if r not in self.route_ids]
+        self.route_ids = (*self.route_ids, *new)
+        outcomes = {spec.outcome.value for spec in REASON_SPECS.values()}
+        for route in new:
             for reason in Reason:
                 self.requests.labels(route, reason.value)
             self.upstream_duration.labels(route)
             for code_class in ("2xx", "3xx", "4xx", "5xx"):
                 self.upstream_responses.labels(route, code_class)
-            for spec_outcome in {spec.outcome for spec in REASON_SPECS.values()}:
-                self.request_duration.labels(route, spec_outcome.value)
+            for outcome in outcomes:
+                self.request_duration.labels(route, outcome)
         for route in report_only_route_ids:
             for reason in Reason:
                 self.report_only.labels(route, reason.value)
+
+    def add_issuers(self, issuer_ids: Iterable[str]) -> None:
+        """Pre-create every series of these issuers."""
         for issuer in issuer_ids:
             for result in JWKS_FETCH_RESULTS:
                 self.jwks_fetches.labels(issuer, result)
             self.jwks_kid_misses.labels(issuer)
             self.jwks_refetch_suppressed.labels(issuer)
-            self.jwks_last_success.labels(issuer).set(0)
+            self.jwks_last_success.labels(issuer)
 
     def observe_request(self, route: str, reason: Reason, duration_s: float) -> None:
         """Count one finished request; called exactly once per request."""

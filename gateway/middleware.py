@@ -14,7 +14,7 @@ from .errors import Rejection
 from .logs import REQUEST_LOGGER, kv
 from .metrics import GatewayMetrics
 from .reasons import REASON_SPECS, Reason, www_authenticate
-from .record import RECORD_KEY, RequestRecord
+from .record import RECORD_KEY, REQUEST_ID_HEADER, RequestRecord, request_id_from
 
 log = logging.getLogger(REQUEST_LOGGER)
 
@@ -38,12 +38,12 @@ def rejection_response(reason: Reason, realm: str, scope: str | None = None) -> 
     return response
 
 
-def create_observe_middleware(metrics: GatewayMetrics, realm: str) -> Middleware:
+def create_observe_middleware(metrics: GatewayMetrics, realm: Callable[[], str]) -> Middleware:
     """Build the middleware that turns rejections into responses and records every request once."""
 
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-        record = RequestRecord()
+        record = RequestRecord(request_id=request_id_from(request.headers.get(REQUEST_ID_HEADER)))
         request[RECORD_KEY] = record
         started = time.perf_counter()
         response: web.StreamResponse
@@ -52,18 +52,20 @@ def create_observe_middleware(metrics: GatewayMetrics, realm: str) -> Middleware
         except Rejection as rejection:
             record.reason = rejection.reason
             record.detail = rejection.detail
-            response = rejection_response(rejection.reason, realm, rejection.scope)
+            response = rejection_response(rejection.reason, realm(), rejection.scope)
         except web.HTTPException as exc:
             # aiohttp's own router refuses targets our catch-all cannot take
             # (`OPTIONS *`, `CONNECT host:port`): a bad request, not a server fault.
             record.reason = Reason.REQUEST_REJECTED
             record.detail = f"aiohttp_{exc.status}"
-            response = rejection_response(Reason.REQUEST_REJECTED, realm)
+            response = rejection_response(Reason.REQUEST_REJECTED, realm())
         except Exception:
             # The only broad catch in the gateway: anything unexpected is a 500 with a traceback.
             log.exception(kv(event="internal_error", route=record.route))
             record.reason = Reason.INTERNAL_ERROR
-            response = rejection_response(Reason.INTERNAL_ERROR, realm)
+            response = rejection_response(Reason.INTERNAL_ERROR, realm())
+        if not response.prepared:
+            response.headers[REQUEST_ID_HEADER] = record.request_id
         duration = time.perf_counter() - started
         if record.status is None:
             record.status = response.status
@@ -74,6 +76,7 @@ def create_observe_middleware(metrics: GatewayMetrics, realm: str) -> Middleware
                 spec.log_level,
                 kv(
                     event="request",
+                    request_id=record.request_id,
                     route=record.route,
                     method=request.method,
                     path=request.raw_path.partition("?")[0],

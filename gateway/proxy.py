@@ -21,7 +21,7 @@ from .errors import Rejection
 from .extractor import FoundToken
 from .metrics import GatewayMetrics
 from .reasons import Reason
-from .record import RECORD_KEY
+from .record import RECORD_KEY, REQUEST_ID_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,7 @@ class Forwarder:
                     continue
             out.add(name, value)
         out.update(injected)
+        out[REQUEST_ID_HEADER] = request[RECORD_KEY].request_id
         peer = request.remote
         trusted = self._peer_trusted(peer)
         prior_for = ", ".join(inbound.getall("X-Forwarded-For", [])) if trusted else ""
@@ -196,11 +197,12 @@ class Forwarder:
             for name, value in upstream.headers.items()
             if name.lower() not in _RESPONSE_HOP_BY_HOP and name.lower() not in connection
         )
+        record = request[RECORD_KEY]
+        headers[REQUEST_ID_HEADER] = record.request_id
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason, headers=headers
         )
         await response.prepare(request)
-        record = request[RECORD_KEY]
         record.status = upstream.status
         # From here on the status line is sent: failures are logged and counted,
         # and the connection is closed so the client sees a cut stream, never a

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import uuid
 from dataclasses import dataclass
+from typing import Final
 
 from aiohttp import web
 
@@ -14,6 +17,7 @@ from .reasons import Reason
 class RequestRecord:
     """What is known about one request so far; ``reason`` ends as ``OK`` or why it did not."""
 
+    request_id: str = ""
     route: str = UNMATCHED_ROUTE
     reason: Reason = Reason.OK
     detail: str = ""
@@ -24,3 +28,12 @@ class RequestRecord:
 
 
 RECORD_KEY = web.RequestKey("gateway_record", RequestRecord)
+REQUEST_ID_HEADER: Final = "X-Request-ID"
+_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:@+=/-]{1,128}")
+
+
+def request_id_from(value: str | None) -> str:
+    """The client's ``X-Request-ID`` when it is a sane token, else a fresh random one."""
+    if value is not None and _REQUEST_ID.fullmatch(value):
+        return value
+    return uuid.uuid4().hex

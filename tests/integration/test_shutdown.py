@@ -15,7 +15,7 @@ from aiohttp import web
 
 import gateway as gateway_package
 from gateway import create_app, loads_config
-from gateway.app import HANDLER_KEY, JWKS_KEY
+from gateway.app import GATEWAY_KEY, JWKS_KEY
 from gateway.documents import HttpDocumentFetcher
 from tests import conftest
 from tests.integration.e2e_helpers import echoed_headers, wait_until
@@ -63,7 +63,7 @@ class Started:
 
     @property
     def upstream_session(self) -> aiohttp.ClientSession:
-        session: aiohttp.ClientSession = self.app[HANDLER_KEY]._forwarder._session
+        session: aiohttp.ClientSession = self.app[GATEWAY_KEY].upstream_session
         return session
 
 
