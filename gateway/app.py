@@ -144,7 +144,15 @@ def create_app(
     gateway = Gateway(config, metrics, clock)
     app = web.Application(
         middlewares=[create_observe_middleware(metrics, lambda: gateway.config.realm)],
-        handler_args={"max_field_size": 8190, "max_line_size": 8190},
+        handler_args={
+            "max_field_size": config.limits.max_header_bytes,
+            "max_line_size": config.limits.max_header_bytes,
+            "max_headers": config.limits.max_headers,
+            # aiohttp closes a connection that has not delivered a complete request
+            # header within this time, at its start or between requests: it is both
+            # the idle keep-alive timeout and the slow-header (slowloris) timeout.
+            "keepalive_timeout": config.limits.client_idle_timeout_s,
+        },
     )
     app[GATEWAY_KEY] = gateway
     app[METRICS_KEY] = metrics

@@ -12,6 +12,7 @@ Defaults are named constants below, each with where it comes from.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import ipaddress
 import json
@@ -51,6 +52,12 @@ DEFAULT_JWKS_FETCH_TIMEOUT_S: Final = 3.0
 DEFAULT_JWKS_REFRESH_AHEAD_S: Final = 30.0
 DEFAULT_JWKS_MAX_BYTES: Final = 512 * 1024  # real key sets are a few KB
 DEFAULT_MAX_TOKEN_BYTES: Final = 8192  # aiohttp's own header-field limit is 8190
+DEFAULT_MAX_HEADER_BYTES: Final = 16384  # one header line; aiohttp's default is 8190
+DEFAULT_MAX_HEADERS: Final = 100  # nginx and Envoy allow about this many
+DEFAULT_CLIENT_IDLE_TIMEOUT_S: Final = 30.0  # no complete request header for this long: closed
+DEFAULT_MAX_BODY_BYTES: Final = 10 * 1024 * 1024  # per route unless the route says otherwise
+DEFAULT_MAX_CONCURRENT: Final = 1024  # requests in flight to one route's upstream
+DEFAULT_MAX_QUEUED: Final = 1024  # requests waiting for a slot; beyond that, 503
 AUTH_OUTCOME_HEADER: Final = "X-Gateway-Auth-Outcome"  # report-only routes tell the upstream
 
 # RFC 7518 asymmetric algorithms PyJWT verifies.  `none` and HS* are never accepted:
@@ -111,6 +118,18 @@ class UpstreamDefaults:
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     timeout_s: float = DEFAULT_UPSTREAM_TIMEOUT_S
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one client may ask of the gateway; each has a safe default."""
+
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    max_headers: int = DEFAULT_MAX_HEADERS
+    client_idle_timeout_s: float = DEFAULT_CLIENT_IDLE_TIMEOUT_S
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT
+    max_queued_requests: int = DEFAULT_MAX_QUEUED
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,6 +322,9 @@ class RouteConfig:
     rewrite: PathRewrite | None = None
     payload_header: str | None = None  # the whole verified payload, base64url JSON
     cors_preflight: bool = False  # OPTIONS preflights pass without a token
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT
+    max_queued_requests: int = DEFAULT_MAX_QUEUED
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,16 +337,18 @@ class GatewayConfig:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     upstream_defaults: UpstreamDefaults
     max_token_bytes: int
+    limits: Limits
     issuers: Mapping[str, IssuerConfig]
     routes: tuple[RouteConfig, ...]
 
     @property
     def owned_headers(self) -> frozenset[str]:
-        """Lower-cased names of every header the gateway sets: stripped from every inbound request."""
-        names = {h.header.lower() for r in self.routes for h in r.claim_headers}
-        names.update(r.payload_header.lower() for r in self.routes if r.payload_header)
-        names.add(AUTH_OUTCOME_HEADER.lower())
-        return frozenset(names)
+        """Names of every header the gateway sets, lower-case with ``_`` as ``-`` (how CGI/WSGI
+        upstreams read them): stripped from every inbound request in any spelling."""
+        names = {h.header for r in self.routes for h in r.claim_headers}
+        names.update(r.payload_header for r in self.routes if r.payload_header)
+        names.add(AUTH_OUTCOME_HEADER)
+        return frozenset(name.lower().replace("_", "-") for name in names)
 
 
 # --- the typed reader -----------------------------------------------------------
@@ -444,6 +468,33 @@ def _read_admin(node: _Node) -> AdminConfig:
         host=_opt(node, "host", lambda n: n.string(), DEFAULT_ADMIN_HOST),
         port=_opt(node, "port", lambda n: n.integer(low=0, high=65535), DEFAULT_ADMIN_PORT),
     )
+
+
+def _read_limits(node: _Node) -> Limits:
+    node.mapping(frozenset(f.name for f in dataclasses.fields(Limits)))
+    return Limits(
+        max_header_bytes=_opt(
+            node, "max_header_bytes", lambda n: n.integer(low=1024, high=1024 * 1024),
+            DEFAULT_MAX_HEADER_BYTES,
+        ),
+        max_headers=_opt(
+            node, "max_headers", lambda n: n.integer(low=8, high=10_000), DEFAULT_MAX_HEADERS
+        ),
+        client_idle_timeout_s=_opt(
+            node, "client_idle_timeout_s", lambda n: n.number(), DEFAULT_CLIENT_IDLE_TIMEOUT_S
+        ),
+        max_body_bytes=_opt(
+            node, "max_body_bytes", lambda n: n.integer(low=0, high=2**62), DEFAULT_MAX_BODY_BYTES
+        ),
+        max_concurrent_requests=_opt(
+            node, "max_concurrent_requests", lambda n: n.integer(low=1, high=1_000_000),
+            DEFAULT_MAX_CONCURRENT,
+        ),
+        max_queued_requests=_opt(
+            node, "max_queued_requests", lambda n: n.integer(low=0, high=1_000_000),
+            DEFAULT_MAX_QUEUED,
+        ),
+    )  # fmt: skip
 
 
 def _read_upstream_defaults(node: _Node) -> UpstreamDefaults:
@@ -889,11 +940,11 @@ def _read_rewrite(node: _Node, match: RouteMatch) -> PathRewrite:
 
 _ROUTE_KEYS: Final = frozenset(
     {"id", "match", "upstream", "auth", "claim_headers", "rewrite", "payload_header",
-     "cors_preflight"}
+     "cors_preflight", "max_body_bytes", "max_concurrent_requests", "max_queued_requests"}
 )  # fmt: skip
 
 
-def _read_route(node: _Node, issuers: Mapping[str, IssuerConfig]) -> RouteConfig:
+def _read_route(node: _Node, issuers: Mapping[str, IssuerConfig], limits: Limits) -> RouteConfig:
     node.mapping(_ROUTE_KEYS, frozenset({"id", "match", "upstream", "auth"}))
     route_id = node.child("id").string(
         pattern=_ROUTE_ID, what="a lower-case id such as orders_read"
@@ -920,11 +971,22 @@ def _read_route(node: _Node, issuers: Mapping[str, IssuerConfig]) -> RouteConfig
         rewrite=_opt(node, "rewrite", lambda n: _read_rewrite(n, match), None),
         payload_header=payload_header,
         cors_preflight=_opt(node, "cors_preflight", lambda n: n.boolean(), False),
-    )
+        max_body_bytes=_opt(
+            node, "max_body_bytes", lambda n: n.integer(low=0, high=2**62), limits.max_body_bytes
+        ),
+        max_concurrent_requests=_opt(
+            node, "max_concurrent_requests", lambda n: n.integer(low=1, high=1_000_000),
+            limits.max_concurrent_requests,
+        ),
+        max_queued_requests=_opt(
+            node, "max_queued_requests", lambda n: n.integer(low=0, high=1_000_000),
+            limits.max_queued_requests,
+        ),
+    )  # fmt: skip
 
 
 _TOP_KEYS: Final = frozenset(
-    {"listen", "admin", "realm", "trusted_proxies", "upstream_defaults", "max_token_bytes",
+    {"listen", "admin", "realm", "trusted_proxies", "upstream_defaults", "max_token_bytes", "limits",
      "issuers", "routes"}
 )  # fmt: skip
 
@@ -952,8 +1014,9 @@ def parse_config(document: Any, base_dir: Path | None = None) -> GatewayConfig:
     issuers = _read_issuers(root.child("issuers"), base_dir) if root.has("issuers") else {}
     routes: list[RouteConfig] = []
     seen: dict[str, int] = {}
+    limits = _opt(root, "limits", _read_limits, Limits())
     for item in root.child("routes").seq(non_empty=True):
-        route = _read_route(item, issuers)
+        route = _read_route(item, issuers, limits)
         if route.id in seen:
             raise item.child("id").fail(
                 f"duplicate route id {route.id!r} (first at routes[{seen[route.id]}])",
@@ -976,6 +1039,7 @@ def parse_config(document: Any, base_dir: Path | None = None) -> GatewayConfig:
             root, "max_token_bytes", lambda n: n.integer(low=256, high=65536),
             DEFAULT_MAX_TOKEN_BYTES,
         ),
+        limits=limits,
         issuers=MappingProxyType(issuers),
         routes=tuple(routes),
     )  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any, Final, Protocol
 
@@ -43,8 +44,8 @@ def declared_lifetime(headers: CIMultiDictProxy[str], now: float) -> float | Non
         if directive in ("no-store", "no-cache"):
             return 0.0
         match = _MAX_AGE.match(directive)
-        if match:
-            ages[match.group(1).lower()] = float(match.group(2))
+        if match:  # RFC 9111 §4.2.1: a repeated directive counts by its first occurrence
+            ages.setdefault(match.group(1).lower(), float(match.group(2)))
     # A cache between us and the IdP says how long it has held the response (RFC 9111 §5.1).
     try:
         age = max(float(headers.get("Age", "0")), 0.0)
@@ -58,12 +59,20 @@ def declared_lifetime(headers: CIMultiDictProxy[str], now: float) -> float | Non
     if expires is None:
         return None
     try:
-        expires_at = parsedate_to_datetime(expires).timestamp()
+        expires_at = _http_date(expires)
         date = headers.get("Date")
-        origin_now = parsedate_to_datetime(date).timestamp() if date else now
+        origin_now = _http_date(date) if date else now
     except (TypeError, ValueError, IndexError):
         return 0.0  # RFC 9111 §5.3: an invalid Expires means "already expired"
     return max(expires_at - origin_now, 0.0)
+
+
+def _http_date(text: str) -> float:
+    """An HTTP date as a Unix time; every HTTP date is GMT (RFC 9110 §5.6.7), asctime ones too."""
+    parsed = parsedate_to_datetime(text)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
 
 
 class HttpDocumentFetcher:

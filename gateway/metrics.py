@@ -96,7 +96,8 @@ class GatewayMetrics:
         )
         self.jwks_stale = Gauge(
             "gateway_jwks_stale",
-            "1 while the issuer's key set is past its lifetime and served only because fetches fail.",
+            "1 while the issuer's key set is past its lifetime because fetches fail (gateway_jwks_keys "
+            "says whether it is still served).",
             ["issuer"],
             registry=registry,
             multiprocess_mode="livemax",

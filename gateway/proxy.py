@@ -5,16 +5,17 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 from urllib.parse import unquote_plus
 
 import aiohttp
-from aiohttp import web
+from aiohttp import StreamReader, web
 from multidict import CIMultiDict
 from yarl import URL
 
+from .admission import Admission
 from .claims import headers_to_strip
 from .config import GatewayConfig, RouteConfig, TokenLocation
 from .errors import Rejection
@@ -94,6 +95,30 @@ def _without_params(query: str, names: frozenset[str]) -> str:
     )
 
 
+class _BodyTooLarge(Exception):
+    """Raised inside the upload stream; the forwarder turns it into 413."""
+
+
+class _BodyMeter:
+    """Streams a chunked request body upstream, stopping it once it passes ``limit`` bytes."""
+
+    __slots__ = ("_content", "_limit", "exceeded")
+
+    def __init__(self, content: StreamReader, limit: int) -> None:
+        self._content = content
+        self._limit = limit
+        self.exceeded = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in self._content.iter_chunked(_CHUNK):
+            seen += len(chunk)
+            if seen > self._limit:
+                self.exceeded = True
+                raise _BodyTooLarge
+            yield chunk
+
+
 class Forwarder:
     """Sends an admitted request upstream and streams the answer back."""
 
@@ -102,6 +127,15 @@ class Forwarder:
     ) -> None:
         self._session = session
         self._metrics = metrics
+        defaults = config.upstream_defaults
+        # Per request, so a reload's new timeouts apply without a new session.
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=defaults.connect_timeout_s, sock_read=defaults.timeout_s
+        )
+        self._admission = {
+            route.id: Admission(route.max_concurrent_requests, route.max_queued_requests)
+            for route in config.routes
+        }
         self._owned = config.owned_headers
         self._base_strip = headers_to_strip(self._owned, ())
         self._trusted = config.trusted_proxies
@@ -170,19 +204,38 @@ class Forwarder:
                 query = _without_params(query, hidden.query)
             target = path + (sep + query if query else "")
         url = URL(route.upstream.url + target, encoded=True)
-        body = request.content if request.body_exists else None
-        started = time.perf_counter()
-        try:
-            upstream = await self._session.request(
-                request.method, url, headers=headers, data=body, allow_redirects=False
-            )
-        except TimeoutError:
-            raise Rejection(Reason.UPSTREAM_TIMEOUT, "no response headers in time") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise Rejection(Reason.UPSTREAM_UNAVAILABLE, type(exc).__name__) from None
-        async with upstream:
-            self._metrics.observe_upstream(route.id, upstream.status, time.perf_counter() - started)
-            return await self._relay(request, upstream)
+        limit = route.max_body_bytes
+        declared = request.content_length
+        if limit and declared is not None and declared > limit:
+            raise Rejection(Reason.PAYLOAD_TOO_LARGE, f"Content-Length {declared} over {limit}")
+        meter: _BodyMeter | None = None
+        body: Any = None
+        if request.body_exists:
+            if limit and declared is None:  # chunked: count as it streams
+                meter = _BodyMeter(request.content, limit)
+                body = meter.chunks()
+            else:
+                body = request.content
+        async with self._admission[route.id]:
+            started = time.perf_counter()
+            try:
+                upstream = await self._session.request(
+                    request.method, url, headers=headers, data=body, allow_redirects=False,
+                    timeout=self._timeout,
+                )  # fmt: skip
+            except TimeoutError:
+                raise Rejection(Reason.UPSTREAM_TIMEOUT, "no response headers in time") from None
+            except (aiohttp.ClientError, OSError) as exc:
+                if meter is not None and meter.exceeded:
+                    raise Rejection(
+                        Reason.PAYLOAD_TOO_LARGE, f"chunked body over {limit}"
+                    ) from None
+                raise Rejection(Reason.UPSTREAM_UNAVAILABLE, type(exc).__name__) from None
+            async with upstream:
+                self._metrics.observe_upstream(
+                    route.id, upstream.status, time.perf_counter() - started
+                )
+                return await self._relay(request, upstream)
 
     async def _relay(
         self, request: web.Request, upstream: aiohttp.ClientResponse

@@ -44,6 +44,8 @@ class Reason(enum.StrEnum):
     AUDIENCE_NOT_ALLOWED = "audience_not_allowed"
     INSUFFICIENT_SCOPE = "insufficient_scope"
     JWKS_UNAVAILABLE = "jwks_unavailable"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    UPSTREAM_OVERLOADED = "upstream_overloaded"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     UPSTREAM_TIMEOUT = "upstream_timeout"
     UPSTREAM_ABORTED = "upstream_aborted"
@@ -124,6 +126,13 @@ REASON_SPECS: Final[Mapping[Reason, ReasonSpec]] = MappingProxyType(
         # 503, not 401: the client cannot fix it, and it keeps the 401 rate meaningful.
         Reason.JWKS_UNAVAILABLE: ReasonSpec(
             503, "The signing keys are unavailable; try again later.", Outcome.ERROR, _ERR
+        ),
+        Reason.PAYLOAD_TOO_LARGE: ReasonSpec(
+            413, "The request body is larger than this route accepts.", Outcome.REJECTED, _INFO
+        ),
+        # Shed before the upstream drowns: the route's in-flight and queue limits are full.
+        Reason.UPSTREAM_OVERLOADED: ReasonSpec(
+            503, "The upstream service is at capacity; try again later.", Outcome.ERROR, _WARN
         ),
         Reason.UPSTREAM_UNAVAILABLE: ReasonSpec(
             502, "The upstream service is unavailable.", Outcome.ERROR, _ERR

@@ -243,7 +243,11 @@ def _check_audience(aud: Any, accepted: frozenset[str]) -> None:
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Equality that does not take True for 1 (JSON booleans are not numbers)."""
+    """JSON equality: numbers by value (1 equals 1.0), but a boolean is never a number."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
     return type(a) is type(b) and a == b
 
 
