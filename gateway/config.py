@@ -1045,6 +1045,30 @@ def parse_config(document: Any, base_dir: Path | None = None) -> GatewayConfig:
     )  # fmt: skip
 
 
+def _check_duplicate_keys(
+    node: yaml.Node | None, path: str = "", seen_nodes: set[int] | None = None
+) -> None:
+    """Refuse a repeated mapping key: PyYAML keeps the last one silently, so a second ``auth:``
+    in a route could quietly replace the first.  Walks the composed tree (each node once, so
+    aliases cannot make it loop or blow up), so the error can name the YAML path."""
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if node is None or id(node) in seen_nodes:
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        keys: set[str] = set()
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            where = f"{path}.{key}" if path else key
+            if key in keys:
+                raise ConfigError(where, "key given twice", "each key once per mapping")
+            keys.add(key)
+            _check_duplicate_keys(value_node, where, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _check_duplicate_keys(item, f"{path}[{index}]", seen_nodes)
+
+
 def load_config(path: str | Path) -> GatewayConfig:
     """Read, validate and freeze the YAML file at ``path``; raise ``ConfigError`` if anything is off."""
     try:
@@ -1059,7 +1083,10 @@ def load_config(path: str | Path) -> GatewayConfig:
 def loads_config(text: str, base_dir: Path | None = None) -> GatewayConfig:
     """Validate YAML text; see ``load_config``."""
     try:
+        _check_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader))
         document = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError("", "invalid YAML: nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "YAML"

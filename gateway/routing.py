@@ -20,8 +20,8 @@ _UNSAFE_PATH: Final = re.compile(
       (?:^|/)\.{1,2}(?:/|$)                 # dot segments
     | //                                    # empty segments (merge_slashes)
     | [\\;#\x00-\x20\x7f]                   # backslash, path parameters, fragment, controls, space
-    | %(?:2[eEfF]|5[cC]|[46][1-9a-fA-F]|[57][0-9aA]|3[0-9]|2[dD]|5[fF]|7[eE]|[01][0-9a-fA-F]|7[fF]|25)
-                                            # encoded . / \ unreserved, controls, or a double encoding
+    | %(?:2[eEfF]|5[cC]|3[bB]|[46][1-9a-fA-F]|[57][0-9aA]|3[0-9]|2[dD]|5[fF]|7[eE]|[01][0-9a-fA-F]|7[fF]|25)
+                                            # encoded . / \ ; unreserved, controls, or a double encoding
     | %(?![0-9a-fA-F]{2})                   # a bare '%'
     """,
     re.VERBOSE,
@@ -33,7 +33,8 @@ def request_host(host: str) -> str:
     host = host.strip().lower()
     if host.startswith("["):
         return host.partition("]")[0] + "]"
-    return host.partition(":")[0]
+    # "api.example.com." is the same host to DNS and to most upstreams.
+    return host.partition(":")[0].rstrip(".")
 
 
 def check_raw_path(raw_path: str) -> str:
