@@ -26,6 +26,7 @@ from .logs import kv
 from .metrics import GatewayMetrics
 from .middleware import create_observe_middleware
 from .proxy import Forwarder, create_upstream_session
+from .token_cache import TokenCache
 from .verifier import Verifier
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,10 @@ class Gateway:
         self._jwks: JwksCache | None = None
         self._upstream_session: aiohttp.ClientSession | None = None
         self._reload_lock = asyncio.Lock()
+        # Survives reloads: every hit is re-checked against the route's current policy.
+        self.token_cache = (
+            TokenCache(config.token_cache_size, clock) if config.token_cache_size else None
+        )
 
     @property
     def handler(self) -> GatewayHandler:
@@ -69,7 +74,8 @@ class Gateway:
 
     def _build_handler(self, config: GatewayConfig) -> GatewayHandler:
         forwarder = Forwarder(config, self.upstream_session, self.metrics)
-        return GatewayHandler(config, Verifier(self.jwks, self.clock), forwarder, self.metrics)
+        verifier = Verifier(self.jwks, self.clock, self.token_cache)
+        return GatewayHandler(config, verifier, forwarder, self.metrics)
 
     def start(self, jwks: JwksCache, upstream_session: aiohttp.ClientSession) -> None:
         self._jwks = jwks

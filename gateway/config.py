@@ -40,7 +40,8 @@ DEFAULT_REALM: Final = "gateway"
 DEFAULT_CONNECT_TIMEOUT_S: Final = 2.0
 DEFAULT_UPSTREAM_TIMEOUT_S: Final = 30.0  # aiohttp's own default is 300 s total: far too long
 DEFAULT_MAX_CONNECTIONS: Final = 256  # per upstream host:port
-DEFAULT_LEEWAY_S: Final = 30.0  # clock skew tolerated on exp/nbf/iat (Envoy uses 60)
+DEFAULT_LEEWAY_S: Final = 30.0
+MAX_LEEWAY_S: Final = 600.0  # clock skew tolerated on exp/nbf/iat (Envoy uses 60)
 DEFAULT_JWKS_CACHE_TTL_S: Final = 300.0  # used when the JWKS response names no lifetime
 DEFAULT_JWKS_CACHE_MIN_TTL_S: Final = 60.0  # an IdP's max-age=0 must not mean a fetch per request
 DEFAULT_JWKS_CACHE_MAX_TTL_S: Final = (
@@ -52,6 +53,7 @@ DEFAULT_JWKS_FETCH_TIMEOUT_S: Final = 3.0
 DEFAULT_JWKS_REFRESH_AHEAD_S: Final = 30.0
 DEFAULT_JWKS_MAX_BYTES: Final = 512 * 1024  # real key sets are a few KB
 DEFAULT_MAX_TOKEN_BYTES: Final = 8192  # aiohttp's own header-field limit is 8190
+DEFAULT_TOKEN_CACHE_SIZE: Final = 10_000  # verified tokens kept (about 2-3 KB each)
 DEFAULT_MAX_HEADER_BYTES: Final = 16384  # one header line; aiohttp's default is 8190
 DEFAULT_MAX_HEADERS: Final = 100  # nginx and Envoy allow about this many
 DEFAULT_CLIENT_IDLE_TIMEOUT_S: Final = 30.0  # no complete request header for this long: closed
@@ -340,6 +342,7 @@ class GatewayConfig:
     limits: Limits
     issuers: Mapping[str, IssuerConfig]
     routes: tuple[RouteConfig, ...]
+    token_cache_size: int = DEFAULT_TOKEN_CACHE_SIZE
 
     @property
     def owned_headers(self) -> frozenset[str]:
@@ -668,7 +671,7 @@ def _read_issuer(issuer_id: str, node: _Node, base_dir: Path | None) -> IssuerCo
         issuer=iss,
         jwks_uri=jwks_uri,
         algorithms=algorithms,
-        leeway_s=_opt(node, "leeway_s", lambda n: n.number(allow_zero=True), DEFAULT_LEEWAY_S),
+        leeway_s=_opt(node, "leeway_s", _read_leeway, DEFAULT_LEEWAY_S),
         jwks_cache_ttl_s=ttl,
         jwks_cache_min_ttl_s=min_ttl,
         jwks_cache_max_ttl_s=max_ttl,
@@ -686,6 +689,13 @@ def _read_issuer(issuer_id: str, node: _Node, base_dir: Path | None) -> IssuerCo
         required_for_readiness=_opt(node, "required_for_readiness", lambda n: n.boolean(), True),
         typ=typ,
     )  # fmt: skip
+
+
+def _read_leeway(node: _Node) -> float:
+    leeway = node.number(allow_zero=True)
+    if leeway > MAX_LEEWAY_S:  # a typo such as 1e9 would switch expiry checks off
+        raise node.fail(f"got {leeway:g}", f"at most {MAX_LEEWAY_S:g} seconds")
+    return leeway
 
 
 def _read_issuers(node: _Node, base_dir: Path | None) -> dict[str, IssuerConfig]:
@@ -987,6 +997,7 @@ def _read_route(node: _Node, issuers: Mapping[str, IssuerConfig], limits: Limits
 
 _TOP_KEYS: Final = frozenset(
     {"listen", "admin", "realm", "trusted_proxies", "upstream_defaults", "max_token_bytes", "limits",
+     "token_cache_size",
      "issuers", "routes"}
 )  # fmt: skip
 
@@ -1040,6 +1051,10 @@ def parse_config(document: Any, base_dir: Path | None = None) -> GatewayConfig:
             DEFAULT_MAX_TOKEN_BYTES,
         ),
         limits=limits,
+        token_cache_size=_opt(
+            root, "token_cache_size", lambda n: n.integer(low=0, high=10_000_000),
+            DEFAULT_TOKEN_CACHE_SIZE,
+        ),
         issuers=MappingProxyType(issuers),
         routes=tuple(routes),
     )  # fmt: skip

@@ -52,6 +52,8 @@ class KeyLookup(Protocol):
 
     async def get_key(self, issuer: IssuerConfig, kid: str | None, alg: str) -> PyJWK: ...
 
+    def current_key(self, issuer: IssuerConfig, kid: str | None, alg: str) -> PyJWK | None: ...
+
 
 @dataclass(slots=True, eq=False)
 class _Entry:
@@ -213,6 +215,15 @@ class JwksCache:
         return out
 
     # --- the request path ------------------------------------------------------
+    def current_key(self, issuer: IssuerConfig, kid: str | None, alg: str) -> PyJWK | None:
+        """The key in the issuer's usable set right now, without any fetch (cache hits)."""
+        entry = self._entries.get(issuer.id)
+        key_set = entry.usable(self._clock.monotonic()) if entry is not None else None
+        if key_set is None:
+            return None
+        found = key_set.lookup(kid, alg)
+        return None if isinstance(found, Reason) else found
+
     async def get_key(self, issuer: IssuerConfig, kid: str | None, alg: str) -> PyJWK:
         """The verification key for ``kid``/``alg`` of ``issuer``, or a ``Rejection``."""
         entry = self._entries.get(issuer.id)

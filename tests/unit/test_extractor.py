@@ -1,0 +1,212 @@
+"""Taking the one token out of a request (RFC 6750 §2.1 by default; cookies and query when configured).
+
+``extract_token`` answers ``None`` when the request carries no token (the handler turns
+that into ``token_missing`` on a required route) and raises ``invalid_request`` when
+what it carries is ambiguous or malformed.
+"""
+
+from __future__ import annotations
+
+import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.config import BEARER_HEADER, TokenLocation, TokenSource
+from gateway.errors import Rejection
+from gateway.extractor import cookie_values, extract_token, query_values
+from gateway.reasons import Reason
+
+TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhIn0.c2lnbmF0dXJl"
+MAX = 256
+
+COOKIE = TokenSource(TokenLocation.COOKIE, "session")
+QUERY = TokenSource(TokenLocation.QUERY, "access_token")
+API_KEY = TokenSource(TokenLocation.HEADER, "X-Api-Token")
+ALL_SOURCES = (BEARER_HEADER, COOKIE, QUERY)
+
+
+def headers(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
+    return CIMultiDictProxy(CIMultiDict(pairs))
+
+
+def extract(
+    pairs: list[tuple[str, str]],
+    query: str = "",
+    sources: tuple[TokenSource, ...] = (BEARER_HEADER,),
+) -> str | None:
+    found = extract_token(headers(*pairs), query, sources, MAX)
+    return None if found is None else found.token
+
+
+# --- the default: Authorization: Bearer ---------------------------------------------------
+@pytest.mark.parametrize(
+    ("pairs", "token"),
+    [
+        pytest.param([("Authorization", f"Bearer {TOKEN}")], TOKEN, id="canonical"),
+        pytest.param([("authorization", f"bearer {TOKEN}")], TOKEN, id="lower-case"),
+        pytest.param([("AUTHORIZATION", f"BEARER {TOKEN}")], TOKEN, id="upper-case"),
+        pytest.param([("Authorization", f"BeArEr {TOKEN}")], TOKEN, id="mixed-case-scheme"),
+        pytest.param([("Authorization", f"  Bearer   {TOKEN}  ")], TOKEN, id="extra-spaces"),
+        pytest.param(
+            [("Authorization", "Bearer abc-_.~+/==")], "abc-_.~+/==", id="b64token-charset"
+        ),
+        pytest.param([("Authorization", "Bearer " + "a" * MAX)], "a" * MAX, id="exactly-max"),
+        pytest.param(
+            [("Authorization", f"Bearer {TOKEN}"), ("X-Other", "1")], TOKEN, id="other-headers"
+        ),
+    ],
+)
+def test_bearer_token_is_extracted(pairs: list[tuple[str, str]], token: str) -> None:
+    assert extract(pairs) == token
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        pytest.param([], id="no-header"),
+        pytest.param([("X-Token", TOKEN)], id="other-header-only"),
+        pytest.param([("Authorization", "")], id="empty-header"),
+        pytest.param([("Authorization", "Basic YWxhZGRpbjpvcGVuc2VzYW1l")], id="basic"),
+        pytest.param([("Authorization", f"Token {TOKEN}")], id="other-scheme"),
+        pytest.param([("Authorization", f"Bearer:{TOKEN}")], id="scheme-colon"),
+        pytest.param([("Authorization", f"Bearer\t{TOKEN}")], id="scheme-tab"),
+        pytest.param([("Authorization", f"Bearerx {TOKEN}")], id="scheme-prefix-only"),
+    ],
+)
+def test_no_bearer_credentials_is_no_token(pairs: list[tuple[str, str]]) -> None:
+    # RFC 6750 §3.1: another scheme means the request lacks authentication (token_missing),
+    # it is not malformed.
+    assert extract(pairs) is None
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        pytest.param(
+            [("Authorization", f"Bearer {TOKEN}"), ("Authorization", f"Bearer {TOKEN}")],
+            id="two-headers-same",
+        ),
+        pytest.param(
+            [("Authorization", f"Bearer {TOKEN}"), ("authorization", "Basic eA==")],
+            id="two-headers-different-case",
+        ),
+        pytest.param([("Authorization", "Bearer")], id="bearer-alone"),
+        pytest.param([("Authorization", "Bearer    ")], id="bearer-spaces"),
+        pytest.param([("Authorization", f"Bearer {TOKEN} {TOKEN}")], id="two-tokens"),
+        pytest.param([("Authorization", "Bearer abc def")], id="space-inside"),
+        pytest.param([("Authorization", "Bearer abc\tdef")], id="tab-inside"),
+        pytest.param([("Authorization", 'Bearer "abc"')], id="quoted"),
+        pytest.param([("Authorization", "Bearer abc,def")], id="comma"),
+        pytest.param([("Authorization", "Bearer abc=def")], id="inner-padding"),
+        pytest.param([("Authorization", "Bearer =abc")], id="leading-padding"),
+        pytest.param([("Authorization", "Bearer t\u00f6ken")], id="non-ascii"),
+        pytest.param([("Authorization", "Bearer " + "a" * (MAX + 1))], id="one-over-max"),
+        pytest.param([("Authorization", "Bearer " + "a" * 100_000)], id="far-over-max"),
+    ],
+)
+def test_malformed_or_repeated_bearer_is_invalid_request(pairs: list[tuple[str, str]]) -> None:
+    with pytest.raises(Rejection) as caught:
+        extract(pairs)
+    assert caught.value.reason is Reason.INVALID_REQUEST
+    # The detail is for the log: it never echoes the credential.
+    assert TOKEN not in caught.value.detail
+
+
+def test_found_token_names_its_source() -> None:
+    found = extract_token(headers(("Authorization", f"Bearer {TOKEN}")), "", ALL_SOURCES, MAX)
+    assert found is not None
+    assert found.source is BEARER_HEADER
+
+
+# --- configured sources: header without prefix, cookie, query -------------------------------
+@pytest.mark.parametrize(
+    ("pairs", "query", "token"),
+    [
+        pytest.param([("X-Api-Token", TOKEN)], "", TOKEN, id="custom-header"),
+        pytest.param([("Cookie", f"a=1; session={TOKEN}; b=2")], "", TOKEN, id="cookie"),
+        pytest.param([("Cookie", f'session="{TOKEN}"')], "", TOKEN, id="cookie-quoted"),
+        pytest.param(
+            [("Cookie", "a=1"), ("Cookie", f"session={TOKEN}")],
+            "",
+            TOKEN,
+            id="cookie-second-header",
+        ),
+        pytest.param([], f"x=1&access_token={TOKEN}", TOKEN, id="query"),
+        pytest.param([], "access_token=a%2Bb", "a+b", id="query-decoded"),
+        pytest.param([("Cookie", "Session=x")], "", None, id="cookie-name-case-sensitive"),
+        pytest.param([], "access_token", None, id="query-without-value"),
+        pytest.param([], "access_tokenx=abc", None, id="query-other-name"),
+        pytest.param(
+            [("Authorization", f"Bearer {TOKEN}")], "", None, id="authorization-not-configured"
+        ),
+    ],
+)
+def test_configured_sources(pairs: list[tuple[str, str]], query: str, token: str | None) -> None:
+    assert extract(pairs, query, (API_KEY, COOKIE, QUERY)) == token
+
+
+@pytest.mark.parametrize(
+    ("pairs", "query"),
+    [
+        pytest.param(
+            [("Authorization", f"Bearer {TOKEN}"), ("Cookie", f"session={TOKEN}")],
+            "",
+            id="header-and-cookie",
+        ),
+        pytest.param(
+            [("Authorization", f"Bearer {TOKEN}")], f"access_token={TOKEN}", id="header-and-query"
+        ),
+        pytest.param([("Cookie", f"session={TOKEN}; session={TOKEN}")], "", id="cookie-twice"),
+        pytest.param(
+            [("Cookie", f"session={TOKEN}"), ("Cookie", "session=other")],
+            "",
+            id="cookie-in-two-headers",
+        ),
+        pytest.param([], f"access_token={TOKEN}&access_token={TOKEN}", id="query-twice"),
+        pytest.param([("Cookie", "session=")], "", id="cookie-empty"),
+        pytest.param([], "access_token=", id="query-empty"),
+        pytest.param([], "access_token=a%20b", id="query-decodes-to-space"),
+    ],
+)
+def test_ambiguous_or_empty_sources_are_invalid_request(
+    pairs: list[tuple[str, str]], query: str
+) -> None:
+    # Which of two tokens is "the" token is exactly the ambiguity an attacker wants.
+    with pytest.raises(Rejection) as caught:
+        extract(pairs, query, ALL_SOURCES)
+    assert caught.value.reason is Reason.INVALID_REQUEST
+
+
+def test_custom_header_twice_is_invalid_request() -> None:
+    with pytest.raises(Rejection) as caught:
+        extract([("X-Api-Token", "a"), ("X-Api-Token", "b")], "", (API_KEY,))
+    assert caught.value.reason is Reason.INVALID_REQUEST
+
+
+@pytest.mark.parametrize(
+    ("cookie_headers", "values"),
+    [
+        pytest.param(["session=a"], ["a"], id="one"),
+        pytest.param(["x=1;session=a ; y=2"], ["a"], id="among-others"),
+        pytest.param(["session=a", "session=b"], ["a", "b"], id="two-headers"),
+        pytest.param(["sessionx=a; xsession=b"], [], id="no-partial-names"),
+        pytest.param(["session"], [], id="no-equals"),
+    ],
+)
+def test_cookie_values(cookie_headers: list[str], values: list[str]) -> None:
+    assert cookie_values(headers(*(("Cookie", v) for v in cookie_headers)), "session") == values
+
+
+@pytest.mark.parametrize(
+    ("query", "values"),
+    [
+        pytest.param("t=a", ["a"], id="one"),
+        pytest.param("x=1&t=a&y=2", ["a"], id="among-others"),
+        pytest.param("t=a&t=b", ["a", "b"], id="twice"),
+        pytest.param("t=a+b%21", ["a b!"], id="plus-and-percent-decoded"),
+        pytest.param("%74=a", ["a"], id="encoded-name"),
+        pytest.param("tt=a&t", [], id="no-match"),
+        pytest.param("", [], id="empty"),
+    ],
+)
+def test_query_values(query: str, values: list[str]) -> None:
+    assert query_values(query, "t") == values

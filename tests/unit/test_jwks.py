@@ -1,0 +1,886 @@
+"""The per-issuer key cache against a real fake IdP on loopback, and key hygiene in build_key_set.
+
+Time that the cache reasons about (TTL, cooldown, backoff, refresh schedule) is moved with
+``FakeClock.advance``; the only real waiting is for loopback I/O, bounded by ``eventually``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import json
+import socket
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import jwt
+import pytest
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt import PyJWK
+from jwt.algorithms import RSAAlgorithm
+from prometheus_client import CollectorRegistry
+
+from gateway.config import IssuerConfig
+from gateway.documents import HttpDocumentFetcher
+from gateway.errors import JwksFetchError, Rejection
+from gateway.jwks import JwksCache
+from gateway.keyset import KeySet, build_key_set
+from gateway.metrics import GatewayMetrics
+from gateway.reasons import Reason
+from tests.conftest import ALL_ALGORITHMS, ISSUER
+from tests.fakes import FakeClock, FakeIdP, SigningKey, generate_key
+
+TTL = 300.0
+COOLDOWN = 30.0
+AHEAD = 30.0
+
+
+def make_issuer(jwks_uri: str, **overrides: Any) -> IssuerConfig:
+    base = IssuerConfig(
+        id="test",
+        issuer=ISSUER,
+        jwks_uri=jwks_uri,
+        algorithms=frozenset(ALL_ALGORITHMS),
+        jwks_cache_ttl_s=TTL,
+        jwks_refetch_cooldown_s=COOLDOWN,
+        jwks_fetch_timeout_s=0.5,
+        jwks_refresh_ahead_s=AHEAD,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+def verifies(key: PyJWK, signer: SigningKey) -> bool:
+    """Whether ``key`` is the public half of ``signer`` (a token it signs verifies)."""
+    token = jwt.encode({"x": 1}, signer.private, algorithm=signer.alg)
+    try:
+        jwt.decode(token, key, algorithms=[signer.alg])
+    except jwt.InvalidSignatureError:
+        return False
+    return True
+
+
+async def eventually(predicate: Callable[[], bool], timeout_s: float = 2.0) -> None:
+    """Poll ``predicate`` while loopback I/O completes; fail after ``timeout_s``."""
+    for _ in range(int(timeout_s / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    assert predicate()
+
+
+async def settle() -> None:
+    """Let ready tasks run without letting real time matter.
+
+    Called after ``settled()`` and before ``clock.advance``: ``FakeClock.sleep`` takes its
+    deadline when the sleeping task first runs, so the refresher must be parked first.
+    """
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+@dataclasses.dataclass
+class Harness:
+    cache: JwksCache
+    issuer: IssuerConfig
+    registry: CollectorRegistry
+    clock: FakeClock
+    idp: FakeIdP
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.registry.get_sample_value(name, {"issuer": "test", **labels})
+        assert value is not None, (name, labels)
+        return value
+
+    def fetches(self, result: str) -> float:
+        return self.metric("gateway_jwks_fetches_total", result=result)
+
+    @property
+    def suppressed(self) -> float:
+        return self.metric("gateway_jwks_refetch_suppressed_total")
+
+    @property
+    def misses(self) -> float:
+        return self.metric("gateway_jwks_kid_misses_total")
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """The /readyz view of the issuer: keys, ready, stale, failures."""
+        status = self.cache.status()["test"]
+        return {k: status[k] for k in ("keys", "ready", "stale", "failures")}
+
+    async def key(self, kid: str | None, alg: str = "RS256") -> PyJWK:
+        return await self.cache.get_key(self.issuer, kid, alg)
+
+    async def reject(self, kid: str | None, alg: str = "RS256") -> Reason:
+        with pytest.raises(Rejection) as caught:
+            await self.cache.get_key(self.issuer, kid, alg)
+        return caught.value.reason
+
+
+MakeCache = Callable[..., Harness]
+
+
+@pytest.fixture
+async def http_session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+async def make_cache(
+    idp: FakeIdP, http_session: aiohttp.ClientSession, clock: FakeClock
+) -> AsyncIterator[MakeCache]:
+    caches: list[JwksCache] = []
+
+    def make(jwks_uri: str | None = None, *, discovery: bool = False, **overrides: Any) -> Harness:
+        issuer = make_issuer(jwks_uri or idp.jwks_uri, **overrides)
+        if discovery:  # no jwks_uri: found through the IdP's discovery document
+            issuer = dataclasses.replace(issuer, issuer=idp.issuer, jwks_uri=None)
+        registry = CollectorRegistry()
+        metrics = GatewayMetrics(registry, (), [issuer.id])
+        fetcher = HttpDocumentFetcher(http_session, clock)
+        cache = JwksCache({issuer.id: issuer}, fetcher, metrics, clock)
+        caches.append(cache)
+        return Harness(cache, issuer, registry, clock, idp)
+
+    yield make
+    for cache in caches:
+        await cache.close()
+
+
+@pytest.fixture
+def rs(signing_keys: dict[str, SigningKey]) -> SigningKey:
+    return signing_keys["RS256"]
+
+
+# --- fetching and TTL ----------------------------------------------------------------------
+async def test_first_get_key_fetches_once_and_serves_every_published_key(
+    make_cache: MakeCache, idp: FakeIdP, signing_keys: dict[str, SigningKey], clock: FakeClock
+) -> None:
+    h = make_cache()
+    for signer in signing_keys.values():
+        key = await h.key(signer.kid, signer.alg)
+        assert verifies(key, signer)
+    assert idp.hits == 1
+    assert h.fetches("success") == 1
+    assert h.metric("gateway_jwks_keys") == len(signing_keys)
+    assert h.metric("gateway_jwks_last_success_timestamp_seconds") == clock.time()
+    assert h.cache.ready()
+    assert h.state == {"keys": len(signing_keys), "ready": True, "stale": False, "failures": 0}
+
+
+async def test_ttl_expiry_refetches(make_cache: MakeCache, idp: FakeIdP, clock: FakeClock) -> None:
+    h = make_cache()
+    await h.key("key-rs256")
+    clock.advance(TTL - 1)
+    await h.key("key-rs256")
+    assert idp.hits == 1
+    clock.advance(1)  # exactly ttl: stale
+    await h.key("key-rs256")
+    assert idp.hits == 2
+    await h.key("key-rs256")
+    assert idp.hits == 2
+    assert h.fetches("success") == 2
+
+
+async def test_rotated_key_is_found_after_ttl(
+    make_cache: MakeCache, idp: FakeIdP, clock: FakeClock, rs: SigningKey
+) -> None:
+    h = make_cache()
+    await h.key(rs.kid)
+    rotated = generate_key("ES256", "rotated")
+    idp.publish(rotated)
+    clock.advance(TTL)
+    assert verifies(await h.key("rotated", "ES256"), rotated)
+    # The old key left the published set, so it left the cache too.
+    clock.advance(COOLDOWN)
+    assert await h.reject(rs.kid) is Reason.KEY_NOT_FOUND
+
+
+# --- unknown kids and the refetch cooldown ----------------------------------------------------------
+async def test_unknown_kid_refetches_once_per_cooldown(
+    make_cache: MakeCache, idp: FakeIdP, clock: FakeClock, signing_keys: dict[str, SigningKey]
+) -> None:
+    h = make_cache()
+    await h.key("key-rs256")
+    assert idp.hits == 1
+
+    # The cooldown counts from the last fetch of any kind: the first fetch just happened.
+    assert await h.reject("unknown-0") is Reason.KEY_NOT_FOUND
+    assert (idp.hits, h.misses, h.suppressed) == (1, 1, 1)
+
+    clock.advance(COOLDOWN + 1)
+    assert await h.reject("unknown-1") is Reason.KEY_NOT_FOUND
+    assert (idp.hits, h.misses, h.suppressed) == (2, 2, 1)
+
+    assert await h.reject("unknown-2") is Reason.KEY_NOT_FOUND
+    assert (idp.hits, h.misses, h.suppressed) == (2, 3, 2)
+
+    # A key published now is not seen until the cooldown has passed ...
+    new = generate_key("ES256", "new")
+    idp.publish(*signing_keys.values(), new)
+    clock.advance(COOLDOWN - 1)
+    assert await h.reject("new", "ES256") is Reason.KEY_NOT_FOUND
+    assert (idp.hits, h.suppressed) == (2, 3)
+
+    # ... and then it is, with a single fetch.
+    clock.advance(1)
+    assert verifies(await h.key("new", "ES256"), new)
+    assert idp.hits == 3
+    assert h.fetches("success") == 3
+
+
+async def test_known_kid_with_other_alg_is_not_a_miss(
+    make_cache: MakeCache, idp: FakeIdP, clock: FakeClock
+) -> None:
+    h = make_cache()
+    await h.key("key-rs256", "RS256")
+    clock.advance(COOLDOWN + 1)  # a refetch would be allowed; it must not happen
+    assert await h.reject("key-rs256", "PS256") is Reason.ALGORITHM_NOT_ALLOWED
+    assert await h.reject("key-es256", "ES384") is Reason.ALGORITHM_NOT_ALLOWED
+    assert idp.hits == 1
+    assert (h.misses, h.suppressed) == (0, 0)
+
+
+async def test_fifty_concurrent_unknown_kids_on_a_warm_cache_fetch_once(
+    make_cache: MakeCache, idp: FakeIdP, clock: FakeClock
+) -> None:
+    h = make_cache()
+    await h.key("key-rs256")
+    clock.advance(COOLDOWN + 1)
+    results = await asyncio.gather(
+        *(h.cache.get_key(h.issuer, f"unknown-{i}", "RS256") for i in range(50)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, Rejection) and r.reason is Reason.KEY_NOT_FOUND for r in results)
+    assert idp.hits == 2
+    assert h.misses == 50
+
+
+async def test_fifty_concurrent_unknown_kids_on_a_cold_cache_fetch_once(
+    make_cache: MakeCache, idp: FakeIdP
+) -> None:
+    h = make_cache()
+    results = await asyncio.gather(
+        *(h.cache.get_key(h.issuer, f"unknown-{i}", "RS256") for i in range(50)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, Rejection) and r.reason is Reason.KEY_NOT_FOUND for r in results)
+    assert idp.hits == 1
+    assert h.suppressed == 50
+
+
+async def test_fifty_concurrent_first_requests_share_one_fetch(
+    make_cache: MakeCache, idp: FakeIdP, rs: SigningKey
+) -> None:
+    h = make_cache()
+    keys = await asyncio.gather(*(h.key(rs.kid) for _ in range(50)))
+    assert idp.hits == 1
+    assert all(k is keys[0] for k in keys)
+    assert verifies(keys[0], rs)
+
+
+# --- failures: stale keys, unavailability, backoff -------------------------------------------------
+FAILURES = [
+    pytest.param("error", "http_error", id="http-500"),
+    pytest.param("garbage", "invalid", id="not-json"),
+    pytest.param("empty", "invalid", id="no-keys"),
+    pytest.param("huge", "invalid", id="over-size-limit"),
+    pytest.param("hang", "timeout", id="hang"),
+]
+
+
+@pytest.mark.parametrize(("mode", "result"), FAILURES)
+async def test_failed_refresh_keeps_serving_the_last_good_set(
+    mode: str, result: str, make_cache: MakeCache, idp: FakeIdP, clock: FakeClock, rs: SigningKey
+) -> None:
+    h = make_cache(jwks_fetch_timeout_s=0.2)
+    first = await h.key(rs.kid)
+    idp.mode = mode
+    clock.advance(TTL)
+    assert await h.key(rs.kid) is first
+    await eventually(lambda: h.fetches(result) == 1)
+    assert idp.hits == 2
+    assert h.fetches("success") == 1
+    assert h.cache.ready()
+    assert h.state == {"keys": 10, "ready": True, "stale": True, "failures": 1}
+    assert h.metric("gateway_jwks_stale") == 1
+    # Backoff: the very next request does not go back to the failing IdP.
+    assert await h.key(rs.kid) is first
+    assert idp.hits == 2
+
+
+@pytest.mark.parametrize(("mode", "result"), FAILURES)
+async def test_no_key_set_at_all_is_jwks_unavailable(
+    mode: str, result: str, make_cache: MakeCache, idp: FakeIdP, rs: SigningKey
+) -> None:
+    idp.mode = mode
+    h = make_cache(jwks_fetch_timeout_s=0.2)
+    assert await h.reject(rs.kid) is Reason.JWKS_UNAVAILABLE
+    await eventually(lambda: h.fetches(result) == 1)
+    assert not h.cache.ready()
+    assert h.state == {"keys": 0, "ready": False, "stale": False, "failures": 1}
+
+
+def _closed_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_unreachable_idp_is_counted_as_unreachable(
+    make_cache: MakeCache, rs: SigningKey
+) -> None:
+    h = make_cache(jwks_uri=f"http://127.0.0.1:{_closed_port()}/jwks.json")
+    assert await h.reject(rs.kid) is Reason.JWKS_UNAVAILABLE
+    assert h.fetches("unreachable") == 1
+
+
+async def test_redirects_are_not_followed(
+    make_cache: MakeCache, aiohttp_server: Any, idp: FakeIdP, rs: SigningKey
+) -> None:
+    async def redirect(_: web.Request) -> web.Response:
+        raise web.HTTPFound(idp.jwks_uri)
+
+    app = web.Application()
+    app.router.add_get("/jwks.json", redirect)
+    server = await aiohttp_server(app)
+    h = make_cache(jwks_uri=str(server.make_url("/jwks.json")))
+    assert await h.reject(rs.kid) is Reason.JWKS_UNAVAILABLE
+    assert h.fetches("http_error") == 1
+    assert idp.hits == 0
+
+
+async def test_issuer_size_limit_applies(
+    make_cache: MakeCache, idp: FakeIdP, rs: SigningKey
+) -> None:
+    h = make_cache(jwks_max_bytes=1024)  # the ten published keys are several KB
+    assert await h.reject(rs.kid) is Reason.JWKS_UNAVAILABLE
+    assert h.fetches("invalid") == 1
+    assert idp.hits == 1
+
+
+async def test_failed_fetches_back_off_exponentially(
+    make_cache: MakeCache, idp: FakeIdP, clock: FakeClock, rs: SigningKey
+) -> None:
+    idp.mode = "error"
+    h = make_cache()
+    assert await h.reject(rs.kid) is Reason.JWKS_UNAVAILABLE
+    assert idp.hits == 1
+
+    # Retries wait 1 s after the first failure ...
+    assert await h.reject(rs.kid) is Reason.JWKS_UNAVAILABLE
+    clock.advance(0.5)
+    assert await h.reject(rs.kid) is Reason.JWKS_UNAVAILABLE
+    assert idp.hits == 1
+    clock.advance(0.5)
+    assert await h.reject(rs.kid) is Reason.JWKS_UNAVAILABLE
+    assert idp.hits == 2
+
+    # ... then 2 s ...
+    clock.advance(1)
+    assert await h.reject(rs.kid) is Reason.JWKS_UNAVAILABLE
+    assert idp.hits == 2
+    clock.advance(1)
+    assert await h.reject(rs.kid) is Reason.JWKS_UNAVAILABLE
+    assert idp.hits == 3
+    assert h.fetches("http_error") == 3
+    assert h.state["failures"] == 3
+
+    # ... then 4 s; once the IdP recovers the next allowed fetch succeeds and resets the count.
+    idp.mode = "ok"
+    clock.advance(3)
+    assert await h.reject(rs.kid) is Reason.JWKS_UNAVAILABLE
+    assert idp.hits == 3
+    clock.advance(1)
+    assert verifies(await h.key(rs.kid), rs)
+    assert idp.hits == 4
+    assert h.state == {"keys": 10, "ready": True, "stale": False, "failures": 0}
+
+
+async def test_stale_keys_are_served_no_longer_than_max_stale(
+    make_cache: MakeCache, idp: FakeIdP, clock: FakeClock, rs: SigningKey
+) -> None:
+    h = make_cache(jwks_max_stale_s=600)
+    await h.key(rs.kid)
+    idp.mode = "error"
+    clock.advance(TTL + 599)
+    assert verifies(await h.key(rs.kid), rs)
+    assert h.cache.ready()
+    clock.advance(1)
+    # A key that may have been retired for compromise is not trusted forever.
+    assert await h.reject(rs.kid) is Reason.JWKS_UNAVAILABLE
+    assert not h.cache.ready()
+    assert h.state["keys"] == 0
+    assert h.metric("gateway_jwks_keys") == 0
+
+
+@pytest.mark.parametrize(
+    ("cache_control", "lifetime"),
+    [
+        pytest.param("max-age=120", 120, id="max-age"),
+        pytest.param("public, s-maxage=90, max-age=120", 90, id="s-maxage-wins"),
+        pytest.param("max-age=5", 60, id="clamped-to-min"),
+        pytest.param("no-store", 60, id="no-store-clamped-to-min"),
+        pytest.param("max-age=999999", 3600, id="clamped-to-max"),
+    ],
+)
+async def test_response_lifetime_sets_the_ttl_within_bounds(
+    cache_control: str,
+    lifetime: int,
+    make_cache: MakeCache,
+    idp: FakeIdP,
+    clock: FakeClock,
+    rs: SigningKey,
+) -> None:
+    idp.headers = {"Cache-Control": cache_control}
+    h = make_cache(jwks_cache_min_ttl_s=60, jwks_cache_max_ttl_s=3600)
+    await h.key(rs.kid)
+    clock.advance(lifetime - 1)
+    await h.key(rs.kid)
+    assert idp.hits == 1
+    clock.advance(1)
+    await h.key(rs.kid)
+    assert idp.hits == 2
+
+
+async def test_key_gauges_exist_before_any_fetch(make_cache: MakeCache) -> None:
+    h = make_cache()
+    assert h.metric("gateway_jwks_keys") == 0
+    assert h.metric("gateway_jwks_stale") == 0
+    await h.key("key-rs256")
+    assert h.metric("gateway_jwks_keys") == 10
+
+
+# --- where the keys come from: discovery, static sets ------------------------------------------------
+async def test_discovery_finds_the_jwks_uri(
+    make_cache: MakeCache, idp: FakeIdP, clock: FakeClock, rs: SigningKey
+) -> None:
+    h = make_cache(discovery=True)
+    assert verifies(await h.key(rs.kid), rs)
+    assert (idp.discovery_hits, idp.hits) == (1, 1)
+    assert h.cache.status()["test"]["source"] == "discovery"
+    # The discovery answer is cached like a key set: an unknown-kid refetch does not repeat it.
+    clock.advance(COOLDOWN)
+    assert await h.reject("unknown") is Reason.KEY_NOT_FOUND
+    assert (idp.discovery_hits, idp.hits) == (1, 2)
+    # Once its lifetime is over it is asked again, with the next key fetch.
+    clock.advance(TTL)
+    await h.key(rs.kid)
+    assert (idp.discovery_hits, idp.hits) == (2, 3)
+
+
+async def test_failed_rediscovery_keeps_the_known_jwks_uri(
+    make_cache: MakeCache, idp: FakeIdP, clock: FakeClock, rs: SigningKey
+) -> None:
+    h = make_cache(discovery=True, jwks_cache_max_ttl_s=TTL)
+    idp.headers = {"Cache-Control": "max-age=60"}  # discovery and keys both live 60 s
+    await h.key(rs.kid)
+    idp.discovery_mode = "error"
+    clock.advance(60)
+    await h.key(rs.kid)
+    assert (idp.discovery_hits, idp.hits) == (2, 2)
+    assert h.fetches("success") == 2
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        pytest.param(
+            {"issuer": "https://evil.example", "jwks_uri": "JWKS"}, id="names-another-issuer"
+        ),
+        pytest.param(
+            {"issuer": "ISSUER", "jwks_uri": "http://evil.example/jwks.json"}, id="plain-http"
+        ),
+        pytest.param({"issuer": "ISSUER"}, id="no-jwks-uri"),
+        pytest.param({"issuer": "ISSUER", "jwks_uri": 7}, id="jwks-uri-not-a-string"),
+    ],
+)
+async def test_untrustworthy_discovery_documents_are_refused(
+    document: dict[str, Any], make_cache: MakeCache, idp: FakeIdP, rs: SigningKey
+) -> None:
+    idp.discovery = {
+        k: {"ISSUER": idp.issuer, "JWKS": idp.jwks_uri}.get(v, v) if isinstance(v, str) else v
+        for k, v in document.items()
+    }
+    h = make_cache(discovery=True)
+    assert await h.reject(rs.kid) is Reason.JWKS_UNAVAILABLE
+    assert h.fetches("invalid") == 1
+    assert idp.hits == 0  # the JWKS named by a bad document is never fetched
+
+
+async def test_static_key_set_is_never_fetched(
+    make_cache: MakeCache, idp: FakeIdP, clock: FakeClock, rs: SigningKey
+) -> None:
+    static = json.dumps({"keys": [rs.public_jwk()]})
+    h = make_cache(static_jwks=static, jwks_uri="https://unused.invalid/jwks.json")
+    assert h.cache.ready()
+    h.cache.start()
+    await asyncio.wait_for(h.cache.settled(), 1)
+    assert verifies(await h.key(rs.kid), rs)
+    clock.advance(100 * TTL)
+    assert verifies(await h.key(rs.kid), rs)
+    assert await h.reject("unknown") is Reason.KEY_NOT_FOUND
+    assert idp.hits == 0
+    assert h.fetches("success") == 0
+
+
+# --- lifecycle: start, settled, ready, background refresh, close -------------------------------------
+async def test_start_fetches_and_becomes_ready(make_cache: MakeCache, idp: FakeIdP) -> None:
+    h = make_cache()
+    assert not h.cache.ready()
+    assert h.state == {"keys": 0, "ready": False, "stale": False, "failures": 0}
+    h.cache.start()
+    await asyncio.wait_for(h.cache.settled(), 2)
+    assert h.cache.ready()
+    assert idp.hits == 1
+    await h.key("key-rs256")
+    assert idp.hits == 1
+
+
+async def test_settled_returns_even_when_the_first_fetch_fails(
+    make_cache: MakeCache, idp: FakeIdP, clock: FakeClock
+) -> None:
+    idp.mode = "error"
+    h = make_cache()
+    h.cache.start()
+    await asyncio.wait_for(h.cache.settled(), 2)
+    assert not h.cache.ready()
+    assert h.state["failures"] == 1
+
+    # The refresher retries on its own after the backoff, without any request.
+    idp.mode = "ok"
+    await settle()
+    clock.advance(0.5)
+    await settle()
+    assert idp.hits == 1
+    clock.advance(0.5)
+    await eventually(h.cache.ready)
+    assert idp.hits == 2
+
+
+async def test_background_refresh_runs_ahead_of_expiry(
+    make_cache: MakeCache, idp: FakeIdP, clock: FakeClock
+) -> None:
+    h = make_cache()
+    h.cache.start()
+    await asyncio.wait_for(h.cache.settled(), 2)
+    await settle()
+    assert idp.hits == 1
+
+    clock.advance(TTL - AHEAD - 1)
+    await settle()
+    assert idp.hits == 1
+
+    clock.advance(1)  # now at ttl - refresh_ahead
+    await eventually(lambda: idp.hits == 2)
+    assert h.fetches("success") == 2
+    await settle()
+
+    # The refreshed set lives a full TTL from the refresh: the old expiry costs no request fetch.
+    clock.advance(AHEAD)
+    await h.key("key-rs256")
+    assert idp.hits == 2
+
+    # And the cycle repeats.
+    clock.advance(TTL - 2 * AHEAD)
+    await eventually(lambda: idp.hits == 3)
+
+
+def cache_tasks() -> list[asyncio.Task[Any]]:
+    """The cache's own pending tasks (refreshers and fetches)."""
+    return [
+        task
+        for task in asyncio.all_tasks()
+        if not task.done() and getattr(task.get_coro(), "__qualname__", "").startswith("JwksCache.")
+    ]
+
+
+async def test_close_cancels_refresher_and_inflight_fetch(
+    make_cache: MakeCache, idp: FakeIdP, clock: FakeClock
+) -> None:
+    idp.mode = "hang"
+    h = make_cache(jwks_fetch_timeout_s=30)
+    h.cache.start()
+    await eventually(lambda: idp.hits == 1)
+    assert {t.get_coro().__qualname__ for t in cache_tasks()} == {  # type: ignore[union-attr]
+        "JwksCache._refresh_loop",
+        "JwksCache._fetch",
+    }
+    # close() must not wait out the 30 s fetch timeout.
+    await asyncio.wait_for(h.cache.close(), 1)
+    assert cache_tasks() == []
+    assert not h.cache.ready()
+
+    idp.mode = "ok"
+    clock.advance(10 * TTL)
+    await settle()
+    assert idp.hits == 1
+
+
+async def test_close_of_a_healthy_cache_stops_refreshing(
+    make_cache: MakeCache, idp: FakeIdP, clock: FakeClock
+) -> None:
+    h = make_cache()
+    h.cache.start()
+    await asyncio.wait_for(h.cache.settled(), 2)
+    await settle()
+    await h.cache.close()
+    assert cache_tasks() == []
+    clock.advance(TTL)
+    await settle()
+    assert idp.hits == 1
+
+
+async def test_backoff_is_capped(
+    make_cache: MakeCache, idp: FakeIdP, clock: FakeClock, rs: SigningKey
+) -> None:
+    idp.mode = "error"
+    h = make_cache()
+    waits = []
+    for attempt in range(1, 10):
+        assert await h.reject(rs.kid) is Reason.JWKS_UNAVAILABLE
+        assert idp.hits == attempt
+        # Step one second at a time until the IdP is asked again.
+        waited = 0
+        while idp.hits == attempt:
+            clock.advance(1)
+            waited += 1
+            assert await h.reject(rs.kid) is Reason.JWKS_UNAVAILABLE
+            assert waited <= 60
+        waits.append(waited)
+    assert waits == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+
+
+async def test_one_malformed_key_in_the_published_set_does_not_break_fetching(
+    make_cache: MakeCache, idp: FakeIdP, rs: SigningKey
+) -> None:
+    idp.keys = [rs.public_jwk(), {**rs.public_jwk(), "kid": "odd", "alg": ["RS256"]}]
+    h = make_cache()
+    assert verifies(await h.key(rs.kid), rs)
+
+
+# --- key hygiene: build_key_set --------------------------------------------------------------------
+HYGIENE = make_issuer(
+    "https://idp.test/jwks.json", algorithms=frozenset({"RS256", "ES256", "EdDSA"})
+)
+
+
+@pytest.fixture(scope="module")
+def rsa_1024_jwk() -> dict[str, Any]:
+    # Deliberately breakable: the cache must refuse it.
+    private = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505
+    jwk: dict[str, Any] = RSAAlgorithm.to_jwk(private.public_key(), as_dict=True)
+    return {**jwk, "kid": "bad", "alg": "RS256", "use": "sig"}
+
+
+def build(document: Any, issuer: IssuerConfig = HYGIENE) -> KeySet:
+    return build_key_set(document, issuer.id, issuer.algorithms)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _bad_jwk(case: str, keys: dict[str, SigningKey], short: dict[str, Any]) -> Any:
+    rs, es, ed, ps = keys["RS256"], keys["ES256"], keys["EdDSA"], keys["PS256"]
+    return {
+        "use-enc": rs.public_jwk(kid="bad", use="enc"),
+        "key-ops-encrypt": rs.public_jwk(kid="bad", key_ops=["encrypt"]),
+        "key-ops-not-a-list": rs.public_jwk(kid="bad", key_ops="verify"),
+        "oct-hmac": {
+            "kty": "oct",
+            "k": _b64(b"s" * 32),
+            "kid": "bad",
+            "alg": "HS256",
+            "use": "sig",
+        },
+        "oct-without-alg": {"kty": "oct", "k": _b64(b"s" * 32), "kid": "bad"},
+        "alg-not-pinned-by-issuer": ps.public_jwk(kid="bad"),
+        "rsa-declaring-es256": rs.public_jwk(kid="bad", alg="ES256"),
+        "ec-declaring-rs256": es.public_jwk(kid="bad", alg="RS256"),
+        "okp-declaring-es256": ed.public_jwk(kid="bad", alg="ES256"),
+        "rsa-1024-bits": short,
+        "garbage-n": rs.public_jwk(kid="bad", n="AAAA"),
+        "n-not-a-string": rs.public_jwk(kid="bad", n=12345),
+        "ec-wrong-curve-coords": es.public_jwk(kid="bad", crv="P-384"),
+        "ec-unknown-curve": es.public_jwk(kid="bad", crv="secp256k1"),
+        "okp-x25519": ed.public_jwk(kid="bad", crv="X25519"),
+        "unknown-kty": rs.public_jwk(kid="bad", kty="RSA-PSS"),
+        "kty-missing": {k: v for k, v in rs.public_jwk(kid="bad").items() if k != "kty"},
+        "kid-not-a-string": rs.public_jwk(kid=7),
+        "not-an-object": "bad",
+    }[case]
+
+
+BAD_CASES = [
+    "use-enc",
+    "key-ops-encrypt",
+    "key-ops-not-a-list",
+    "oct-hmac",
+    "oct-without-alg",
+    "alg-not-pinned-by-issuer",
+    "rsa-declaring-es256",
+    "ec-declaring-rs256",
+    "okp-declaring-es256",
+    "rsa-1024-bits",
+    "garbage-n",
+    "n-not-a-string",
+    "ec-wrong-curve-coords",
+    "ec-unknown-curve",
+    "okp-x25519",
+    "unknown-kty",
+    "kty-missing",
+    "kid-not-a-string",
+    "not-an-object",
+]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_unusable_key_is_skipped_without_poisoning_the_others(
+    case: str, signing_keys: dict[str, SigningKey], rsa_1024_jwk: dict[str, Any]
+) -> None:
+    rs, es = signing_keys["RS256"], signing_keys["ES256"]
+    bad = _bad_jwk(case, signing_keys, rsa_1024_jwk)
+    key_set = build({"keys": [rs.public_jwk(), bad, es.public_jwk()]})
+    assert key_set.size == 2
+    for alg in sorted(HYGIENE.algorithms | {"PS256", "HS256"}):
+        assert key_set.lookup("bad", alg) is Reason.KEY_NOT_FOUND
+    # The bad key is not a kid-less candidate either.
+    assert key_set.lookup(None, "HS256") is Reason.KEY_NOT_FOUND
+    assert verifies(_found(key_set, rs.kid, "RS256"), rs)
+    assert verifies(_found(key_set, es.kid, "ES256"), es)
+
+
+def _found(key_set: KeySet, kid: str | None, alg: str) -> PyJWK:
+    found = key_set.lookup(kid, alg)
+    assert isinstance(found, PyJWK), found
+    return found
+
+
+@pytest.mark.parametrize("case", ["use-enc", "oct-hmac", "rsa-1024-bits", "garbage-n"])
+def test_a_set_of_only_unusable_keys_is_an_invalid_fetch(
+    case: str, signing_keys: dict[str, SigningKey], rsa_1024_jwk: dict[str, Any]
+) -> None:
+    with pytest.raises(JwksFetchError) as caught:
+        build({"keys": [_bad_jwk(case, signing_keys, rsa_1024_jwk)]})
+    assert caught.value.result == "invalid"
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        pytest.param({"keys": []}, id="empty-keys"),
+        pytest.param({}, id="no-keys-member"),
+        pytest.param({"keys": {"kid": "x"}}, id="keys-not-a-list"),
+        pytest.param([], id="top-level-list"),
+        pytest.param("keys", id="top-level-string"),
+        pytest.param(None, id="null"),
+    ],
+)
+def test_malformed_documents_are_invalid(document: Any) -> None:
+    with pytest.raises(JwksFetchError) as caught:
+        build(document)
+    assert caught.value.result == "invalid"
+
+
+def test_rsa_key_without_alg_serves_every_pinned_rsa_alg(
+    signing_keys: dict[str, SigningKey],
+) -> None:
+    rs = signing_keys["RS256"]
+    issuer = make_issuer("https://idp.test/j", algorithms=frozenset({"RS256", "PS256", "ES256"}))
+    key_set = build({"keys": [rs.public_jwk(with_alg=False)]}, issuer)
+    assert _found(key_set, rs.kid, "RS256").algorithm_name == "RS256"
+    assert _found(key_set, rs.kid, "PS256").algorithm_name == "PS256"
+    assert key_set.lookup(rs.kid, "RS384") is Reason.ALGORITHM_NOT_ALLOWED  # not pinned
+    assert key_set.lookup(rs.kid, "ES256") is Reason.ALGORITHM_NOT_ALLOWED  # wrong kty
+    assert key_set.size == 1
+
+
+def test_key_declaring_alg_serves_only_that_alg(signing_keys: dict[str, SigningKey]) -> None:
+    rs = signing_keys["RS256"]
+    issuer = make_issuer("https://idp.test/j", algorithms=frozenset({"RS256", "PS256"}))
+    key_set = build({"keys": [rs.public_jwk()]}, issuer)
+    assert _found(key_set, rs.kid, "RS256").algorithm_name == "RS256"
+    assert key_set.lookup(rs.kid, "PS256") is Reason.ALGORITHM_NOT_ALLOWED
+
+
+def test_duplicate_kid_keeps_the_first_key(signing_keys: dict[str, SigningKey]) -> None:
+    rs = signing_keys["RS256"]
+    twin = generate_key("RS256", rs.kid)
+    key_set = build({"keys": [rs.public_jwk(), twin.public_jwk()]})
+    assert key_set.size == 1
+    found = _found(key_set, rs.kid, "RS256")
+    assert verifies(found, rs)
+    assert not verifies(found, twin)
+
+
+def test_same_kid_on_different_key_types_serves_both(signing_keys: dict[str, SigningKey]) -> None:
+    rs, es = signing_keys["RS256"], signing_keys["ES256"]
+    key_set = build({"keys": [rs.public_jwk(kid="shared"), es.public_jwk(kid="shared")]})
+    assert key_set.size == 2
+    assert verifies(_found(key_set, "shared", "RS256"), rs)
+    assert verifies(_found(key_set, "shared", "ES256"), es)
+
+
+@pytest.mark.parametrize(
+    ("published", "alg", "expected"),
+    [
+        pytest.param(["rs-nokid"], "RS256", "rs", id="one-kidless-key"),
+        pytest.param(["rs-nokid"], "ES256", None, id="kidless-wrong-alg"),
+        pytest.param(["rs-nokid", "es"], "ES256", "es", id="one-kid-key-fits"),
+        pytest.param(["rs-nokid", "es"], "RS256", "rs", id="one-kidless-fits-among-others"),
+        pytest.param(["rs-nokid", "rs2"], "RS256", None, id="two-fit-kidless-and-kid"),
+        pytest.param(["rs-nokid", "rs2-nokid"], "RS256", None, id="two-kidless-fit"),
+        pytest.param(["rs", "rs2"], "RS256", None, id="two-kid-keys-fit"),
+    ],
+)
+def test_kidless_token_uses_a_key_only_when_exactly_one_fits(
+    published: list[str], alg: str, expected: str | None, signing_keys: dict[str, SigningKey]
+) -> None:
+    rs, es = signing_keys["RS256"], signing_keys["ES256"]
+    rs2 = _second_rsa()
+    jwks = {
+        "rs": rs.public_jwk(),
+        "rs-nokid": {k: v for k, v in rs.public_jwk().items() if k != "kid"},
+        "rs2": rs2.public_jwk(),
+        "rs2-nokid": {k: v for k, v in rs2.public_jwk().items() if k != "kid"},
+        "es": es.public_jwk(),
+    }
+    key_set = build({"keys": [jwks[name] for name in published]})
+    found = key_set.lookup(None, alg)
+    if expected is None:
+        assert found is Reason.KEY_NOT_FOUND
+    else:
+        assert isinstance(found, PyJWK)
+        assert verifies(found, {"rs": rs, "es": es}[expected])
+
+
+def test_kid_bearing_token_never_falls_back_to_a_kidless_key(
+    signing_keys: dict[str, SigningKey],
+) -> None:
+    rs = signing_keys["RS256"]
+    nokid = {k: v for k, v in rs.public_jwk().items() if k != "kid"}
+    key_set = build({"keys": [nokid]})
+    assert key_set.lookup("anything", "RS256") is Reason.KEY_NOT_FOUND
+
+
+_SECOND_RSA: list[SigningKey] = []
+
+
+def _second_rsa() -> SigningKey:
+    if not _SECOND_RSA:
+        _SECOND_RSA.append(generate_key("RS256", "rs2"))
+    return _SECOND_RSA[0]
+
+
+@pytest.mark.parametrize("alg", [["RS256"], {"RS256": 1}, 256], ids=["list", "object", "number"])
+def test_key_with_non_string_alg_is_skipped(alg: Any, signing_keys: dict[str, SigningKey]) -> None:
+    rs = signing_keys["RS256"]
+    key_set = build({"keys": [rs.public_jwk(), rs.public_jwk(kid="odd", alg=alg)]})
+    assert key_set.size == 1
+    assert verifies(_found(key_set, rs.kid, "RS256"), rs)

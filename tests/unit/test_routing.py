@@ -1,0 +1,292 @@
+"""Raw-path refusal and route matching (first match wins, prefixes match whole segments)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.config import RouteConfig, RouteMatch, Upstream
+from gateway.errors import Rejection
+from gateway.reasons import Reason
+from gateway.routing import RouteTable, check_raw_path, request_host
+
+UNRESERVED = frozenset(
+    [*range(0x30, 0x3A), *range(0x41, 0x5B), *range(0x61, 0x7B), 0x2D, 0x2E, 0x5F, 0x7E]
+)
+CONTROLS = frozenset([*range(0x00, 0x20), 0x7F])
+# Bytes that must never arrive percent-encoded: an upstream that decodes them would
+# see a different path than the one matched (RFC 3986 §2.3, §6.2.2.2); ';' because
+# decoded it starts path parameters.
+MUST_REFUSE_ENCODED = UNRESERVED | CONTROLS | {0x2F, 0x5C, 0x25, 0x3B}
+
+
+def rejected(raw_path: str) -> bool:
+    """Whether ``check_raw_path`` refuses ``raw_path`` (always as ``REQUEST_REJECTED``)."""
+    reason: Reason | None = None
+    try:
+        check_raw_path(raw_path)
+    except Rejection as rejection:
+        reason = rejection.reason
+    assert reason in (None, Reason.REQUEST_REJECTED)
+    return reason is not None
+
+
+@pytest.mark.parametrize(
+    "raw_path",
+    [
+        pytest.param("/a/../b", id="dotdot-segment"),
+        pytest.param("/a/./b", id="dot-segment"),
+        pytest.param("/./", id="dot-slash"),
+        pytest.param("/.", id="trailing-dot"),
+        pytest.param("/a/..", id="trailing-dotdot"),
+        pytest.param("/..", id="root-dotdot"),
+        pytest.param("/a/..?x=1", id="dotdot-before-query"),
+        pytest.param("/a/%2e%2e/b", id="encoded-dotdot-lower"),
+        pytest.param("/a/%2E%2E/b", id="encoded-dotdot-upper"),
+        pytest.param("/a/.%2e/b", id="half-encoded-dotdot"),
+        pytest.param("/a%2fb", id="encoded-slash-lower"),
+        pytest.param("/a%2Fb", id="encoded-slash-upper"),
+        pytest.param("/a%5cb", id="encoded-backslash-lower"),
+        pytest.param("/a%5Cb", id="encoded-backslash-upper"),
+        pytest.param("/%41dmin", id="encoded-letter-upper"),
+        pytest.param("/%61dmin", id="encoded-letter-lower"),
+        pytest.param("/a%7e", id="encoded-tilde"),
+        pytest.param("/a%7E", id="encoded-tilde-upper"),
+        pytest.param("/a%2d", id="encoded-hyphen"),
+        pytest.param("/a%5f", id="encoded-underscore"),
+        pytest.param("/v%31", id="encoded-digit"),
+        pytest.param("/a%252e%252e/b", id="double-encoding"),
+        pytest.param("/a%25", id="encoded-percent"),
+        pytest.param("/a%", id="bare-percent-end"),
+        pytest.param("/a%2", id="truncated-escape"),
+        pytest.param("/a%zz", id="non-hex-escape"),
+        pytest.param("/a%u002e", id="iis-unicode-escape"),
+        pytest.param("/a//b", id="empty-segment"),
+        pytest.param("//a", id="leading-double-slash"),
+        pytest.param("/a\\b", id="backslash"),
+        pytest.param("/a;jsessionid=1", id="semicolon"),
+        pytest.param("/admin;/x", id="semicolon-segment"),
+        pytest.param("/a b", id="space"),
+        pytest.param("/a#frag", id="raw-fragment"),
+        pytest.param("/a\tb", id="tab"),
+        pytest.param("/a\x00b", id="nul"),
+        pytest.param("/a\x7f", id="del"),
+        pytest.param("/a%00", id="encoded-nul"),
+        pytest.param("/a%0d%0a", id="encoded-crlf"),
+        pytest.param("a/b", id="relative"),
+        pytest.param("*", id="asterisk-form"),
+        pytest.param("http://evil/a", id="absolute-form"),
+        pytest.param("", id="empty"),
+    ],
+)
+def test_ambiguous_paths_are_refused(raw_path: str) -> None:
+    with pytest.raises(Rejection) as caught:
+        check_raw_path(raw_path)
+    assert caught.value.reason is Reason.REQUEST_REJECTED
+
+
+@pytest.mark.parametrize(
+    ("raw_path", "path"),
+    [
+        pytest.param("/", "/", id="root"),
+        pytest.param("/api/orders/42", "/api/orders/42", id="plain"),
+        pytest.param("/api/orders?id=1&x=%2e%2e/..", "/api/orders", id="query-not-checked"),
+        pytest.param("/files/a%20b.txt", "/files/a%20b.txt", id="encoded-space"),
+        pytest.param("/q/%3Fx%23y", "/q/%3Fx%23y", id="encoded-question-and-hash"),
+        pytest.param("/u/%40me%3A1", "/u/%40me%3A1", id="encoded-at-and-colon"),
+        pytest.param("/a/%5B0%5D", "/a/%5B0%5D", id="encoded-brackets"),
+        pytest.param("/caf%C3%A9", "/caf%C3%A9", id="encoded-utf8"),
+        pytest.param("/caf\u00e9", "/caf\u00e9", id="raw-utf8"),
+        pytest.param("/a/.well-known/x", "/a/.well-known/x", id="dot-prefixed-name"),
+        pytest.param("/a/..b/c.", "/a/..b/c.", id="dots-inside-segments"),
+        pytest.param("/a/...", "/a/...", id="three-dots"),
+        pytest.param("/a/", "/a/", id="trailing-slash"),
+        pytest.param("/a-b_c~d.e", "/a-b_c~d.e", id="raw-unreserved"),
+    ],
+)
+def test_ordinary_paths_are_accepted_and_query_is_dropped(raw_path: str, path: str) -> None:
+    assert check_raw_path(raw_path) == path
+
+
+def test_every_percent_escape_is_classified() -> None:
+    """Unreserved characters, controls, '/', '\\', ';' and '%' are refused encoded; other bytes pass.
+
+    All 256 octets, in both hex cases.
+    """
+    wrong = [
+        f"%{octet:{case}}"
+        for octet in range(256)
+        for case in ("02X", "02x")
+        if rejected(f"/x/a%{octet:{case}}b") is not (octet in MUST_REFUSE_ENCODED)
+    ]
+    assert wrong == []
+
+
+@pytest.mark.parametrize("raw_path", ["/admin%3B/x", "/admin%3b/x"], ids=["upper", "lower"])
+def test_encoded_semicolon_is_refused(raw_path: str) -> None:
+    # A raw ';' is refused for path parameters; an upstream that decodes before stripping
+    # them would read /admin%3B/x as /admin/x.
+    assert rejected(raw_path)
+
+
+# --- the route table ------------------------------------------------------------------
+def make_route(
+    route_id: str,
+    *,
+    prefix: str | None = None,
+    path: str | None = None,
+    methods: tuple[str, ...] = (),
+    hosts: tuple[str, ...] = (),
+    host_suffixes: tuple[str, ...] = (),
+) -> RouteConfig:
+    return RouteConfig(
+        id=route_id,
+        match=RouteMatch(
+            path=path,
+            path_prefix=prefix,
+            methods=frozenset(methods),
+            hosts=frozenset(hosts),
+            host_suffixes=host_suffixes,
+        ),
+        upstream=Upstream("http://up.internal", "http", "up.internal", 80),
+        auth=None,
+    )
+
+
+TABLE = RouteTable(
+    (
+        make_route("login", path="/api/login", methods=("POST",)),
+        make_route("api_read", prefix="/api", methods=("GET", "HEAD")),
+        make_route("api_write", prefix="/api", methods=("POST", "PUT", "DELETE")),
+        make_route("exact", path="/status"),
+        make_route("docs", prefix="/docs/v1"),
+    )
+)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "route_id"),
+    [
+        pytest.param("POST", "/api/login", "login", id="exact-path-first"),
+        pytest.param("GET", "/api/login", "api_read", id="exact-method-mismatch-falls-through"),
+        pytest.param("GET", "/api", "api_read", id="prefix-itself"),
+        pytest.param("GET", "/api/", "api_read", id="prefix-slash"),
+        pytest.param("GET", "/api/orders/1", "api_read", id="prefix-deep"),
+        pytest.param("HEAD", "/api/x", "api_read", id="second-method"),
+        pytest.param("POST", "/api/orders", "api_write", id="method-picks-route"),
+        pytest.param("GET", "/apix", None, id="prefix-not-substring"),
+        pytest.param("GET", "/api-v2/x", None, id="prefix-not-dash"),
+        pytest.param("PATCH", "/api/orders", None, id="method-not-listed"),
+        pytest.param("get", "/api/orders", None, id="method-case-sensitive"),
+        pytest.param("GET", "/status", "exact", id="exact"),
+        pytest.param("DELETE", "/status", "exact", id="exact-any-method"),
+        pytest.param("GET", "/status/", None, id="exact-not-prefix-slash"),
+        pytest.param("GET", "/status/x", None, id="exact-not-prefix"),
+        pytest.param("GET", "/statusx", None, id="exact-not-substring"),
+        pytest.param("GET", "/docs/v1/a", "docs", id="multi-segment-prefix"),
+        pytest.param("GET", "/docs/v10", None, id="multi-segment-prefix-partial"),
+        pytest.param("GET", "/docs", None, id="shorter-than-prefix"),
+        pytest.param("GET", "/", None, id="root-unmatched"),
+    ],
+)
+def test_route_table_matching(method: str, path: str, route_id: str | None) -> None:
+    route = TABLE.match(method, path)
+    assert (route.id if route else None) == route_id
+
+
+def test_first_match_wins() -> None:
+    table = RouteTable(
+        (
+            make_route("narrow", prefix="/api/admin"),
+            make_route("wide", prefix="/api"),
+            make_route("shadowed", prefix="/api/admin"),
+        )
+    )
+    matched = [table.match("GET", p) for p in ("/api/admin/x", "/api/x")]
+    assert [r.id if r else None for r in matched] == ["narrow", "wide"]
+
+
+def test_earlier_wide_prefix_shadows_later_narrow_one() -> None:
+    table = RouteTable(
+        (make_route("wide", prefix="/api"), make_route("narrow", prefix="/api/admin"))
+    )
+    route = table.match("GET", "/api/admin/x")
+    assert route is not None
+    assert route.id == "wide"
+
+
+@pytest.mark.parametrize("path", ["/", "/x", "/a/b/c", "/api"], ids=["root", "one", "deep", "api"])
+def test_root_prefix_matches_everything(path: str) -> None:
+    table = RouteTable((make_route("catch_all", prefix="/"),))
+    route = table.match("OPTIONS", path)
+    assert route is not None
+    assert route.id == "catch_all"
+
+
+def test_empty_table_matches_nothing() -> None:
+    assert RouteTable(()).match("GET", "/") is None
+
+
+# --- hosts ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("header", "host"),
+    [
+        pytest.param("api.example.com", "api.example.com", id="plain"),
+        pytest.param("API.Example.COM", "api.example.com", id="lower-cased"),
+        pytest.param("api.example.com:8443", "api.example.com", id="port-dropped"),
+        pytest.param(" api.example.com ", "api.example.com", id="whitespace"),
+        pytest.param("[::1]:8080", "[::1]", id="ipv6-with-port"),
+        pytest.param("[::1]", "[::1]", id="ipv6"),
+        pytest.param("10.0.0.1:80", "10.0.0.1", id="ipv4-with-port"),
+        pytest.param("api.example.com.", "api.example.com", id="trailing-dot"),
+        pytest.param("API.example.com.:443", "api.example.com", id="trailing-dot-with-port"),
+        pytest.param("", "", id="empty"),
+    ],
+)
+def test_request_host(header: str, host: str) -> None:
+    assert request_host(header) == host
+
+
+def test_trailing_dot_host_is_the_same_host() -> None:
+    # Otherwise "admin.example.com." escapes the admin route and falls through to a weaker one,
+    # while DNS, nginx and most upstreams treat it as the same host.
+    table = RouteTable(
+        (
+            make_route("admin", prefix="/", hosts=("admin.example.com",)),
+            make_route("public", prefix="/"),
+        )
+    )
+    route = table.match("GET", "/x", request_host("admin.example.com.:443"))
+    assert route is not None
+    assert route.id == "admin"
+
+
+HOST_TABLE = RouteTable(
+    (
+        make_route("admin", prefix="/", hosts=("admin.example.com",)),
+        make_route("tenants", prefix="/", host_suffixes=(".tenants.example.com",)),
+        make_route("api_only", prefix="/api", hosts=("api.example.com", "api2.example.com")),
+        make_route("fallback", prefix="/public"),
+    )
+)
+
+
+@pytest.mark.parametrize(
+    ("host", "path", "route_id"),
+    [
+        pytest.param("admin.example.com", "/x", "admin", id="exact-host"),
+        pytest.param("xadmin.example.com", "/x", None, id="exact-host-no-suffix-match"),
+        pytest.param("admin.example.com.evil", "/x", None, id="exact-host-no-prefix-match"),
+        pytest.param("a.tenants.example.com", "/x", "tenants", id="wildcard"),
+        pytest.param("a.b.tenants.example.com", "/x", "tenants", id="wildcard-deeper"),
+        pytest.param("tenants.example.com", "/x", None, id="wildcard-needs-a-label"),
+        pytest.param("eviltenants.example.com", "/x", None, id="wildcard-whole-labels"),
+        pytest.param("api2.example.com", "/api/v1", "api_only", id="second-host"),
+        pytest.param("api.example.com", "/other", None, id="host-and-path"),
+        pytest.param("anything.example", "/public/x", "fallback", id="no-host-restriction"),
+        pytest.param("", "/public/x", "fallback", id="empty-host-unrestricted-only"),
+        pytest.param("", "/x", None, id="empty-host-restricted"),
+    ],
+)
+def test_host_matching(host: str, path: str, route_id: str | None) -> None:
+    route = HOST_TABLE.match("GET", path, host)
+    assert (route.id if route else None) == route_id

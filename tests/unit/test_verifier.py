@@ -1,0 +1,739 @@
+"""Token verification against a route policy, with an injected key lookup and a hand-moved clock."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+from typing import Any
+
+import jwt
+import jwt.exceptions
+import pytest
+from jwt import PyJWK
+
+from gateway.config import AuthPolicy, ClaimMatcher, IssuerConfig, MatchOp
+from gateway.errors import Rejection
+from gateway.reasons import Reason
+from gateway.verifier import VerifiedToken, Verifier, parse_token
+from tests.fakes import FakeClock, SigningKey, generate_key, make_token
+
+WALL = 1_700_000_000.0
+ISS = "https://idp.test"
+OTHER_ISS = "https://other.test"
+LEEWAY = 30.0
+
+TEST_ISSUER = IssuerConfig(
+    id="test",
+    issuer=ISS,
+    jwks_uri="https://idp.test/jwks.json",
+    algorithms=frozenset({"RS256", "ES256", "EdDSA"}),
+    leeway_s=LEEWAY,
+)
+OTHER_ISSUER = IssuerConfig(
+    id="other",
+    issuer=OTHER_ISS,
+    jwks_uri="https://other.test/jwks.json",
+    algorithms=frozenset({"PS256"}),
+    leeway_s=LEEWAY,
+)
+POLICY = AuthPolicy(issuers=(TEST_ISSUER,), audiences=frozenset({"api"}))
+
+
+# --- the parser, differentially against PyJWT ------------------------------------------
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+_HEADER = _b64(b'{"alg":"RS256","kid":"k"}')
+_PAYLOAD = _b64(b'{"iss":"https://idp.test","exp":9999999999}')
+_SIG = _b64(b"\x01" * 256)
+
+
+def _jws(header: bytes, payload: str = _PAYLOAD, sig: str = _SIG) -> str:
+    return _b64(header) + "." + payload + "." + sig
+
+
+MALFORMED = {
+    "one-segment": "abc",
+    "two-segments": _HEADER + "." + _PAYLOAD,
+    "five-segments-jwe": ".".join([_HEADER, _PAYLOAD, _SIG, "a", "b"]),
+    "header-not-base64url": "!!!." + _PAYLOAD + "." + _SIG,
+    "payload-not-base64url": _HEADER + ".***." + _SIG,
+    "header-not-json": _jws(b"not json"),
+    "header-a-list": _jws(b"[1]"),
+    "payload-a-string": _HEADER + "." + _b64(b'"x"') + "." + _SIG,
+    "payload-not-json": _HEADER + "." + _b64(b"{") + "." + _SIG,
+    "kid-not-string": _jws(b'{"alg":"RS256","kid":7}'),
+    "unknown-crit": _jws(b'{"alg":"RS256","crit":["x"],"x":1}'),
+    "b64-false": _jws(b'{"alg":"RS256","b64":false,"crit":["b64"]}', payload=""),
+    "bad-length": _HEADER + "." + _PAYLOAD + ".A",
+}
+
+
+@pytest.mark.parametrize("token", MALFORMED.values(), ids=MALFORMED.keys())
+def test_whatever_pyjwt_refuses_to_parse_we_refuse(token: str) -> None:
+    """Our parser is at least as strict as PyJWT's: a differential check over malformed tokens."""
+    with pytest.raises(jwt.InvalidTokenError):
+        jwt.decode_complete(token, options={"verify_signature": False})
+    with pytest.raises(Rejection) as caught:
+        parse_token(token)
+    assert caught.value.reason is Reason.TOKEN_MALFORMED
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        _jws(b'{"alg":"RS256","alg":"none"}'),
+        _HEADER + "." + _b64(b'{"iss":"a","iss":"b"}') + "." + _SIG,
+    ],
+    ids=["duplicate-header-member", "duplicate-payload-member"],
+)
+def test_duplicate_members_are_refused_where_pyjwt_keeps_the_last(token: str) -> None:
+    jwt.decode_complete(token, options={"verify_signature": False})  # PyJWT accepts it
+    with pytest.raises(Rejection) as caught:
+        parse_token(token)
+    assert caught.value.reason is Reason.TOKEN_MALFORMED
+
+
+def test_a_valid_token_parses_like_pyjwt(rs: SigningKey, wall_clock: FakeClock) -> None:
+    token = make_token(rs, wall_clock, iss=ISS, aud="api", sub="a")
+    ours = parse_token(token)
+    theirs = jwt.decode_complete(token, options={"verify_signature": False})
+    assert (ours.header, ours.payload) == (theirs["header"], theirs["payload"])
+    assert ours.signature == theirs["signature"]
+
+
+# --- a key lookup injected into the verifier ------------------------------------------
+class CountingLookup:
+    """A ``KeyLookup`` serving public keys by kid, counting every call."""
+
+    def __init__(self, *keys: SigningKey) -> None:
+        self._keys = {k.kid: k for k in keys}
+        self.calls: list[tuple[str, str | None, str]] = []
+
+    async def get_key(self, issuer: IssuerConfig, kid: str | None, alg: str) -> PyJWK:
+        self.calls.append((issuer.id, kid, alg))
+        key = self._keys.get(kid) if kid is not None else None
+        if key is None:
+            raise Rejection(Reason.KEY_NOT_FOUND, "unknown kid")
+        return PyJWK(key.public_jwk(), algorithm=alg)
+
+    def current_key(self, issuer: IssuerConfig, kid: str | None, alg: str) -> PyJWK | None:
+        return None  # these verifiers run without a token cache
+
+
+@pytest.fixture(scope="module")
+def rs(signing_keys: dict[str, SigningKey]) -> SigningKey:
+    return signing_keys["RS256"]
+
+
+@pytest.fixture(scope="module")
+def es(signing_keys: dict[str, SigningKey]) -> SigningKey:
+    return signing_keys["ES256"]
+
+
+@pytest.fixture(scope="module")
+def ed(signing_keys: dict[str, SigningKey]) -> SigningKey:
+    return signing_keys["EdDSA"]
+
+
+@pytest.fixture(scope="module")
+def ps(signing_keys: dict[str, SigningKey]) -> SigningKey:
+    return signing_keys["PS256"]
+
+
+@pytest.fixture
+def wall_clock() -> FakeClock:
+    return FakeClock(wall=WALL)
+
+
+@pytest.fixture
+def lookup(rs: SigningKey, es: SigningKey, ed: SigningKey, ps: SigningKey) -> CountingLookup:
+    return CountingLookup(rs, es, ed, ps)
+
+
+@pytest.fixture
+def verifier(lookup: CountingLookup, wall_clock: FakeClock) -> Verifier:
+    return Verifier(lookup, wall_clock)
+
+
+def mint(key: SigningKey, clock: FakeClock, **claims: Any) -> str:
+    defaults: dict[str, Any] = {"iss": ISS, "aud": "api", "sub": "alice"}
+    return make_token(key, clock, **{**defaults, **claims})
+
+
+async def reject(verifier: Verifier, token: str, policy: AuthPolicy = POLICY) -> Rejection:
+    with pytest.raises(Rejection) as caught:
+        await verifier.verify(token, policy)
+    return caught.value
+
+
+def sign_raw(key: SigningKey, payload: dict[str, Any]) -> str:
+    """Sign any JSON payload, bypassing PyJWT's claim checks on encode."""
+    return jwt.PyJWS().encode(
+        json.dumps(payload).encode(), key.private, algorithm=key.alg, headers={"kid": key.kid}
+    )
+
+
+def b64(data: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+# --- the happy path ----------------------------------------------------------------------
+@pytest.mark.parametrize("alg", ["RS256", "ES256", "EdDSA"])
+async def test_valid_token_is_verified(
+    alg: str,
+    signing_keys: dict[str, SigningKey],
+    verifier: Verifier,
+    lookup: CountingLookup,
+    wall_clock: FakeClock,
+) -> None:
+    key = signing_keys[alg]
+    token = mint(key, wall_clock, email="a@x")
+    verified = await verifier.verify(token, POLICY)
+    assert isinstance(verified, VerifiedToken)
+    assert verified.issuer is TEST_ISSUER
+    assert verified.kid == key.kid
+    assert verified.claims["sub"] == "alice"
+    assert verified.claims["email"] == "a@x"
+    assert verified.payload_segment == token.split(".")[1]
+    assert lookup.calls == [("test", key.kid, alg)]
+
+
+async def test_key_comes_from_the_issuer_named_by_iss(
+    ps: SigningKey, verifier: Verifier, lookup: CountingLookup, wall_clock: FakeClock
+) -> None:
+    policy = AuthPolicy(issuers=(TEST_ISSUER, OTHER_ISSUER), audiences=frozenset({"api"}))
+    verified = await verifier.verify(mint(ps, wall_clock, iss=OTHER_ISS), policy)
+    assert verified.issuer is OTHER_ISSUER
+    assert lookup.calls == [("other", ps.kid, "PS256")]
+
+
+async def test_the_injected_clock_decides_expiry(
+    rs: SigningKey, verifier: Verifier, wall_clock: FakeClock
+) -> None:
+    token = mint(rs, wall_clock)  # exp = now + 300
+    await verifier.verify(token, POLICY)
+    wall_clock.advance(300 + LEEWAY - 1)
+    await verifier.verify(token, POLICY)
+    wall_clock.advance(1)
+    assert (await reject(verifier, token)).reason is Reason.TOKEN_EXPIRED
+
+
+# --- time claims ---------------------------------------------------------------------------
+NOW = int(WALL)
+
+
+@pytest.mark.parametrize(
+    ("claims", "reason"),
+    [
+        pytest.param({"exp": NOW - 3600}, Reason.TOKEN_EXPIRED, id="expired-long-ago"),
+        pytest.param({"exp": NOW - LEEWAY}, Reason.TOKEN_EXPIRED, id="exp-at-leeway-edge"),
+        pytest.param(
+            {"exp": NOW - LEEWAY - 0.5}, Reason.TOKEN_EXPIRED, id="exp-fraction-past-edge"
+        ),
+        pytest.param({"exp": NOW - LEEWAY + 1}, None, id="exp-inside-leeway"),
+        pytest.param({"exp": NOW}, None, id="exp-now-inside-leeway"),
+        pytest.param({"nbf": NOW + LEEWAY}, None, id="nbf-at-leeway-edge"),
+        pytest.param({"nbf": NOW + LEEWAY + 1}, Reason.TOKEN_NOT_YET_VALID, id="nbf-future"),
+        pytest.param({"nbf": NOW - 10}, None, id="nbf-past"),
+        pytest.param({"iat": NOW + LEEWAY}, None, id="iat-at-leeway-edge"),
+        pytest.param({"iat": NOW + LEEWAY + 1}, Reason.TOKEN_NOT_YET_VALID, id="iat-future"),
+        pytest.param({"exp": NOW + 60.5}, None, id="exp-float"),
+        pytest.param({"exp": str(NOW + 60)}, Reason.CLAIM_INVALID, id="exp-string"),
+        pytest.param({"exp": True}, Reason.CLAIM_INVALID, id="exp-bool"),
+        pytest.param({"exp": [NOW + 60]}, Reason.CLAIM_INVALID, id="exp-list"),
+        pytest.param({"exp": None}, Reason.CLAIM_MISSING, id="exp-null"),
+        pytest.param({"exp": float("inf")}, Reason.CLAIM_INVALID, id="exp-infinity"),
+        pytest.param({"exp": float("nan")}, Reason.CLAIM_INVALID, id="exp-nan"),
+        pytest.param({"exp": 10**400}, Reason.CLAIM_INVALID, id="exp-overflows-float"),
+        pytest.param({"nbf": float("-inf")}, Reason.CLAIM_INVALID, id="nbf-minus-infinity"),
+        pytest.param({"nbf": "yesterday"}, Reason.CLAIM_INVALID, id="nbf-string"),
+        pytest.param({"iat": {"t": 1}}, Reason.CLAIM_INVALID, id="iat-object"),
+    ],
+)
+async def test_time_claims(
+    claims: dict[str, Any],
+    reason: Reason | None,
+    rs: SigningKey,
+    verifier: Verifier,
+    wall_clock: FakeClock,
+) -> None:
+    token = mint(rs, wall_clock, **claims)
+    if reason is None:
+        await verifier.verify(token, POLICY)
+    else:
+        assert (await reject(verifier, token)).reason is reason
+
+
+async def test_exp_is_required(rs: SigningKey, verifier: Verifier, wall_clock: FakeClock) -> None:
+    token = make_token(rs, wall_clock, omit=("exp",), iss=ISS, aud="api")
+    assert (await reject(verifier, token)).reason is Reason.CLAIM_MISSING
+
+
+async def test_zero_leeway_issuer_expires_at_exp(
+    rs: SigningKey, lookup: CountingLookup, wall_clock: FakeClock
+) -> None:
+    strict = IssuerConfig(
+        id="test",
+        issuer=ISS,
+        jwks_uri="https://idp.test/j",
+        algorithms=frozenset({"RS256"}),
+        leeway_s=0,
+    )
+    policy = AuthPolicy(issuers=(strict,), audiences=None)
+    verifier = Verifier(lookup, wall_clock)
+    await verifier.verify(mint(rs, wall_clock, exp=NOW + 1), policy)
+    assert (
+        await reject(verifier, mint(rs, wall_clock, exp=NOW), policy)
+    ).reason is Reason.TOKEN_EXPIRED
+    assert (
+        await reject(verifier, mint(rs, wall_clock, nbf=NOW + 1), policy)
+    ).reason is Reason.TOKEN_NOT_YET_VALID
+
+
+# --- audience ---------------------------------------------------------------------------
+AUD_POLICY = AuthPolicy(issuers=(TEST_ISSUER,), audiences=frozenset({"api", "api2"}))
+ANY_AUD_POLICY = AuthPolicy(issuers=(TEST_ISSUER,), audiences=None)
+
+
+@pytest.mark.parametrize(
+    ("aud", "accepted"),
+    [
+        pytest.param("api", True, id="str"),
+        pytest.param("api2", True, id="second-accepted"),
+        pytest.param(["other", "api"], True, id="list-containing"),
+        pytest.param(["api"], True, id="list-of-one"),
+        pytest.param("other", False, id="str-wrong"),
+        pytest.param(["other", "more"], False, id="list-wrong"),
+        pytest.param("API", False, id="case-sensitive"),
+        pytest.param("", False, id="empty-str"),
+        pytest.param([], False, id="empty-list"),
+        pytest.param(7, False, id="number"),
+        pytest.param(["api", 7], False, id="list-with-non-string"),
+        pytest.param({"api": True}, False, id="object"),
+        pytest.param(None, False, id="null"),
+    ],
+)
+async def test_audience(
+    aud: Any,
+    accepted: bool,
+    rs: SigningKey,
+    verifier: Verifier,
+    wall_clock: FakeClock,
+) -> None:
+    token = mint(rs, wall_clock, aud=aud)
+    if accepted:
+        await verifier.verify(token, AUD_POLICY)
+    else:
+        assert (await reject(verifier, token, AUD_POLICY)).reason is Reason.AUDIENCE_NOT_ALLOWED
+    # 'audiences: any' accepts whatever aud says, even nonsense.
+    await verifier.verify(token, ANY_AUD_POLICY)
+
+
+async def test_missing_aud_is_refused_unless_audiences_any(
+    rs: SigningKey, verifier: Verifier, wall_clock: FakeClock
+) -> None:
+    token = make_token(rs, wall_clock, iss=ISS)  # no aud at all
+    assert (await reject(verifier, token, AUD_POLICY)).reason is Reason.AUDIENCE_NOT_ALLOWED
+    assert (await verifier.verify(token, ANY_AUD_POLICY)).claims.get("aud") is None
+
+
+# --- required claims and scopes -----------------------------------------------------------
+@pytest.mark.parametrize(
+    ("claims", "reason"),
+    [
+        pytest.param({"email": "a@x", "tenant": "t"}, None, id="all-present"),
+        pytest.param({"email": "", "tenant": 0}, None, id="falsy-but-present"),
+        pytest.param({"tenant": "t"}, Reason.CLAIM_MISSING, id="one-missing"),
+        pytest.param({"email": None, "tenant": "t"}, Reason.CLAIM_MISSING, id="null-is-missing"),
+    ],
+)
+async def test_required_claims(
+    claims: dict[str, Any],
+    reason: Reason | None,
+    rs: SigningKey,
+    verifier: Verifier,
+    wall_clock: FakeClock,
+) -> None:
+    policy = AuthPolicy(
+        issuers=(TEST_ISSUER,), audiences=None, required_claims=("sub", "email", "tenant")
+    )
+    token = mint(rs, wall_clock, **claims)
+    if reason is None:
+        await verifier.verify(token, policy)
+    else:
+        assert (await reject(verifier, token, policy)).reason is reason
+
+
+@pytest.mark.parametrize(
+    ("claims", "required", "granted"),
+    [
+        pytest.param({"scope": "orders:read"}, {"orders:read"}, True, id="scope-str"),
+        pytest.param({"scope": "a orders:read  b"}, {"orders:read"}, True, id="scope-str-many"),
+        pytest.param({"scp": ["orders:read", "x"]}, {"orders:read"}, True, id="scp-list"),
+        pytest.param({"scp": "orders:read"}, {"orders:read"}, True, id="scp-str"),
+        pytest.param({"scope": "a", "scp": ["b"]}, {"a", "b"}, True, id="scope-and-scp-combined"),
+        pytest.param({"scope": "a b"}, {"a", "b"}, True, id="all-of-several"),
+        pytest.param({}, {"orders:read"}, False, id="no-scope-claim"),
+        pytest.param({"scope": "orders:write"}, {"orders:read"}, False, id="other-scope"),
+        pytest.param({"scope": "orders:readx"}, {"orders:read"}, False, id="no-substring-match"),
+        pytest.param({"scope": "orders"}, {"orders:read"}, False, id="no-prefix-match"),
+        pytest.param({"scope": "a"}, {"a", "b"}, False, id="one-of-two"),
+        pytest.param({"scope": ["orders:read"]}, {"orders:read"}, True, id="scope-as-list"),
+        pytest.param(
+            {"scp": [1, {"orders:read": 1}]}, {"orders:read"}, False, id="scp-non-strings"
+        ),
+    ],
+)
+async def test_scopes(
+    claims: dict[str, Any],
+    required: set[str],
+    granted: bool,
+    rs: SigningKey,
+    verifier: Verifier,
+    wall_clock: FakeClock,
+) -> None:
+    policy = AuthPolicy(issuers=(TEST_ISSUER,), audiences=None, required_scopes=frozenset(required))
+    token = mint(rs, wall_clock, **claims)
+    if granted:
+        await verifier.verify(token, policy)
+    else:
+        rejection = await reject(verifier, token, policy)
+        assert rejection.reason is Reason.INSUFFICIENT_SCOPE
+        assert rejection.scope == " ".join(sorted(required))
+
+
+async def test_scope_is_checked_after_authentication(
+    rs: SigningKey, verifier: Verifier, wall_clock: FakeClock
+) -> None:
+    # An expired token is a 401, never a 403: the client must not learn the scope first.
+    policy = AuthPolicy(issuers=(TEST_ISSUER,), audiences=None, required_scopes=frozenset({"x"}))
+    token = mint(rs, wall_clock, exp=NOW - 3600)
+    assert (await reject(verifier, token, policy)).reason is Reason.TOKEN_EXPIRED
+
+
+# --- issuer and algorithm, before any key is fetched ------------------------------------------
+@pytest.mark.parametrize(
+    "iss",
+    [
+        pytest.param("https://evil.test", id="unknown"),
+        pytest.param(OTHER_ISS, id="configured-but-not-on-route"),
+        pytest.param(ISS + "/", id="trailing-slash"),
+        pytest.param(None, id="missing"),
+        pytest.param(["https://idp.test"], id="list"),
+        pytest.param(7, id="number"),
+    ],
+)
+async def test_untrusted_iss_is_refused_without_key_lookup(
+    iss: Any, rs: SigningKey, verifier: Verifier, lookup: CountingLookup, wall_clock: FakeClock
+) -> None:
+    payload: dict[str, Any] = {"aud": "api", "sub": "alice", "exp": NOW + 60}
+    if iss is not None:
+        payload["iss"] = iss
+    token = sign_raw(rs, payload)
+    assert (await reject(verifier, token)).reason is Reason.ISSUER_NOT_ALLOWED
+    assert lookup.calls == []
+
+
+async def test_alg_not_pinned_is_refused_without_key_lookup(
+    ps: SigningKey, verifier: Verifier, lookup: CountingLookup, wall_clock: FakeClock
+) -> None:
+    # PS256 is pinned by no issuer of POLICY.
+    assert (await reject(verifier, mint(ps, wall_clock))).reason is Reason.ALGORITHM_NOT_ALLOWED
+    assert lookup.calls == []
+
+
+async def test_alg_pinned_by_another_issuer_of_the_route_is_refused(
+    ps: SigningKey, verifier: Verifier, lookup: CountingLookup, wall_clock: FakeClock
+) -> None:
+    # PS256 is pinned by 'other', but the token claims iss of 'test', which pins only RS/ES/EdDSA.
+    policy = AuthPolicy(issuers=(TEST_ISSUER, OTHER_ISSUER), audiences=None)
+    rejection = await reject(verifier, mint(ps, wall_clock, iss=ISS), policy)
+    assert rejection.reason is Reason.ALGORITHM_NOT_ALLOWED
+    assert lookup.calls == []
+
+
+async def test_alg_none_is_refused(
+    verifier: Verifier, lookup: CountingLookup, wall_clock: FakeClock
+) -> None:
+    token = jwt.encode({"iss": ISS, "aud": "api", "exp": NOW + 60}, "", algorithm="none")
+    assert (await reject(verifier, token)).reason is Reason.ALGORITHM_NOT_ALLOWED
+    assert lookup.calls == []
+
+
+async def test_hmac_token_is_refused(
+    rs: SigningKey, verifier: Verifier, lookup: CountingLookup, wall_clock: FakeClock
+) -> None:
+    # The algorithm-confusion attack: HS256 keyed with bytes the attacker chose.
+    secret = b"k" * 64
+    token = jwt.encode(
+        {"iss": ISS, "aud": "api", "exp": NOW + 60},
+        secret,
+        algorithm="HS256",
+        headers={"kid": rs.kid},
+    )
+    assert (await reject(verifier, token)).reason is Reason.ALGORITHM_NOT_ALLOWED
+    assert lookup.calls == []
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        pytest.param({"alg": None}, id="null"),
+        pytest.param({"alg": ["RS256"]}, id="list"),
+        pytest.param({"alg": "rs256"}, id="wrong-case"),
+    ],
+)
+async def test_odd_alg_header_values_are_refused(
+    header: dict[str, Any],
+    rs: SigningKey,
+    verifier: Verifier,
+    lookup: CountingLookup,
+    wall_clock: FakeClock,
+) -> None:
+    good = mint(rs, wall_clock)
+    _, payload, signature = good.split(".")
+    token = ".".join([b64({"typ": "JWT", "kid": rs.kid, **header}), payload, signature])
+    assert (await reject(verifier, token)).reason is Reason.ALGORITHM_NOT_ALLOWED
+    assert lookup.calls == []
+
+
+# --- signatures and malformed tokens -----------------------------------------------------------
+async def test_tampered_payload_is_signature_invalid(
+    rs: SigningKey, verifier: Verifier, lookup: CountingLookup, wall_clock: FakeClock
+) -> None:
+    token = mint(rs, wall_clock)
+    header, _, signature = token.split(".")
+    payload = b64({"iss": ISS, "aud": "api", "sub": "admin", "exp": NOW + 300})
+    rejection = await reject(verifier, f"{header}.{payload}.{signature}")
+    assert rejection.reason is Reason.SIGNATURE_INVALID
+    assert len(lookup.calls) == 1
+
+
+async def test_signature_by_another_key_with_a_known_kid_is_invalid(
+    rs: SigningKey, verifier: Verifier, wall_clock: FakeClock
+) -> None:
+    impostor = generate_key("RS256", rs.kid)
+    rejection = await reject(verifier, mint(impostor, wall_clock))
+    assert rejection.reason is Reason.SIGNATURE_INVALID
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [
+        pytest.param(lambda t: t.rsplit(".", 1)[0] + ".", id="signature-removed"),
+        pytest.param(lambda t: t + "AA", id="signature-extended"),
+    ],
+)
+async def test_mangled_signature_is_invalid(
+    cut: Any, rs: SigningKey, verifier: Verifier, wall_clock: FakeClock
+) -> None:
+    rejection = await reject(verifier, cut(mint(rs, wall_clock)))
+    assert rejection.reason is Reason.SIGNATURE_INVALID
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        pytest.param("garbage", id="one-segment"),
+        pytest.param("a.b", id="two-segments"),
+        pytest.param("a.b.c", id="not-base64-json"),
+        pytest.param("a.b.c.d", id="four-segments"),
+        pytest.param(f"{b64({'alg': 'RS256'})}.bm90IGpzb24.c2ln", id="payload-not-json"),
+        pytest.param(
+            f"{b64({'alg': 'RS256'})}.{base64.urlsafe_b64encode(b'[1]').decode()}.c2ln",
+            id="payload-array",
+        ),
+        pytest.param("eyJ.eyJ.sig", id="truncated-json"),
+    ],
+)
+async def test_garbage_is_token_malformed(
+    token: str, verifier: Verifier, lookup: CountingLookup
+) -> None:
+    assert (await reject(verifier, token)).reason is Reason.TOKEN_MALFORMED
+    assert lookup.calls == []
+
+
+@pytest.mark.parametrize("kid", [["x"], 7, {"k": 1}], ids=["list", "number", "object"])
+async def test_non_string_kid_is_malformed(
+    kid: Any, rs: SigningKey, verifier: Verifier, lookup: CountingLookup, wall_clock: FakeClock
+) -> None:
+    token = make_token(rs, wall_clock, iss=ISS, aud="api")
+    _, payload, signature = token.split(".")
+    forged = ".".join([b64({"alg": "RS256", "typ": "JWT", "kid": kid}), payload, signature])
+    assert (await reject(verifier, forged)).reason is Reason.TOKEN_MALFORMED
+    assert lookup.calls == []
+
+
+async def test_key_lookup_rejection_passes_through(
+    verifier: Verifier, lookup: CountingLookup, wall_clock: FakeClock
+) -> None:
+    unknown = generate_key("RS256", "not-published")
+    assert (await reject(verifier, mint(unknown, wall_clock))).reason is Reason.KEY_NOT_FOUND
+    assert lookup.calls == [("test", "not-published", "RS256")]
+
+
+# --- typ ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("typ", "required", "accepted"),
+    [
+        pytest.param("JWT", None, True, id="jwt"),
+        pytest.param("jwt", None, True, id="jwt-lower"),
+        pytest.param("at+jwt", None, True, id="at-jwt"),
+        pytest.param("application/at+JWT", None, True, id="media-type-form"),
+        pytest.param(None, None, True, id="absent"),
+        pytest.param("JOSE", None, False, id="jose"),
+        pytest.param("logout+jwt", None, False, id="other-jwt-kind"),
+        pytest.param(7, None, False, id="number"),
+        pytest.param("at+jwt", "at+jwt", True, id="required-at-jwt"),
+        pytest.param("application/AT+JWT", "at+jwt", True, id="required-media-type-form"),
+        pytest.param("JWT", "at+jwt", False, id="required-but-jwt"),
+        pytest.param(None, "at+jwt", False, id="required-but-absent"),
+    ],
+)
+async def test_typ_header(
+    typ: Any,
+    required: str | None,
+    accepted: bool,
+    rs: SigningKey,
+    lookup: CountingLookup,
+    wall_clock: FakeClock,
+) -> None:
+    issuer = dataclasses.replace(TEST_ISSUER, typ=required)
+    policy = AuthPolicy(issuers=(issuer,), audiences=None)
+    verifier = Verifier(lookup, wall_clock)
+    token = make_token(rs, wall_clock, headers={"typ": typ}, iss=ISS)
+    if accepted:
+        await verifier.verify(token, policy)
+    else:
+        assert (await reject(verifier, token, policy)).reason is Reason.TOKEN_TYPE_INVALID
+        assert lookup.calls == []
+
+
+# --- any-of scopes and claim matchers ----------------------------------------------------------
+@pytest.mark.parametrize(
+    ("claims", "granted"),
+    [
+        pytest.param({"scope": "b"}, True, id="one-of-two"),
+        pytest.param({"scp": ["a", "b"]}, True, id="both"),
+        pytest.param({"scope": "c"}, False, id="neither"),
+        pytest.param({}, False, id="none"),
+    ],
+)
+async def test_any_of_scopes(
+    claims: dict[str, Any], granted: bool, rs: SigningKey, verifier: Verifier, wall_clock: FakeClock
+) -> None:
+    policy = AuthPolicy(
+        issuers=(TEST_ISSUER,),
+        audiences=None,
+        required_scopes=frozenset({"a", "b"}),
+        scopes_any_of=True,
+    )
+    token = mint(rs, wall_clock, **claims)
+    if granted:
+        await verifier.verify(token, policy)
+    else:
+        rejection = await reject(verifier, token, policy)
+        assert (rejection.reason, rejection.scope) == (Reason.INSUFFICIENT_SCOPE, "a b")
+
+
+@pytest.mark.parametrize(
+    ("matcher", "claims", "holds"),
+    [
+        pytest.param(
+            ClaimMatcher(("tier",), MatchOp.EQUALS, ("gold",)), {"tier": "gold"}, True, id="equals"
+        ),
+        pytest.param(
+            ClaimMatcher(("tier",), MatchOp.EQUALS, ("gold",)),
+            {"tier": "Gold"},
+            False,
+            id="equals-case",
+        ),
+        pytest.param(
+            ClaimMatcher(("tier",), MatchOp.EQUALS, ("gold",)), {}, False, id="equals-absent"
+        ),
+        pytest.param(
+            ClaimMatcher(("admin",), MatchOp.EQUALS, (True,)),
+            {"admin": True},
+            True,
+            id="equals-bool",
+        ),
+        pytest.param(
+            ClaimMatcher(("admin",), MatchOp.EQUALS, (True,)),
+            {"admin": 1},
+            False,
+            id="one-is-not-true",
+        ),
+        pytest.param(
+            ClaimMatcher(("level",), MatchOp.EQUALS, (1,)),
+            {"level": True},
+            False,
+            id="true-is-not-one",
+        ),
+        pytest.param(
+            ClaimMatcher(("level",), MatchOp.EQUALS, (1,)),
+            {"level": "1"},
+            False,
+            id="string-is-not-int",
+        ),
+        pytest.param(
+            ClaimMatcher(("org", "id"), MatchOp.ONE_OF, ("a", "b")),
+            {"org": {"id": "b"}},
+            True,
+            id="one-of-nested",
+        ),
+        pytest.param(
+            ClaimMatcher(("org", "id"), MatchOp.ONE_OF, ("a", "b")),
+            {"org": {"id": "c"}},
+            False,
+            id="one-of-miss",
+        ),
+        pytest.param(
+            ClaimMatcher(("roles",), MatchOp.CONTAINS, ("admin",)),
+            {"roles": ["user", "admin"]},
+            True,
+            id="contains-list",
+        ),
+        pytest.param(
+            ClaimMatcher(("roles",), MatchOp.CONTAINS, ("admin",)),
+            {"roles": "user admin"},
+            True,
+            id="contains-words",
+        ),
+        pytest.param(
+            ClaimMatcher(("roles",), MatchOp.CONTAINS, ("admin",)),
+            {"roles": "superadmin"},
+            False,
+            id="contains-no-substring",
+        ),
+        pytest.param(
+            ClaimMatcher(("roles",), MatchOp.CONTAINS, ("admin",)),
+            {"roles": ["admins"]},
+            False,
+            id="contains-whole-items",
+        ),
+        pytest.param(
+            ClaimMatcher(("roles",), MatchOp.CONTAINS, ("admin",)),
+            {"roles": {"admin": 1}},
+            False,
+            id="contains-object",
+        ),
+    ],
+)
+async def test_claim_matchers(
+    matcher: ClaimMatcher,
+    claims: dict[str, Any],
+    holds: bool,
+    rs: SigningKey,
+    verifier: Verifier,
+    wall_clock: FakeClock,
+) -> None:
+    policy = AuthPolicy(issuers=(TEST_ISSUER,), audiences=None, claim_matchers=(matcher,))
+    token = mint(rs, wall_clock, **claims)
+    if holds:
+        await verifier.verify(token, policy)
+    else:
+        rejection = await reject(verifier, token, policy)
+        assert (rejection.reason, rejection.scope) == (Reason.INSUFFICIENT_SCOPE, None)
