@@ -82,6 +82,10 @@ def extract_token(
     Raises ``INVALID_REQUEST`` (400) for a repeated source, more than one token,
     or a credential that is empty, oversized or not a single b64token.
     """
+    if len(sources) == 1 and sources[0].location is TokenLocation.HEADER:
+        # The common case (one header source, Authorization: Bearer by default).
+        values = _from_header(headers, sources[0])
+        return _checked(FoundToken(values[0], sources[0]), max_token_bytes) if values else None
     found: list[FoundToken] = []
     for source in sources:
         if source.location is TokenLocation.HEADER:
@@ -97,9 +101,13 @@ def extract_token(
         return None
     if len(found) > 1:
         raise Rejection(Reason.INVALID_REQUEST, "more than one token in the request")
-    token = found[0].token
+    return _checked(found[0], max_token_bytes)
+
+
+def _checked(found: FoundToken, max_token_bytes: int) -> FoundToken:
+    token = found.token
     if len(token) > max_token_bytes:
         raise Rejection(Reason.INVALID_REQUEST, f"token longer than {max_token_bytes} bytes")
     if not _B64TOKEN.fullmatch(token):
         raise Rejection(Reason.INVALID_REQUEST, "credentials are not a single b64token")
-    return found[0]
+    return found

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -125,6 +125,9 @@ class GatewayMetrics:
             for result in ("success", "failure"):
                 self.config_reloads.labels(result)
         self.route_ids: tuple[str, ...] = ()
+        # Label children resolved once: .labels() takes a lock and builds a key per call.
+        self._request_children: dict[tuple[str, Reason], tuple[Any, Any]] = {}
+        self._upstream_children: dict[tuple[str, int], tuple[Any, Any]] = {}
         self.add_routes(route_ids, report_only_route_ids)
         self.add_issuers(issuer_ids)
 
@@ -158,10 +161,26 @@ class GatewayMetrics:
 
     def observe_request(self, route: str, reason: Reason, duration_s: float) -> None:
         """Count one finished request; called exactly once per request."""
-        self.requests.labels(route, reason.value).inc()
-        self.request_duration.labels(route, REASON_SPECS[reason].outcome.value).observe(duration_s)
+        children = self._request_children.get((route, reason))
+        if children is None:
+            outcome = REASON_SPECS[reason].outcome.value
+            children = (
+                self.requests.labels(route, reason.value),
+                self.request_duration.labels(route, outcome),
+            )
+            self._request_children[(route, reason)] = children
+        children[0].inc()
+        children[1].observe(duration_s)
 
     def observe_upstream(self, route: str, status: int, duration_s: float) -> None:
         """Record the upstream's answer (status class and time to headers)."""
-        self.upstream_duration.labels(route).observe(duration_s)
-        self.upstream_responses.labels(route, f"{min(max(status // 100, 2), 5)}xx").inc()
+        code_class = min(max(status // 100, 2), 5)
+        children = self._upstream_children.get((route, code_class))
+        if children is None:
+            children = (
+                self.upstream_duration.labels(route),
+                self.upstream_responses.labels(route, f"{code_class}xx"),
+            )
+            self._upstream_children[(route, code_class)] = children
+        children[0].observe(duration_s)
+        children[1].inc()

@@ -132,6 +132,7 @@ class Forwarder:
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=defaults.connect_timeout_s, sock_read=defaults.timeout_s
         )
+        self._carriers = {route.id: _token_carriers(route) for route in config.routes}
         self._admission = {
             route.id: Admission(route.max_concurrent_requests, route.max_queued_requests)
             for route in config.routes
@@ -158,7 +159,7 @@ class Forwarder:
         connection = inbound.getall("Connection", [])
         strip = headers_to_strip(self._owned, connection) if connection else self._base_strip
         out: CIMultiDict[str] = CIMultiDict()
-        hidden = _token_carriers(route)
+        hidden = self._carriers[route.id]
         for name, value in inbound.items():
             # CGI/WSGI upstreams read X_User_Sub as X-User-Sub: compare in that spelling too.
             lower = name.lower().replace("_", "-")
@@ -195,7 +196,7 @@ class Forwarder:
         except a configured prefix rewrite and a query-parameter token, which is removed."""
         headers = self.upstream_headers(request, route, injected)
         target = request.raw_path
-        hidden = _token_carriers(route)
+        hidden = self._carriers[route.id]
         if route.rewrite is not None or hidden.query:
             path, sep, query = target.partition("?")
             if route.rewrite is not None:

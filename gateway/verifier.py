@@ -190,12 +190,16 @@ class Verifier:
         its issuer is trusted here with the same settings, its alg and typ still pass, and its
         key is still the one in the issuer's current set (a rotated-out key drops it)."""
         issuer = policy.issuer_for(hit.issuer.issuer)
-        return (
-            issuer == hit.issuer
-            and hit.alg in issuer.algorithms
-            and _typ_accepted(hit.typ, issuer.typ)
-            and self._keys.current_key(issuer, hit.kid, hit.alg) is hit.key
-        )
+        if issuer is None:
+            return False
+        if issuer is not hit.issuer and (
+            # A reload made a new config object: compare settings, then re-check alg and typ.
+            issuer != hit.issuer
+            or hit.alg not in issuer.algorithms
+            or not _typ_accepted(hit.typ, issuer.typ)
+        ):
+            return False
+        return self._keys.current_key(issuer, hit.kid, hit.alg) is hit.key
 
     def _check_claims(
         self,
