@@ -100,14 +100,16 @@ class Gateway:
         self._handler = self._build_handler(config)
         self.config = config
 
-    async def reload(self, path: str | Path, *, count: bool = True) -> bool:
+    async def reload(
+        self, path: str | Path, *, count: bool = True, base_dir: Path | None = None
+    ) -> bool:
         """Re-read ``path``; apply it if valid, else log (and count) the error and keep running.
 
         Workers pass ``count=False``: their supervisor validates and counts once.
         """
         async with self._reload_lock:
             try:
-                config = await asyncio.to_thread(load_config, path)
+                config = await asyncio.to_thread(load_config, path, base_dir)
             except ConfigError as exc:
                 if count:
                     self.metrics.config_reloads.labels("failure").inc()

@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gateway`` console script and ``python -m gateway``."""
+    # A SIGHUP before the reload handler exists must not kill the process (its default
+    # action); workers spawned later inherit this until they install their own handler.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         try:
@@ -134,6 +137,7 @@ async def serve(
     watch: bool = False,
     on_ready: str | None = None,
     worker: bool = False,
+    config_base_dir: Path | None = None,
 ) -> None:
     """Serve ``config`` until SIGINT or SIGTERM, then drain and stop.
 
@@ -170,11 +174,13 @@ async def serve(
             path = config_path
 
             async def reload() -> None:
-                await gateway.reload(path, count=not worker)
+                await gateway.reload(path, count=not worker, base_dir=config_base_dir)
 
             loop.add_signal_handler(
                 signal.SIGHUP, lambda: tasks.append(asyncio.ensure_future(reload()))
             )
+            # A worker starts with SIGHUP blocked; a reload sent meanwhile is delivered now.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
             if watch:
                 tasks.append(asyncio.ensure_future(watch_file(path, reload)))
         await stop.wait()

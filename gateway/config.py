@@ -972,6 +972,12 @@ def _read_route(node: _Node, issuers: Mapping[str, IssuerConfig], limits: Limits
     if payload_header and payload_header.lower() in {h.header.lower() for h in claim_headers}:
         raise node.child("payload_header").fail(f"{payload_header!r} is also a claim header")
     match = _read_match(node.child("match"))
+    cors = _opt(node, "cors_preflight", lambda n: n.boolean(), False)
+    if cors and match.methods and "OPTIONS" not in match.methods:
+        raise node.child("cors_preflight").fail(
+            "preflights are OPTIONS requests, which match.methods leaves out",
+            "OPTIONS in match.methods, or no methods list",
+        )
     return RouteConfig(
         id=route_id,
         match=match,
@@ -980,7 +986,7 @@ def _read_route(node: _Node, issuers: Mapping[str, IssuerConfig], limits: Limits
         claim_headers=claim_headers,
         rewrite=_opt(node, "rewrite", lambda n: _read_rewrite(n, match), None),
         payload_header=payload_header,
-        cors_preflight=_opt(node, "cors_preflight", lambda n: n.boolean(), False),
+        cors_preflight=cors,
         max_body_bytes=_opt(
             node, "max_body_bytes", lambda n: n.integer(low=0, high=2**62), limits.max_body_bytes
         ),
@@ -1084,15 +1090,18 @@ def _check_duplicate_keys(
             _check_duplicate_keys(item, f"{path}[{index}]", seen_nodes)
 
 
-def load_config(path: str | Path) -> GatewayConfig:
-    """Read, validate and freeze the YAML file at ``path``; raise ``ConfigError`` if anything is off."""
+def load_config(path: str | Path, base_dir: Path | None = None) -> GatewayConfig:
+    """Read, validate and freeze the YAML file at ``path``; raise ``ConfigError`` if anything is off.
+
+    Relative ``jwks_file`` paths resolve against ``base_dir``, by default the file's folder.
+    """
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError("", f"cannot read {str(path)!r}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError("", f"{str(path)!r} is not UTF-8 text") from None
-    return loads_config(text, base_dir=Path(path).parent)
+    return loads_config(text, base_dir=Path(path).parent if base_dir is None else base_dir)
 
 
 def loads_config(text: str, base_dir: Path | None = None) -> GatewayConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -41,34 +42,7 @@ def rejection_response(reason: Reason, realm: str, scope: str | None = None) -> 
 def create_observe_middleware(metrics: GatewayMetrics, realm: Callable[[], str]) -> Middleware:
     """Build the middleware that turns rejections into responses and records every request once."""
 
-    @web.middleware
-    async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-        record = RequestRecord(request_id=request_id_from(request.headers.get(REQUEST_ID_HEADER)))
-        request[RECORD_KEY] = record
-        started = time.perf_counter()
-        response: web.StreamResponse
-        try:
-            response = await handler(request)
-        except Rejection as rejection:
-            record.reason = rejection.reason
-            record.detail = rejection.detail
-            response = rejection_response(rejection.reason, realm(), rejection.scope)
-        except web.HTTPException as exc:
-            # aiohttp's own router refuses targets our catch-all cannot take
-            # (`OPTIONS *`, `CONNECT host:port`): a bad request, not a server fault.
-            record.reason = Reason.REQUEST_REJECTED
-            record.detail = f"aiohttp_{exc.status}"
-            response = rejection_response(Reason.REQUEST_REJECTED, realm())
-        except Exception:
-            # The only broad catch in the gateway: anything unexpected is a 500 with a traceback.
-            log.exception(kv(event="internal_error", route=record.route))
-            record.reason = Reason.INTERNAL_ERROR
-            response = rejection_response(Reason.INTERNAL_ERROR, realm())
-        if not response.prepared:
-            response.headers[REQUEST_ID_HEADER] = record.request_id
-        duration = time.perf_counter() - started
-        if record.status is None:
-            record.status = response.status
+    def record_request(request: web.Request, record: RequestRecord, duration: float) -> None:
         metrics.observe_request(record.route, record.reason, duration)
         spec = REASON_SPECS[record.reason]
         if log.isEnabledFor(spec.log_level):
@@ -95,6 +69,40 @@ def create_observe_middleware(metrics: GatewayMetrics, realm: Callable[[], str])
                     detail=record.detail or None,
                 ),
             )
+
+    @web.middleware
+    async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+        record = RequestRecord(request_id=request_id_from(request.headers.get(REQUEST_ID_HEADER)))
+        request[RECORD_KEY] = record
+        started = time.perf_counter()
+        response: web.StreamResponse
+        try:
+            response = await handler(request)
+        except Rejection as rejection:
+            record.reason = rejection.reason
+            record.detail = rejection.detail
+            response = rejection_response(rejection.reason, realm(), rejection.scope)
+        except web.HTTPException as exc:
+            # aiohttp's own router refuses targets our catch-all cannot take
+            # (`OPTIONS *`, `CONNECT host:port`): a bad request, not a server fault.
+            record.reason = Reason.REQUEST_REJECTED
+            record.detail = f"aiohttp_{exc.status}"
+            response = rejection_response(Reason.REQUEST_REJECTED, realm())
+        except asyncio.CancelledError:
+            # Cut off by the end of the shutdown drain: still counted and logged once.
+            record.reason = Reason.REQUEST_CANCELLED
+            record_request(request, record, time.perf_counter() - started)
+            raise
+        except Exception:
+            # The only broad catch in the gateway: anything unexpected is a 500 with a traceback.
+            log.exception(kv(event="internal_error", route=record.route))
+            record.reason = Reason.INTERNAL_ERROR
+            response = rejection_response(Reason.INTERNAL_ERROR, realm())
+        if not response.prepared:
+            response.headers[REQUEST_ID_HEADER] = record.request_id
+        if record.status is None:
+            record.status = response.status
+        record_request(request, record, time.perf_counter() - started)
         return response
 
     return observe

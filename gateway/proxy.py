@@ -75,7 +75,12 @@ def _token_carriers(route: RouteConfig) -> _Carriers:
     return _Carriers(
         frozenset(
             {"authorization"}
-            | {s.name.lower() for s in sources if s.location is TokenLocation.HEADER}
+            # In the spelling inbound names are compared in (CGI/WSGI read _ as -).
+            | {
+                s.name.lower().replace("_", "-")
+                for s in sources
+                if s.location is TokenLocation.HEADER
+            }
         ),
         frozenset(s.name for s in sources if s.location is TokenLocation.COOKIE),
         frozenset(s.name for s in sources if s.location is TokenLocation.QUERY),

@@ -50,6 +50,7 @@ class Reason(enum.StrEnum):
     UPSTREAM_TIMEOUT = "upstream_timeout"
     UPSTREAM_ABORTED = "upstream_aborted"
     CLIENT_DISCONNECTED = "client_disconnected"
+    REQUEST_CANCELLED = "request_cancelled"
     INTERNAL_ERROR = "internal_error"
 
 
@@ -146,6 +147,10 @@ REASON_SPECS: Final[Mapping[Reason, ReasonSpec]] = MappingProxyType(
         # The client went away mid-response (nginx's 499); not the gateway's fault.
         Reason.CLIENT_DISCONNECTED: ReasonSpec(
             None, "The client closed the connection.", Outcome.ERROR, _INFO
+        ),
+        # The shutdown drain ended before the request did; its connection is closed.
+        Reason.REQUEST_CANCELLED: ReasonSpec(
+            None, "The request was cut off by a shutdown.", Outcome.ERROR, _WARN
         ),
         Reason.INTERNAL_ERROR: ReasonSpec(500, "Internal error.", Outcome.ERROR, _ERR),
     }

@@ -26,7 +26,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, multiprocess
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from .config import GatewayConfig, load_config
+from .config import GatewayConfig, load_config, loads_config
 from .errors import ConfigError
 from .logs import kv, setup_logging
 
@@ -35,13 +35,17 @@ log = logging.getLogger(__name__)
 MONITOR_INTERVAL_S = 0.5
 
 
-def _worker_main(config_path: str, log_level: str, log_format: str) -> None:
-    """A worker process: load the config and serve it on the shared port."""
+def _worker_main(config_path: str, base_dir: str, log_level: str, log_format: str) -> None:
+    """A worker process: load the supervisor's validated copy of the config and serve it."""
     from .cli import serve
 
+    # SIGHUP arrives blocked (see Supervisor._spawn); serve() unblocks it once its reload
+    # handler is installed, so a reload sent while this worker starts is delivered, not fatal.
     setup_logging(log_level, log_format)
-    config = load_config(config_path)
-    asyncio.run(serve(config, config_path=Path(config_path), worker=True))
+    config = load_config(config_path, Path(base_dir))
+    asyncio.run(
+        serve(config, config_path=Path(config_path), worker=True, config_base_dir=Path(base_dir))
+    )
 
 
 class Supervisor:
@@ -56,6 +60,12 @@ class Supervisor:
         self.log_level = log_level
         self.log_format = log_format
         self.metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        # Workers read the last config validated here, never the operator's file directly:
+        # a worker started after a refused reload must run what the others run.
+        self.validated = Path(self.metrics_dir).parent / "gateway.validated.yaml"
+        text = config_path.read_text(encoding="utf-8")
+        self.config = loads_config(text, config_path.parent)  # what the workers will run
+        self._publish(text)
         self.workers: list[BaseProcess] = []
         self.draining = False
         self._context = multiprocessing.get_context("spawn")
@@ -71,10 +81,29 @@ class Supervisor:
         for result in ("success", "failure"):
             self.reloads.labels(result)
 
+    def _publish(self, text: str) -> None:
+        staging = self.validated.with_suffix(".tmp")
+        staging.write_text(text, encoding="utf-8")
+        os.replace(staging, self.validated)  # atomic: a worker never reads half a file
+
     def _spawn(self) -> BaseProcess:
+        # The child inherits a blocked SIGHUP through fork and exec; were it merely handled
+        # here, exec would reset it to "terminate" for the whole start-up of the worker.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            return self._start_worker()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    def _start_worker(self) -> BaseProcess:
         process = self._context.Process(
             target=_worker_main,
-            args=(str(self.config_path), self.log_level, self.log_format),
+            args=(
+                str(self.validated),
+                str(self.config_path.parent),
+                self.log_level,
+                self.log_format,
+            ),
             name="gateway-worker",
         )
         process.start()
@@ -104,11 +133,17 @@ class Supervisor:
     async def reload(self) -> None:
         """Validate the file once; if it is good, every worker reloads it."""
         try:
-            self.config = await asyncio.to_thread(load_config, self.config_path)
+            text = await asyncio.to_thread(self.config_path.read_text, encoding="utf-8")
+            self.config = loads_config(text, self.config_path.parent)
+        except OSError as exc:
+            self.reloads.labels("failure").inc()
+            log.error(kv(event="config_reload", result="failure", error=str(exc)))
+            return
         except ConfigError as exc:
             self.reloads.labels("failure").inc()
             log.error(kv(event="config_reload", result="failure", error=str(exc)))
             return
+        self._publish(text)
         self.reloads.labels("success").inc()
         self.signal_all(signal.SIGHUP)
         log.info(kv(event="config_reload", result="forwarded", workers=len(self.workers)))
@@ -200,11 +235,13 @@ def run_workers(
     """Run ``count`` workers under a supervisor until SIGTERM; return the exit code."""
     # The directory must be in the environment before the workers import
     # prometheus_client: spawned processes inherit it.
-    metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+    state_dir = tempfile.mkdtemp(prefix="gateway-")
+    metrics_dir = os.path.join(state_dir, "metrics")
+    os.mkdir(metrics_dir)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
         supervisor = Supervisor(config_path, config, count, log_level, log_format)
         asyncio.run(_supervise(supervisor, watch))
     finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        shutil.rmtree(state_dir, ignore_errors=True)
     return 0
