@@ -9,8 +9,9 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -106,8 +107,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_workers(args.config, config, args.workers, watch=args.watch_config,
                            log_level=args.log_level, log_format=args.log_format)  # fmt: skip
-    asyncio.run(serve(config, config_path=args.config, watch=args.watch_config))
+    run_event_loop(serve(config, config_path=args.config, watch=args.watch_config))
     return 0
+
+
+def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run the serving coroutine on uvloop when it is installed (``pip install
+    'gateway[fast]'``), else on asyncio's own loop; the behaviour is the same."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
 
 
 def file_signature(path: Path) -> tuple[int, int] | None:

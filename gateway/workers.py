@@ -37,13 +37,13 @@ MONITOR_INTERVAL_S = 0.5
 
 def _worker_main(config_path: str, base_dir: str, log_level: str, log_format: str) -> None:
     """A worker process: load the supervisor's validated copy of the config and serve it."""
-    from .cli import serve
+    from .cli import run_event_loop, serve
 
     # SIGHUP arrives blocked (see Supervisor._spawn); serve() unblocks it once its reload
     # handler is installed, so a reload sent while this worker starts is delivered, not fatal.
     setup_logging(log_level, log_format)
     config = load_config(config_path, Path(base_dir))
-    asyncio.run(
+    run_event_loop(
         serve(config, config_path=Path(config_path), worker=True, config_base_dir=Path(base_dir))
     )
 
