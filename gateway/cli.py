@@ -69,8 +69,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gateway`` console script and ``python -m gateway``."""
-    # A SIGHUP before the reload handler exists must not kill the process (its default
-    # action); workers spawned later inherit this until they install their own handler.
+    # A SIGHUP before the reload handler exists must not kill the process (its default action).
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     args = _parser().parse_args(argv)
     if args.command == "check-config":
