@@ -87,6 +87,7 @@ def test_status_is_none_only_where_the_response_is_not_ours() -> None:
         Reason.OK,
         Reason.UPSTREAM_ABORTED,
         Reason.CLIENT_DISCONNECTED,
+        Reason.REQUEST_CANCELLED,
     }
 
 
