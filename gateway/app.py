@@ -151,7 +151,11 @@ def create_app(
     metrics.add_issuers(config.issuers)
     gateway = Gateway(config, metrics, clock)
     app = web.Application(
-        middlewares=[create_observe_middleware(metrics, lambda: gateway.config.realm)],
+        middlewares=[
+            create_observe_middleware(
+                metrics, lambda: gateway.config.realm, lambda: gateway.draining
+            )
+        ],
         handler_args={
             "max_field_size": config.limits.max_header_bytes,
             "max_line_size": config.limits.max_header_bytes,

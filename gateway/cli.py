@@ -161,7 +161,14 @@ async def serve(
     """
     app = create_app(config, multiprocess=worker)
     gateway: Gateway = app[GATEWAY_KEY]
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.listen.shutdown_timeout_s)
+    # handler_cancellation: a client that leaves frees its admission slot and upstream
+    # connection at once instead of when the upstream answers.
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=config.listen.shutdown_timeout_s,
+        handler_cancellation=True,
+    )
     admin_runner = None if worker else web.AppRunner(create_admin_app(app), access_log=None)
     await runner.setup()
     if admin_runner is not None:

@@ -57,6 +57,7 @@ DEFAULT_TOKEN_CACHE_SIZE: Final = 10_000  # verified tokens kept (about 2-3 KB e
 DEFAULT_MAX_HEADER_BYTES: Final = 16384  # one header line; aiohttp's default is 8190
 DEFAULT_MAX_HEADERS: Final = 100  # nginx and Envoy allow about this many
 DEFAULT_CLIENT_IDLE_TIMEOUT_S: Final = 30.0  # no complete request header for this long: closed
+DEFAULT_CLIENT_BODY_TIMEOUT_S: Final = 30.0  # longest gap between request-body chunks (408)
 DEFAULT_MAX_BODY_BYTES: Final = 10 * 1024 * 1024  # per route unless the route says otherwise
 DEFAULT_MAX_CONCURRENT: Final = 1024  # requests in flight to one route's upstream
 DEFAULT_MAX_QUEUED: Final = 1024  # requests waiting for a slot; beyond that, 503
@@ -129,6 +130,7 @@ class Limits:
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     max_headers: int = DEFAULT_MAX_HEADERS
     client_idle_timeout_s: float = DEFAULT_CLIENT_IDLE_TIMEOUT_S
+    client_body_timeout_s: float = DEFAULT_CLIENT_BODY_TIMEOUT_S
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT
     max_queued_requests: int = DEFAULT_MAX_QUEUED
@@ -485,6 +487,9 @@ def _read_limits(node: _Node) -> Limits:
         ),
         client_idle_timeout_s=_opt(
             node, "client_idle_timeout_s", lambda n: n.number(), DEFAULT_CLIENT_IDLE_TIMEOUT_S
+        ),
+        client_body_timeout_s=_opt(
+            node, "client_body_timeout_s", lambda n: n.number(), DEFAULT_CLIENT_BODY_TIMEOUT_S
         ),
         max_body_bytes=_opt(
             node, "max_body_bytes", lambda n: n.integer(low=0, high=2**62), DEFAULT_MAX_BODY_BYTES

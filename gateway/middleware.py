@@ -39,7 +39,9 @@ def rejection_response(reason: Reason, realm: str, scope: str | None = None) -> 
     return response
 
 
-def create_observe_middleware(metrics: GatewayMetrics, realm: Callable[[], str]) -> Middleware:
+def create_observe_middleware(
+    metrics: GatewayMetrics, realm: Callable[[], str], draining: Callable[[], bool]
+) -> Middleware:
     """Build the middleware that turns rejections into responses and records every request once."""
 
     def record_request(request: web.Request, record: RequestRecord, duration: float) -> None:
@@ -89,8 +91,9 @@ def create_observe_middleware(metrics: GatewayMetrics, realm: Callable[[], str])
             record.detail = f"aiohttp_{exc.status}"
             response = rejection_response(Reason.REQUEST_REJECTED, realm())
         except asyncio.CancelledError:
-            # Cut off by the end of the shutdown drain: still counted and logged once.
-            record.reason = Reason.REQUEST_CANCELLED
+            # The client went away (the server cancels its handler), or the shutdown drain
+            # ended first: either way still counted and logged once.
+            record.reason = Reason.REQUEST_CANCELLED if draining() else Reason.CLIENT_DISCONNECTED
             record_request(request, record, time.perf_counter() - started)
             raise
         except Exception:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import time
@@ -100,27 +101,42 @@ def _without_params(query: str, names: frozenset[str]) -> str:
     )
 
 
-class _BodyTooLarge(Exception):
-    """Raised inside the upload stream; the forwarder turns it into 413."""
+class _BodyStopped(Exception):
+    """Raised inside the upload stream to abort the upstream request; ``reason`` says why."""
+
+    def __init__(self, reason: Reason) -> None:
+        self.reason = reason
+        super().__init__(reason.value)
 
 
 class _BodyMeter:
-    """Streams a chunked request body upstream, stopping it once it passes ``limit`` bytes."""
+    """Streams a request body upstream, stopping it once it passes ``limit`` bytes (0: no
+    limit) or when the client sends nothing for ``gap_s`` (a stalled upload must not hold an
+    upstream connection and an admission slot for ever, like nginx's client_body_timeout)."""
 
-    __slots__ = ("_content", "_limit", "exceeded")
+    __slots__ = ("_content", "_gap_s", "_limit", "stopped")
 
-    def __init__(self, content: StreamReader, limit: int) -> None:
+    def __init__(self, content: StreamReader, limit: int, gap_s: float) -> None:
         self._content = content
         self._limit = limit
-        self.exceeded = False
+        self._gap_s = gap_s
+        self.stopped: Reason | None = None
 
     async def chunks(self) -> AsyncIterator[bytes]:
         seen = 0
-        async for chunk in self._content.iter_chunked(_CHUNK):
+        while True:
+            try:
+                async with asyncio.timeout(self._gap_s):
+                    chunk = await self._content.readany()
+            except TimeoutError:
+                self.stopped = Reason.CLIENT_TIMEOUT
+                raise _BodyStopped(Reason.CLIENT_TIMEOUT) from None
+            if not chunk:
+                return
             seen += len(chunk)
-            if seen > self._limit:
-                self.exceeded = True
-                raise _BodyTooLarge
+            if self._limit and seen > self._limit:
+                self.stopped = Reason.PAYLOAD_TOO_LARGE
+                raise _BodyStopped(Reason.PAYLOAD_TOO_LARGE)
             yield chunk
 
 
@@ -138,6 +154,7 @@ class Forwarder:
             total=None, sock_connect=defaults.connect_timeout_s, sock_read=defaults.timeout_s
         )
         self._carriers = {route.id: _token_carriers(route) for route in config.routes}
+        self._body_gap_s = config.limits.client_body_timeout_s
         self._admission = {
             route.id: Admission(route.max_concurrent_requests, route.max_queued_requests)
             for route in config.routes
@@ -217,11 +234,10 @@ class Forwarder:
         meter: _BodyMeter | None = None
         body: Any = None
         if request.body_exists:
-            if limit and declared is None:  # chunked: count as it streams
-                meter = _BodyMeter(request.content, limit)
-                body = meter.chunks()
-            else:
-                body = request.content
+            # Counted as it streams (chunked bodies have no length to check up front),
+            # and watched for stalls.
+            meter = _BodyMeter(request.content, limit, self._body_gap_s)
+            body = meter.chunks()
         async with self._admission[route.id]:
             started = time.perf_counter()
             try:
@@ -229,13 +245,16 @@ class Forwarder:
                     request.method, url, headers=headers, data=body, allow_redirects=False,
                     timeout=self._timeout,
                 )  # fmt: skip
-            except TimeoutError:
-                raise Rejection(Reason.UPSTREAM_TIMEOUT, "no response headers in time") from None
-            except (aiohttp.ClientError, OSError) as exc:
-                if meter is not None and meter.exceeded:
-                    raise Rejection(
-                        Reason.PAYLOAD_TOO_LARGE, f"chunked body over {limit}"
-                    ) from None
+            except _BodyStopped as stop:
+                raise Rejection(stop.reason, "request body stopped") from None
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                if meter is not None and meter.stopped is not None:
+                    raise Rejection(meter.stopped, "request body stopped") from None
+                if request.transport is None or request.transport.is_closing():
+                    # The client left mid-upload: not the upstream's fault.
+                    raise Rejection(Reason.CLIENT_DISCONNECTED, type(exc).__name__) from None
+                if isinstance(exc, TimeoutError):
+                    raise Rejection(Reason.UPSTREAM_TIMEOUT, "no response in time") from None
                 raise Rejection(Reason.UPSTREAM_UNAVAILABLE, type(exc).__name__) from None
             async with upstream:
                 self._metrics.observe_upstream(

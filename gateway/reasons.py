@@ -45,6 +45,7 @@ class Reason(enum.StrEnum):
     INSUFFICIENT_SCOPE = "insufficient_scope"
     JWKS_UNAVAILABLE = "jwks_unavailable"
     PAYLOAD_TOO_LARGE = "payload_too_large"
+    CLIENT_TIMEOUT = "client_timeout"
     UPSTREAM_OVERLOADED = "upstream_overloaded"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     UPSTREAM_TIMEOUT = "upstream_timeout"
@@ -130,6 +131,9 @@ REASON_SPECS: Final[Mapping[Reason, ReasonSpec]] = MappingProxyType(
         ),
         Reason.PAYLOAD_TOO_LARGE: ReasonSpec(
             413, "The request body is larger than this route accepts.", Outcome.REJECTED, _INFO
+        ),
+        Reason.CLIENT_TIMEOUT: ReasonSpec(
+            408, "The request body stopped arriving.", Outcome.REJECTED, _INFO
         ),
         # Shed before the upstream drowns: the route's in-flight and queue limits are full.
         Reason.UPSTREAM_OVERLOADED: ReasonSpec(
