@@ -413,11 +413,7 @@ class _Node:
 
     def number(self, *, positive: bool = True, allow_zero: bool = False) -> float:
         value = self.value
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-        ):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
             raise self.fail(f"got {_show(value)}", "a number of seconds")
         if positive and (value < 0 or (value == 0 and not allow_zero)):
             raise self.fail(f"got {value}", "a number >= 0" if allow_zero else "a number > 0")
@@ -440,7 +436,16 @@ class _Node:
         return self.value
 
 
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
 def _show(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return "a very large integer"  # repr() of a huge int may itself refuse (int_max_str_digits)
     if value is None:
         return "nothing"
     if isinstance(value, dict):
@@ -611,12 +616,18 @@ def _read_static_jwks(
     else:
         return None
     try:
-        build_key_set(document, issuer_id, algorithms)
+        canonical = json.dumps(document, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError):
+        raise where.fail(
+            "not plain JSON data", "a JWKS of maps, lists, strings and numbers"
+        ) from None
+    try:
+        build_key_set(json.loads(canonical), issuer_id, algorithms)
     except JwksFetchError as exc:
         raise where.fail(
             exc.detail, "a JWKS with at least one key usable with 'algorithms'"
         ) from None
-    return json.dumps(document, sort_keys=True, separators=(",", ":"))
+    return canonical
 
 
 def _read_issuer(issuer_id: str, node: _Node, base_dir: Path | None) -> IssuerConfig:

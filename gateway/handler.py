@@ -12,7 +12,7 @@ from .metrics import GatewayMetrics
 from .proxy import Forwarder
 from .reasons import Reason
 from .record import RECORD_KEY, RequestRecord
-from .routing import RouteTable, check_raw_path, request_host
+from .routing import RouteTable, request_host
 from .verifier import Verifier
 
 
@@ -45,7 +45,7 @@ class GatewayHandler:
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         record = request[RECORD_KEY]
         raw_path = request.raw_path
-        path = check_raw_path(raw_path)
+        path = self._table.check(raw_path)
         route = self._table.match(request.method, path, request_host(request.host))
         if route is None:
             raise Rejection(Reason.ROUTE_NOT_FOUND)

@@ -22,6 +22,7 @@ _UNSAFE_PATH: Final = re.compile(
     | [\\;#\x00-\x20\x7f]                   # backslash, path parameters, fragment, controls, space
     | %(?:2[eEfF]|5[cC]|3[bB]|[46][1-9a-fA-F]|[57][0-9aA]|3[0-9]|2[dD]|5[fF]|7[eE]|[01][0-9a-fA-F]|7[fF]|25)
                                             # encoded . / \ ; unreserved, controls, or a double encoding
+    | %(?:[cC][01]|[fF][5-9a-fA-F])         # bytes that never occur in UTF-8 (overlong '.' is %C0%AE)
     | %(?![0-9a-fA-F]{2})                   # a bare '%'
     """,
     re.VERBOSE,
@@ -47,13 +48,39 @@ def check_raw_path(raw_path: str) -> str:
     return path
 
 
+def _escapes_of(chars: set[str]) -> re.Pattern[str] | None:
+    """A pattern for the percent-encoded forms of ``chars`` (either hex case)."""
+    if not chars:
+        return None
+    codes = sorted(f"{ord(c):02X}" for c in chars)
+    alternatives = "|".join(f"{c[0]}[{c[1]}{c[1].lower()}]" if c[1].isalpha() else c for c in codes)
+    return re.compile(f"%(?:{alternatives})")
+
+
 class RouteTable:
     """The ordered routes; the first whose match fits the request wins."""
 
-    __slots__ = ("_routes",)
+    __slots__ = ("_literal_escapes", "_routes")
 
     def __init__(self, routes: tuple[RouteConfig, ...]) -> None:
         self._routes = routes
+        # A reserved character that some route names literally (":" in /v1/things:batchGet)
+        # must not arrive percent-encoded: this matcher would not see the route, and an
+        # upstream that decodes before routing would.
+        reserved = {
+            c
+            for route in routes
+            for c in (route.match.path or route.match.path_prefix or "")
+            if not (c.isalnum() or c in "-._~/")
+        }
+        self._literal_escapes = _escapes_of(reserved)
+
+    def check(self, raw_path: str) -> str:
+        """``check_raw_path`` plus this table's own rule on encoded route characters."""
+        path = check_raw_path(raw_path)
+        if self._literal_escapes is not None and self._literal_escapes.search(path):
+            raise Rejection(Reason.REQUEST_REJECTED, "encoded character a route names literally")
+        return path
 
     def match(self, method: str, path: str, host: str = "") -> RouteConfig | None:
         """The route for a request with this method, (already checked) raw path and host, or ``None``."""

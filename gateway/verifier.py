@@ -56,11 +56,26 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+_ALPHABET: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+# The last character of a 4n+2 (4n+3) segment carries 4 (2) unused bits, which must be zero:
+# otherwise 15 (3) other spellings decode to the same bytes, and one signature would have
+# several tokens (a way around caches and replay lists keyed by the token).
+_CANONICAL_LAST: Final = {
+    2: frozenset(_ALPHABET[i] for i in range(0, 64, 16)),
+    3: frozenset(_ALPHABET[i] for i in range(0, 64, 4)),
+}
+
+
 def _segment(text: str, name: str) -> bytes:
     # base64url without padding (RFC 7515 §2): the alphabet is checked by a regex in C,
-    # and a length of 4n+1 can never be valid.
-    if not _SEGMENT.fullmatch(text) or len(text) % 4 == 1:
-        raise Rejection(Reason.TOKEN_MALFORMED, f"{name} is not base64url")
+    # a length of 4n+1 can never be valid, and the unused bits must be zero.
+    rest = len(text) % 4
+    if (
+        not _SEGMENT.fullmatch(text)
+        or rest == 1
+        or (rest and text[-1] not in _CANONICAL_LAST[rest])
+    ):
+        raise Rejection(Reason.TOKEN_MALFORMED, f"{name} is not canonical base64url")
     try:
         return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError):

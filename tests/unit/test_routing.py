@@ -16,7 +16,10 @@ CONTROLS = frozenset([*range(0x00, 0x20), 0x7F])
 # Bytes that must never arrive percent-encoded: an upstream that decodes them would
 # see a different path than the one matched (RFC 3986 §2.3, §6.2.2.2); ';' because
 # decoded it starts path parameters.
-MUST_REFUSE_ENCODED = UNRESERVED | CONTROLS | {0x2F, 0x5C, 0x25, 0x3B}
+# Bytes that never occur in UTF-8: 0xC0 and 0xC1 (overlong forms such as %C0%AE for '.')
+# and 0xF5 to 0xFF.
+NEVER_UTF8 = {0xC0, 0xC1, *range(0xF5, 0x100)}
+MUST_REFUSE_ENCODED = UNRESERVED | CONTROLS | {0x2F, 0x5C, 0x25, 0x3B} | NEVER_UTF8
 
 
 def rejected(raw_path: str) -> bool:
@@ -108,7 +111,8 @@ def test_ordinary_paths_are_accepted_and_query_is_dropped(raw_path: str, path: s
 
 
 def test_every_percent_escape_is_classified() -> None:
-    """Unreserved characters, controls, '/', '\\', ';' and '%' are refused encoded; other bytes pass.
+    """Unreserved characters, controls, '/', '\\', ';', '%' and non-UTF-8 bytes are refused
+    encoded; other bytes pass.
 
     All 256 octets, in both hex cases.
     """
@@ -290,3 +294,24 @@ HOST_TABLE = RouteTable(
 def test_host_matching(host: str, path: str, route_id: str | None) -> None:
     route = HOST_TABLE.match("GET", path, host)
     assert (route.id if route else None) == route_id
+
+
+@pytest.mark.parametrize(
+    ("route_path", "raw_path"),
+    [
+        pytest.param("/v1/things:batchGet", "/v1/things%3AbatchGet", id="colon-upper"),
+        pytest.param("/v1/things:batchGet", "/v1/things%3abatchGet", id="colon-lower"),
+        pytest.param("/v1/a+b", "/v1/a%2Bb", id="plus"),
+        pytest.param("/users/@me", "/users/%40me", id="at"),
+    ],
+)
+def test_a_reserved_character_a_route_names_may_not_arrive_encoded(
+    route_path: str, raw_path: str
+) -> None:
+    """Else this table would not see the route, and a decoding upstream would."""
+    table = RouteTable((make_route("named", path=route_path), make_route("broad", prefix="/")))
+    with pytest.raises(Rejection) as caught:
+        table.check(raw_path)
+    assert caught.value.reason is Reason.REQUEST_REJECTED
+    plain = RouteTable((make_route("broad", prefix="/"),))
+    assert plain.check(raw_path) == raw_path  # no route names it: accepted as before
