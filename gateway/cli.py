@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -24,6 +25,7 @@ from .logs import kv, setup_logging
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL_S = 2.0
+GC_GEN0_THRESHOLD = 20_000
 
 
 def _workers(value: str) -> int:
@@ -122,6 +124,19 @@ def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
         runner.run(main)
 
 
+def tune_garbage_collector() -> None:
+    """Keep the cyclic garbage collector off the request path as far as is safe.
+
+    Everything alive after start-up (modules, config, keys) is frozen out of collection, and
+    the youngest generation is collected less often: a request allocates hundreds of objects,
+    almost all freed by reference counting, and the default threshold (700) ran a collection
+    every few requests (7% of a verifying gateway's time in a profile).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
+
+
 def file_signature(path: Path) -> tuple[int, int] | None:
     """What changes when a file is rewritten or its symlink swapped (Kubernetes ConfigMaps)."""
     try:
@@ -183,6 +198,7 @@ async def serve(
         log.info(kv(event="listening", proxy=f"{config.listen.host}:{config.listen.port}",
                     admin=None if worker else f"{config.admin.host}:{config.admin.port}",
                     routes=len(config.routes), pid=os.getpid()))  # fmt: skip
+        tune_garbage_collector()
         if on_ready:
             print(on_ready, flush=True)
         stop = asyncio.Event()

@@ -82,9 +82,13 @@ def _segment(text: str, name: str) -> bytes:
         raise Rejection(Reason.TOKEN_MALFORMED, f"{name} is not base64url") from None
 
 
+# Built once: json.loads(..., object_pairs_hook=...) would build a decoder on every call.
+_DECODER: Final = json.JSONDecoder(object_pairs_hook=_no_duplicates)
+
+
 def _json_object(data: bytes, name: str) -> dict[str, Any]:
     try:
-        value = json.loads(data, object_pairs_hook=_no_duplicates)
+        value = _DECODER.decode(data.decode("utf-8"))  # RFC 7519 §7.2: UTF-8 JSON
     except (ValueError, RecursionError):
         raise Rejection(Reason.TOKEN_MALFORMED, f"{name} is not a JSON object") from None
     if not isinstance(value, dict):
