@@ -758,7 +758,7 @@ async def test_a_request_cut_at_the_drain_deadline_is_still_logged(
     lines = [line for line in gw.log_lines() if "event=request request_id=cut-1 " in line]
     assert len(lines) == 1, gw.log()
     assert "route=public" in lines[0]
-    assert "reason=ok" not in lines[0]
+    assert "reason=request_cancelled" in lines[0]
 
 
 # === --workers ================================================================================
