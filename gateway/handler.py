@@ -7,7 +7,7 @@ from aiohttp import web
 from .claims import identity_headers
 from .config import AUTH_OUTCOME_HEADER, AuthMode, GatewayConfig, RouteConfig
 from .errors import Rejection
-from .extractor import FoundToken, extract_token
+from .extractor import extract_token
 from .metrics import GatewayMetrics
 from .proxy import Forwarder
 from .reasons import Reason
@@ -51,47 +51,44 @@ class GatewayHandler:
             raise Rejection(Reason.ROUTE_NOT_FOUND)
         record.route = route.id
         injected: dict[str, str] = {}
-        found: FoundToken | None = None
         policy = route.auth
         if policy is not None and not (route.cors_preflight and is_cors_preflight(request)):
             query = raw_path.partition("?")[2]
             if policy.mode is AuthMode.REPORT_ONLY:
-                injected, found = await self._report_only(request, route, query, record)
+                injected = await self._report_only(request, route, query, record)
             else:
                 found = extract_token(
                     request.headers, query, policy.token_sources, self._max_token_bytes
                 )
-                if found is None:
-                    if policy.mode is AuthMode.REQUIRED:
-                        raise Rejection(Reason.TOKEN_MISSING, "no token")
-                else:
-                    injected = await self._verify(route, found, record)
+                if found is not None:
+                    injected = await self._verify(route, found.token, record)
+                elif policy.mode is AuthMode.REQUIRED:
+                    raise Rejection(Reason.TOKEN_MISSING, "no token")
         # Only now, with every check passed, does anything reach the upstream.
-        return await self._forwarder.forward(request, route, injected, found)
+        return await self._forwarder.forward(request, route, injected)
 
     async def _verify(
-        self, route: RouteConfig, found: FoundToken, record: RequestRecord
+        self, route: RouteConfig, token: str, record: RequestRecord
     ) -> dict[str, str]:
         assert route.auth is not None
-        verified = await self._verifier.verify(found.token, route.auth)
+        verified = await self._verifier.verify(token, route.auth)
         record.issuer = verified.issuer.id
         record.kid = verified.kid
         return identity_headers(verified, route)
 
     async def _report_only(
         self, request: web.Request, route: RouteConfig, query: str, record: RequestRecord
-    ) -> tuple[dict[str, str], FoundToken | None]:
+    ) -> dict[str, str]:
         """Verify as a required route would, but forward whatever the outcome, saying which."""
         assert route.auth is not None
         injected: dict[str, str] = {}
-        found: FoundToken | None = None
         try:
             found = extract_token(
                 request.headers, query, route.auth.token_sources, self._max_token_bytes
             )
             if found is None:
                 raise Rejection(Reason.TOKEN_MISSING, "no token")
-            injected = await self._verify(route, found, record)
+            injected = await self._verify(route, found.token, record)
             outcome = Reason.OK
         except Rejection as rejection:
             outcome = rejection.reason
@@ -99,4 +96,4 @@ class GatewayHandler:
         record.auth_outcome = outcome
         self._metrics.report_only.labels(route.id, outcome.value).inc()
         injected[AUTH_OUTCOME_HEADER] = outcome.value
-        return injected, found
+        return injected

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -20,12 +19,9 @@ from .admission import Admission
 from .claims import headers_to_strip
 from .config import GatewayConfig, RouteConfig, TokenLocation
 from .errors import Rejection
-from .extractor import FoundToken
 from .metrics import GatewayMetrics
 from .reasons import Reason
 from .record import RECORD_KEY, REQUEST_ID_HEADER
-
-log = logging.getLogger(__name__)
 
 _CHUNK = 64 * 1024
 # aiohttp adds these when absent; a proxy must not (an added Accept-Encoding
@@ -212,7 +208,6 @@ class Forwarder:
         request: web.Request,
         route: RouteConfig,
         injected: Mapping[str, str],
-        found: FoundToken | None = None,
     ) -> web.StreamResponse:
         """Forward ``request`` to ``route``'s upstream: method, raw path and query as received,
         except a configured prefix rewrite and a query-parameter token, which is removed."""
