@@ -26,7 +26,7 @@ _B64TOKEN: Final = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 @dataclass(frozen=True, slots=True)
 class FoundToken:
-    """A token and the source it came from (so it can be removed before forwarding)."""
+    """A token and the source it came from (for logs and tests; the proxy hides every source)."""
 
     token: str
     source: TokenSource
