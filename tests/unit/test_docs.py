@@ -1,4 +1,4 @@
-"""The README documents every config key and every reason the gateway can answer with."""
+"""The README documents every config key, every reason and every metric."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import re
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from gateway import config
+from gateway.metrics import GatewayMetrics
 from gateway.reasons import Reason
 
 README = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
@@ -41,3 +43,17 @@ def test_every_config_key_is_in_the_example_config(key: str) -> None:
 @pytest.mark.parametrize("reason", [r.value for r in Reason])
 def test_every_reason_is_in_the_readme_table(reason: str) -> None:
     assert f"| `{reason}`" in README, reason
+
+
+def _metric_names() -> list[str]:
+    registry = CollectorRegistry()
+    GatewayMetrics(registry, ["r"], ["i"])
+    return sorted(
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in registry.collect()
+    )
+
+
+@pytest.mark.parametrize("name", _metric_names())
+def test_every_metric_is_in_the_readme_table(name: str) -> None:
+    assert f"| `{name}` |" in README, name
