@@ -7,7 +7,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
-from .config import FORWARDED_HEADERS, HOP_BY_HOP_HEADERS, ClaimHeader, RouteConfig
+from .config import FORWARDED_HEADERS, HOP_BY_HOP_HEADERS, ClaimHeader, RouteConfig, header_key
 from .errors import Rejection
 from .reasons import Reason
 from .verifier import VerifiedToken, lookup_claim
@@ -18,9 +18,9 @@ _CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def headers_to_strip(owned: frozenset[str], connection_values: Iterable[str]) -> frozenset[str]:
-    """Lower-cased names to drop from a request: owned claim headers, hop-by-hop ones and those
-    named in its ``Connection`` header (RFC 9110 §7.6.1)."""
-    named = {token.strip().lower() for value in connection_values for token in value.split(",")}
+    """Names (as ``header_key`` spells them) to drop from a request: owned claim headers,
+    hop-by-hop ones and those named in its ``Connection`` header (RFC 9110 §7.6.1)."""
+    named = {header_key(token.strip()) for value in connection_values for token in value.split(",")}
     named.discard("")
     return owned | HOP_BY_HOP_HEADERS | FORWARDED_HEADERS | named
 
@@ -36,7 +36,7 @@ def render_claim(value: Any, fmt: str = "csv") -> str | None:
     if value is None:
         return None
     if fmt == "json" and isinstance(value, list | dict):
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+        return _compact_json(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
@@ -49,6 +49,10 @@ def render_claim(value: Any, fmt: str = "csv") -> str | None:
         isinstance(v, str | int | float) and not isinstance(v, bool) for v in value
     ):
         return ",".join(str(render_claim(v)) for v in value)
+    return _compact_json(value)
+
+
+def _compact_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
 
 

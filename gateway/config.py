@@ -96,6 +96,12 @@ _QUERY_NAME: Final = re.compile(r"[A-Za-z0-9_.~-]+")
 _LOOPBACK_NAMES: Final = frozenset({"localhost"})
 
 
+def header_key(name: str) -> str:
+    """A header name as the gateway compares it: lower-case, with ``_`` read as ``-`` (CGI and
+    WSGI upstreams read ``X_User_Sub`` as ``X-User-Sub``, so both spellings are one header)."""
+    return name.lower().replace("_", "-")
+
+
 # --- the frozen model -----------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class ListenConfig:
@@ -353,7 +359,7 @@ class GatewayConfig:
         names = {h.header for r in self.routes for h in r.claim_headers}
         names.update(r.payload_header for r in self.routes if r.payload_header)
         names.add(AUTH_OUTCOME_HEADER)
-        return frozenset(name.lower().replace("_", "-") for name in names)
+        return frozenset(header_key(name) for name in names)
 
 
 # --- the typed reader -----------------------------------------------------------

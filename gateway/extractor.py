@@ -32,25 +32,35 @@ class FoundToken:
     source: TokenSource
 
 
+# How a cookie pair and a query pair are named.  The proxy removes a token's carrier by the
+# same functions, so what is read as a token and what is hidden from the upstream never differ.
+def cookie_name(pair: str) -> str:
+    """The name of one ``name=value`` pair of a ``Cookie`` header (RFC 6265 §5.4)."""
+    return pair.partition("=")[0].strip()
+
+
+def query_name(pair: str) -> str:
+    """The decoded name of one ``name=value`` pair of a raw query string."""
+    return unquote_plus(pair.partition("=")[0])
+
+
 def cookie_values(headers: CIMultiDictProxy[str], name: str) -> list[str]:
-    """Every value of cookie ``name`` across all ``Cookie`` headers (RFC 6265 §5.4 syntax)."""
-    found = []
-    for header in headers.getall("Cookie", []):
-        for pair in header.split(";"):
-            key, sep, value = pair.strip().partition("=")
-            if sep and key == name:
-                found.append(value.strip().strip('"'))
-    return found
+    """Every value of cookie ``name`` across all ``Cookie`` headers."""
+    return [
+        pair.partition("=")[2].strip().strip('"')
+        for header in headers.getall("Cookie", [])
+        for pair in header.split(";")
+        if "=" in pair and cookie_name(pair) == name
+    ]
 
 
 def query_values(query: str, name: str) -> list[str]:
     """Every (decoded) value of parameter ``name`` in a raw query string."""
-    found = []
-    for pair in query.split("&"):
-        key, sep, value = pair.partition("=")
-        if sep and unquote_plus(key) == name:
-            found.append(unquote_plus(value))
-    return found
+    return [
+        unquote_plus(pair.partition("=")[2])
+        for pair in query.split("&")
+        if "=" in pair and query_name(pair) == name
+    ]
 
 
 def _from_header(headers: CIMultiDictProxy[str], source: TokenSource) -> list[str]:

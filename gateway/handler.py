@@ -46,7 +46,8 @@ class GatewayHandler:
         record = request[RECORD_KEY]
         raw_path = request.raw_path
         path = self._table.check(raw_path)
-        route = self._table.match(request.method, path, request_host(request.host))
+        host = request_host(request.host) if self._table.uses_hosts else ""
+        route = self._table.match(request.method, path, host)
         if route is None:
             raise Rejection(Reason.ROUTE_NOT_FOUND)
         record.route = route.id

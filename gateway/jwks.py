@@ -146,22 +146,30 @@ class JwksCache:
         for issuer_id, cfg in issuers.items():
             if issuer_id not in self._entries:
                 self._entries[issuer_id] = entry = self._new_entry(cfg)
-                if self._started and not entry.static:
-                    self._refreshers[issuer_id] = asyncio.create_task(self._refresh_loop(entry))
+                if self._started:
+                    self._start_refresher(entry)
+
+    def _start_refresher(self, entry: _Entry) -> None:
+        if not entry.static:
+            task = asyncio.create_task(self._refresh_loop(entry))
+            self._refreshers[entry.issuer.id] = task
 
     def _stop(self, issuer_id: str) -> None:
         task = self._refreshers.pop(issuer_id, None)
         if task is not None:
             task.cancel()
         # A fetch in flight is left to finish: requests may be waiting on it.
+        for gauge in (self._metrics.jwks_keys, self._metrics.jwks_stale):
+            # A removed issuer's gauges must not go on reporting its old entry.
+            with contextlib.suppress(KeyError):
+                gauge.remove(issuer_id)
 
     # --- lifecycle -------------------------------------------------------------
     def start(self) -> None:
         """Start one background refresher per fetched issuer; each fetches at once."""
         self._started = True
-        for issuer_id, entry in self._entries.items():
-            if not entry.static:
-                self._refreshers[issuer_id] = asyncio.create_task(self._refresh_loop(entry))
+        for entry in self._entries.values():
+            self._start_refresher(entry)
         if self._metrics.multiprocess:
             self._ticker = asyncio.create_task(self._tick())
 

@@ -8,7 +8,6 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import unquote_plus
 
 import aiohttp
 from aiohttp import StreamReader, web
@@ -17,8 +16,9 @@ from yarl import URL
 
 from .admission import Admission
 from .claims import headers_to_strip
-from .config import GatewayConfig, RouteConfig, TokenLocation
+from .config import GatewayConfig, RouteConfig, TokenLocation, header_key
 from .errors import Rejection
+from .extractor import cookie_name, query_name
 from .metrics import GatewayMetrics
 from .reasons import Reason
 from .record import RECORD_KEY, REQUEST_ID_HEADER
@@ -41,9 +41,8 @@ def create_upstream_session(config: GatewayConfig) -> aiohttp.ClientSession:
         connector=connector,
         auto_decompress=False,  # bytes pass through as the upstream encoded them
         cookie_jar=aiohttp.DummyCookieJar(),  # a proxy keeps no cookies between clients
-        timeout=aiohttp.ClientTimeout(
-            total=None, sock_connect=defaults.connect_timeout_s, sock_read=defaults.timeout_s
-        ),
+        # No session timeout: Forwarder passes its own on every request, so a reload's new
+        # timeouts apply without a new session.
         skip_auto_headers=_SKIP_AUTO_HEADERS,
     )
 
@@ -61,6 +60,10 @@ _KEEP_ALL: Final = _Carriers(frozenset(), frozenset(), frozenset())
 _AUTHORIZATION_ONLY: Final = _Carriers(frozenset({"authorization"}), frozenset(), frozenset())
 
 
+# Never copied from the client: Host is the upstream's, Expect was already answered here.
+_PROXY_OWN: Final = frozenset({"host", "expect"})
+
+
 def _token_carriers(route: RouteConfig) -> _Carriers:
     # Authorization never reaches an upstream unless a route forwards its token on
     # purpose: a compromised or logging upstream must not be able to replay it.
@@ -72,12 +75,7 @@ def _token_carriers(route: RouteConfig) -> _Carriers:
     return _Carriers(
         frozenset(
             {"authorization"}
-            # In the spelling inbound names are compared in (CGI/WSGI read _ as -).
-            | {
-                s.name.lower().replace("_", "-")
-                for s in sources
-                if s.location is TokenLocation.HEADER
-            }
+            | {header_key(s.name) for s in sources if s.location is TokenLocation.HEADER}
         ),
         frozenset(s.name for s in sources if s.location is TokenLocation.COOKIE),
         frozenset(s.name for s in sources if s.location is TokenLocation.QUERY),
@@ -86,15 +84,11 @@ def _token_carriers(route: RouteConfig) -> _Carriers:
 
 def _without_cookies(header: str, names: frozenset[str]) -> str:
     pairs = [p.strip() for p in header.split(";")]
-    return "; ".join(p for p in pairs if p and p.partition("=")[0].strip() not in names)
+    return "; ".join(p for p in pairs if p and cookie_name(p) not in names)
 
 
 def _without_params(query: str, names: frozenset[str]) -> str:
-    return "&".join(
-        pair
-        for pair in query.split("&")
-        if pair and unquote_plus(pair.partition("=")[0]) not in names
-    )
+    return "&".join(pair for pair in query.split("&") if pair and query_name(pair) not in names)
 
 
 class _BodyStopped(Exception):
@@ -156,7 +150,10 @@ class Forwarder:
             for route in config.routes
         }
         self._owned = config.owned_headers
-        self._base_strip = headers_to_strip(self._owned, ())
+        # Per route: every name never copied upstream, so a request needs one set lookup
+        # per header (a Connection header adds the names it lists).
+        base = headers_to_strip(self._owned, ()) | _PROXY_OWN
+        self._strip = {r.id: base | self._carriers[r.id].headers for r in config.routes}
         self._trusted = config.trusted_proxies
 
     def _peer_trusted(self, peer: str | None) -> bool:
@@ -174,17 +171,17 @@ class Forwarder:
         """The request headers as the upstream sees them: owned, hop-by-hop and forwarding headers
         removed, verified claims injected, X-Forwarded-* set."""
         inbound = request.headers
+        strip = self._strip[route.id]
         connection = inbound.getall("Connection", [])
-        strip = headers_to_strip(self._owned, connection) if connection else self._base_strip
+        if connection:
+            strip = strip | headers_to_strip(frozenset(), connection)
         out: CIMultiDict[str] = CIMultiDict()
         hidden = self._carriers[route.id]
         for name, value in inbound.items():
-            # CGI/WSGI upstreams read X_User_Sub as X-User-Sub: compare in that spelling too.
-            lower = name.lower().replace("_", "-")
-            # Host is the upstream's; Expect was already answered by this server.
-            if lower in strip or lower in ("host", "expect") or lower in hidden.headers:
+            key = header_key(name)
+            if key in strip:
                 continue
-            if lower == "cookie" and hidden.cookies:
+            if key == "cookie" and hidden.cookies:
                 value = _without_cookies(value, hidden.cookies)
                 if not value:
                     continue

@@ -60,10 +60,12 @@ def _escapes_of(chars: set[str]) -> re.Pattern[str] | None:
 class RouteTable:
     """The ordered routes; the first whose match fits the request wins."""
 
-    __slots__ = ("_literal_escapes", "_routes")
+    __slots__ = ("_literal_escapes", "_routes", "uses_hosts")
 
     def __init__(self, routes: tuple[RouteConfig, ...]) -> None:
         self._routes = routes
+        # Whether matching needs the request's host at all (most configs name none).
+        self.uses_hosts = any(r.match.hosts or r.match.host_suffixes for r in routes)
         # A reserved character that some route names literally (":" in /v1/things:batchGet)
         # must not arrive percent-encoded: this matcher would not see the route, and an
         # upstream that decodes before routing would.

@@ -198,10 +198,10 @@ class Verifier:
             raise Rejection(Reason.SIGNATURE_INVALID, "signature does not verify")
         if trace is not None:
             trace.append("signature verifies")
-        self._check_claims(payload, issuer, policy, trace)
+        exp = self._check_claims(payload, issuer, policy, trace)
         verified = VerifiedToken(payload, issuer, kid, parsed.payload_segment, alg, key, typ)
         if cache is not None:
-            cache.put(token, verified, _numeric_date(payload, "exp", required=True) or 0.0)
+            cache.put(token, verified, exp)
         return verified
 
     def _still_valid(self, hit: VerifiedToken, policy: AuthPolicy) -> bool:
@@ -226,7 +226,8 @@ class Verifier:
         issuer: IssuerConfig,
         policy: AuthPolicy,
         trace: list[str] | None,
-    ) -> None:
+    ) -> float:
+        """Check time claims and the route's policy; return ``exp``."""
         if claims.get("iss") != issuer.issuer:
             raise Rejection(Reason.ISSUER_NOT_ALLOWED, "verified iss differs")
         now = self._clock.time()
@@ -252,7 +253,6 @@ class Verifier:
                 raise Rejection(Reason.CLAIM_MISSING, f"claim {name} missing")
             if trace is not None:
                 trace.append(f"required claim {name!r} is present")
-        scope = " ".join(sorted(policy.required_scopes)) or None
         if policy.required_scopes:
             granted = _granted_scopes(claims)
             enough = (
@@ -262,19 +262,26 @@ class Verifier:
             )
             if not enough:
                 raise Rejection(
-                    Reason.INSUFFICIENT_SCOPE, "required scope not granted", scope=scope
+                    Reason.INSUFFICIENT_SCOPE, "required scope not granted", scope=_scope(policy)
                 )
             if trace is not None:
-                trace.append(f"scopes grant {'any' if policy.scopes_any_of else 'all'} of: {scope}")
+                which = "any" if policy.scopes_any_of else "all"
+                trace.append(f"scopes grant {which} of: {_scope(policy)}")
         for matcher in policy.claim_matchers:
             if not claim_matches(matcher, claims):
                 raise Rejection(
                     Reason.INSUFFICIENT_SCOPE,
                     f"claim check failed: {matcher.describe()}",
-                    scope=scope,
+                    scope=_scope(policy),
                 )
             if trace is not None:
                 trace.append(f"claim check holds: {matcher.describe()}")
+        return exp
+
+
+def _scope(policy: AuthPolicy) -> str | None:
+    """The ``scope`` attribute of a 403 challenge: built only when a request is refused."""
+    return " ".join(sorted(policy.required_scopes)) or None
 
 
 # RFC 9068 access tokens say at+jwt; most other issuers say JWT or nothing.

@@ -264,3 +264,13 @@ async def test_attacker_controlled_text_cannot_forge_log_fields(
 async def test_issuer_constant_matches_the_gateway_config(gateway: RunningGateway) -> None:
     """Guards the forged-issuer tests: they are only meaningful if ISSUER is the trusted one."""
     assert [i.issuer for i in gateway.config.issuers.values()] == [ISSUER]
+
+
+async def test_a_header_named_in_connection_is_stripped_in_either_spelling(
+    gateway: RunningGateway,
+) -> None:
+    """``Connection: X_Secret`` declares X-Secret hop-by-hop for a CGI/WSGI upstream too."""
+    headers = [("Connection", "X_Secret"), ("X-Secret", "1"), ("X_Secret", "2")]
+    seen = echoed(await send_raw(gateway.client, "GET", "/public/page", headers))
+    assert values_of(seen, "X-Secret") == []
+    assert values_of(seen, "X_Secret") == []

@@ -884,3 +884,19 @@ def test_key_with_non_string_alg_is_skipped(alg: Any, signing_keys: dict[str, Si
     key_set = build({"keys": [rs.public_jwk(), rs.public_jwk(kid="odd", alg=alg)]})
     assert key_set.size == 1
     assert verifies(_found(key_set, rs.kid, "RS256"), rs)
+
+
+async def test_reconfigure_keeps_unchanged_issuers_and_forgets_removed_ones(
+    make_cache: MakeCache, idp: FakeIdP
+) -> None:
+    h = make_cache()
+    await h.key("key-rs256")
+    assert idp.hits == 1
+    h.cache.reconfigure({"test": h.issuer})  # unchanged: keys kept, no fetch
+    await h.key("key-rs256")
+    assert idp.hits == 1
+    assert h.metric("gateway_jwks_keys") > 0
+    h.cache.reconfigure({})  # removed: its gauges stop reporting the old key set
+    assert h.registry.get_sample_value("gateway_jwks_keys", {"issuer": "test"}) is None
+    assert h.registry.get_sample_value("gateway_jwks_stale", {"issuer": "test"}) is None
+    assert await h.reject("key-rs256") is Reason.JWKS_UNAVAILABLE
