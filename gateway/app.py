@@ -1,6 +1,7 @@
 """Application assembly: collaborators wired once, shared state under typed keys, resources in cleanup_ctx.
 
-The request path is built from the config into a ``GatewayHandler``; a reload
+The request path is built from the config into a handler (``GatewayHandler`` in proxy mode,
+``ForwardAuthHandler`` in forward_auth mode) around one ``Gate``; a reload
 builds a new one and swaps it in whole, so a request finishes on the config it
 started with.  Key caches of issuers whose settings did not change survive.
 """
@@ -17,9 +18,11 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from .clock import SYSTEM_CLOCK, Clock
-from .config import AuthMode, GatewayConfig, load_config
+from .config import AuthMode, GatewayConfig, GatewayMode, load_config
 from .documents import DocumentFetcher, HttpDocumentFetcher
 from .errors import ConfigError
+from .forward_auth import Caller, ForwardAuthHandler
+from .gate import Gate
 from .handler import GatewayHandler
 from .jwks import JwksCache
 from .logs import kv
@@ -48,7 +51,7 @@ class Gateway:
         self.metrics = metrics
         self.clock = clock
         self.draining = False
-        self._handler: GatewayHandler | None = None
+        self._handler: GatewayHandler | ForwardAuthHandler | None = None
         self._jwks: JwksCache | None = None
         self._upstream_session: aiohttp.ClientSession | None = None
         self._reload_lock = asyncio.Lock()
@@ -58,7 +61,7 @@ class Gateway:
         )
 
     @property
-    def handler(self) -> GatewayHandler:
+    def handler(self) -> GatewayHandler | ForwardAuthHandler:
         assert self._handler is not None, "the gateway has not started"
         return self._handler
 
@@ -72,10 +75,12 @@ class Gateway:
         assert self._upstream_session is not None, "the gateway has not started"
         return self._upstream_session
 
-    def _build_handler(self, config: GatewayConfig) -> GatewayHandler:
-        forwarder = Forwarder(config, self.upstream_session, self.metrics)
+    def _build_handler(self, config: GatewayConfig) -> GatewayHandler | ForwardAuthHandler:
         verifier = Verifier(self.jwks, self.clock, self.token_cache)
-        return GatewayHandler(config, verifier, forwarder, self.metrics)
+        gate = Gate(config, verifier, self.metrics)
+        if config.mode is GatewayMode.FORWARD_AUTH:
+            return ForwardAuthHandler(config, gate, self.metrics)
+        return GatewayHandler(gate, Forwarder(config, self.upstream_session, self.metrics))
 
     def start(self, jwks: JwksCache, upstream_session: aiohttp.ClientSession) -> None:
         self._jwks = jwks
@@ -110,6 +115,9 @@ class Gateway:
         async with self._reload_lock:
             try:
                 config = await asyncio.to_thread(load_config, path, base_dir)
+                if config.mode is not self.config.mode:
+                    # The other mode's routes may lack upstreams, and callers expect one API.
+                    raise ConfigError("mode", "changing the mode needs a restart")
             except ConfigError as exc:
                 if count:
                     self.metrics.config_reloads.labels("failure").inc()
@@ -149,6 +157,8 @@ def create_app(
     metrics = GatewayMetrics(registry, multiprocess=multiprocess)
     metrics.add_routes((r.id for r in config.routes), _report_only_routes(config))
     metrics.add_issuers(config.issuers)
+    if config.mode is GatewayMode.FORWARD_AUTH:
+        metrics.add_forward_auth_callers(c.value for c in Caller)
     gateway = Gateway(config, metrics, clock)
     app = web.Application(
         middlewares=[

@@ -1,4 +1,4 @@
-"""The command line: ``gateway run``, ``check-config``, ``explain`` and ``demo``."""
+"""The command line: ``gateway run``, ``check-config``, ``owned-headers``, ``explain`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -55,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     check = commands.add_parser("check-config", help="validate a config file; exit 0 or 1")
     check.add_argument("file", type=Path)
+    owned = commands.add_parser(
+        "owned-headers",
+        help="print the headers the gateway owns, one per line (for nginx/Envoy/Traefik configs)",
+    )
+    owned.add_argument("--config", "-c", required=True, type=Path)
     explain = commands.add_parser(
         "explain", help="show how a route would judge a token, check by check"
     )
@@ -80,7 +85,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"{args.file}: {exc}", file=sys.stderr)
             return 1
-        print(f"{args.file}: ok ({len(config.routes)} routes, {len(config.issuers)} issuers)")
+        print(
+            f"{args.file}: ok ({len(config.routes)} routes, {len(config.issuers)} issuers, "
+            f"mode {config.mode.value})"
+        )
+        return 0
+    if args.command == "owned-headers":
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            print(f"{args.config}: {exc}", file=sys.stderr)
+            return 1
+        # A forward-auth caller must overwrite or remove each of these on every request.
+        print("\n".join(sorted(config.owned_headers)))
         return 0
     if args.command == "explain":
         from .explain import explain, read_token

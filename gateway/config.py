@@ -230,6 +230,15 @@ class AuthMode(enum.StrEnum):
     REPORT_ONLY = "report-only"  # verified, counted and logged, but forwarded whatever the outcome
 
 
+class GatewayMode(enum.StrEnum):
+    """What the listener does with an admitted request."""
+
+    PROXY = "proxy"  # forward it to the route's upstream
+    # Answer the caller's check (nginx auth_request, Envoy ext_authz, Traefik ForwardAuth) with
+    # the decision and the claim headers; the caller proxies.
+    FORWARD_AUTH = "forward_auth"
+
+
 class TokenLocation(enum.StrEnum):
     """Where a route looks for its token."""
 
@@ -326,7 +335,7 @@ class RouteConfig:
 
     id: str
     match: RouteMatch
-    upstream: Upstream
+    upstream: Upstream | None  # None only in forward_auth mode (the caller proxies)
     auth: AuthPolicy | None  # None only for an explicit `auth: none`
     claim_headers: tuple[ClaimHeader, ...] = ()
     rewrite: PathRewrite | None = None
@@ -351,6 +360,17 @@ class GatewayConfig:
     issuers: Mapping[str, IssuerConfig]
     routes: tuple[RouteConfig, ...]
     token_cache_size: int = DEFAULT_TOKEN_CACHE_SIZE
+    mode: GatewayMode = GatewayMode.PROXY
+
+    def trusts(self, peer: str | None) -> bool:
+        """Whether a connection from ``peer`` (an IP address) comes from a trusted proxy."""
+        if not self.trusted_proxies or peer is None:
+            return False
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in net for net in self.trusted_proxies)
 
     @property
     def owned_headers(self) -> frozenset[str]:
@@ -976,8 +996,13 @@ _ROUTE_KEYS: Final = frozenset(
 )  # fmt: skip
 
 
-def _read_route(node: _Node, issuers: Mapping[str, IssuerConfig], limits: Limits) -> RouteConfig:
-    node.mapping(_ROUTE_KEYS, frozenset({"id", "match", "upstream", "auth"}))
+def _read_route(
+    node: _Node, issuers: Mapping[str, IssuerConfig], limits: Limits, mode: GatewayMode
+) -> RouteConfig:
+    # In forward_auth mode the caller proxies: a route needs no upstream (one given is unused,
+    # so one routes file can serve both modes).
+    required = {"id", "match", "auth"} | ({"upstream"} if mode is GatewayMode.PROXY else set())
+    node.mapping(_ROUTE_KEYS, frozenset(required))
     route_id = node.child("id").string(
         pattern=_ROUTE_ID, what="a lower-case id such as orders_read"
     )
@@ -1003,7 +1028,7 @@ def _read_route(node: _Node, issuers: Mapping[str, IssuerConfig], limits: Limits
     return RouteConfig(
         id=route_id,
         match=match,
-        upstream=_read_upstream(node.child("upstream")),
+        upstream=_opt(node, "upstream", _read_upstream, None),
         auth=auth,
         claim_headers=claim_headers,
         rewrite=_opt(node, "rewrite", lambda n: _read_rewrite(n, match), None),
@@ -1024,9 +1049,8 @@ def _read_route(node: _Node, issuers: Mapping[str, IssuerConfig], limits: Limits
 
 
 _TOP_KEYS: Final = frozenset(
-    {"listen", "admin", "realm", "trusted_proxies", "upstream_defaults", "max_token_bytes", "limits",
-     "token_cache_size",
-     "issuers", "routes"}
+    {"mode", "listen", "admin", "realm", "trusted_proxies", "upstream_defaults", "max_token_bytes",
+     "limits", "token_cache_size", "issuers", "routes"}
 )  # fmt: skip
 
 
@@ -1054,8 +1078,19 @@ def parse_config(document: Any, base_dir: Path | None = None) -> GatewayConfig:
     routes: list[RouteConfig] = []
     seen: dict[str, int] = {}
     limits = _opt(root, "limits", _read_limits, Limits())
+    mode = GatewayMode(
+        _opt(root, "mode", lambda n: n.choice([m.value for m in GatewayMode]), GatewayMode.PROXY)
+    )
+    trusted_proxies = _opt(root, "trusted_proxies", _read_trusted_proxies, ())
+    if mode is GatewayMode.FORWARD_AUTH and not trusted_proxies:
+        # The decision endpoints believe what the caller says the original request was: an
+        # untrusted peer could name any path. Fail closed at load rather than trust everyone.
+        raise root.child("trusted_proxies").fail(
+            "forward_auth mode needs the callers' addresses",
+            "a non-empty list of the networks nginx, Envoy or Traefik call from",
+        )
     for item in root.child("routes").seq(non_empty=True):
-        route = _read_route(item, issuers, limits)
+        route = _read_route(item, issuers, limits, mode)
         if route.id in seen:
             raise item.child("id").fail(
                 f"duplicate route id {route.id!r} (first at routes[{seen[route.id]}])",
@@ -1070,7 +1105,7 @@ def parse_config(document: Any, base_dir: Path | None = None) -> GatewayConfig:
             root, "realm", lambda n: n.string(pattern=_REALM),
             DEFAULT_REALM,
         ),
-        trusted_proxies=_opt(root, "trusted_proxies", _read_trusted_proxies, ()),
+        trusted_proxies=trusted_proxies,
         upstream_defaults=_opt(
             root, "upstream_defaults", _read_upstream_defaults, UpstreamDefaults()
         ),
@@ -1085,6 +1120,7 @@ def parse_config(document: Any, base_dir: Path | None = None) -> GatewayConfig:
         ),
         issuers=MappingProxyType(issuers),
         routes=tuple(routes),
+        mode=mode,
     )  # fmt: skip
 
 

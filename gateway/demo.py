@@ -140,6 +140,7 @@ async def run_demo(config_path: Path | None) -> int:
     # The demo IdP serves where the issuer URL points; the gateway finds its keys by discovery.
     origin = urlsplit(issuer.issuer)
     upstream = config.routes[0].upstream
+    assert upstream is not None, "the demo runs in proxy mode"
     runners = []
     for app, host, port in (
         (idp.app("/.well-known/jwks.json"), origin.hostname or "127.0.0.1", origin.port or 80),

@@ -109,6 +109,13 @@ class GatewayMetrics:
             registry=registry,
             multiprocess_mode="max",
         )
+        self.forward_auth_decisions = Counter(
+            "gateway_forward_auth_decisions",
+            "Decisions answered in forward_auth mode, by caller (nginx, traefik, envoy) and "
+            "decision (allow, deny).",
+            ["caller", "decision"],
+            registry=registry,
+        )
         self.config_reloads = Counter(
             "gateway_config_reloads",
             "Configuration reloads (SIGHUP or a changed file), by result (success, failure).",
@@ -128,6 +135,7 @@ class GatewayMetrics:
         # Label children resolved once: .labels() takes a lock and builds a key per call.
         self._request_children: dict[tuple[str, Reason], tuple[Any, Any]] = {}
         self._upstream_children: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._decision_children: dict[tuple[str, bool], Any] = {}
         self.add_routes(route_ids, report_only_route_ids)
         self.add_issuers(issuer_ids)
 
@@ -171,6 +179,21 @@ class GatewayMetrics:
             self._request_children[(route, reason)] = children
         children[0].inc()
         children[1].observe(duration_s)
+
+    def add_forward_auth_callers(self, callers: Iterable[str]) -> None:
+        """Pre-create the decision series of forward_auth mode."""
+        for caller in callers:
+            for decision in ("allow", "deny"):
+                self.forward_auth_decisions.labels(caller, decision)
+
+    def forward_auth_decision(self, caller: str, *, allowed: bool) -> None:
+        """Count one forward-auth answer."""
+        key = (caller, allowed)
+        child = self._decision_children.get(key)
+        if child is None:
+            child = self.forward_auth_decisions.labels(caller, "allow" if allowed else "deny")
+            self._decision_children[key] = child
+        child.inc()
 
     def observe_upstream(self, route: str, status: int, duration_s: float) -> None:
         """Record the upstream's answer (status class and time to headers)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ def create_upstream_session(config: GatewayConfig) -> aiohttp.ClientSession:
 
 
 @dataclass(frozen=True, slots=True)
-class _Carriers:
+class Carriers:
     """Where a route's token may sit, to be removed before forwarding (unless forward_token)."""
 
     headers: frozenset[str]
@@ -56,15 +55,15 @@ class _Carriers:
     query: frozenset[str]
 
 
-_KEEP_ALL: Final = _Carriers(frozenset(), frozenset(), frozenset())
-_AUTHORIZATION_ONLY: Final = _Carriers(frozenset({"authorization"}), frozenset(), frozenset())
+_KEEP_ALL: Final = Carriers(frozenset(), frozenset(), frozenset())
+_AUTHORIZATION_ONLY: Final = Carriers(frozenset({"authorization"}), frozenset(), frozenset())
 
 
 # Never copied from the client: Host is the upstream's, Expect was already answered here.
 _PROXY_OWN: Final = frozenset({"host", "expect"})
 
 
-def _token_carriers(route: RouteConfig) -> _Carriers:
+def token_carriers(route: RouteConfig) -> Carriers:
     # Authorization never reaches an upstream unless a route forwards its token on
     # purpose: a compromised or logging upstream must not be able to replay it.
     if route.auth is None:
@@ -72,7 +71,7 @@ def _token_carriers(route: RouteConfig) -> _Carriers:
     if route.auth.forward_token:
         return _KEEP_ALL
     sources = route.auth.token_sources
-    return _Carriers(
+    return Carriers(
         frozenset(
             {"authorization"}
             | {header_key(s.name) for s in sources if s.location is TokenLocation.HEADER}
@@ -143,7 +142,7 @@ class Forwarder:
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=defaults.connect_timeout_s, sock_read=defaults.timeout_s
         )
-        self._carriers = {route.id: _token_carriers(route) for route in config.routes}
+        self._carriers = {route.id: token_carriers(route) for route in config.routes}
         self._body_gap_s = config.limits.client_body_timeout_s
         self._admission = {
             route.id: Admission(route.max_concurrent_requests, route.max_queued_requests)
@@ -154,16 +153,7 @@ class Forwarder:
         # per header (a Connection header adds the names it lists).
         base = headers_to_strip(self._owned, ()) | _PROXY_OWN
         self._strip = {r.id: base | self._carriers[r.id].headers for r in config.routes}
-        self._trusted = config.trusted_proxies
-
-    def _peer_trusted(self, peer: str | None) -> bool:
-        if not self._trusted or peer is None:
-            return False
-        try:
-            address = ipaddress.ip_address(peer)
-        except ValueError:
-            return False
-        return any(address in net for net in self._trusted)
+        self._trusts = config.trusts
 
     def upstream_headers(
         self, request: web.Request, route: RouteConfig, injected: Mapping[str, str]
@@ -189,7 +179,7 @@ class Forwarder:
         out.update(injected)
         out[REQUEST_ID_HEADER] = request[RECORD_KEY].request_id
         peer = request.remote
-        trusted = self._peer_trusted(peer)
+        trusted = self._trusts(peer)
         prior_for = ", ".join(inbound.getall("X-Forwarded-For", [])) if trusted else ""
         out["X-Forwarded-For"] = f"{prior_for}, {peer}" if prior_for else (peer or "unknown")
         out["X-Forwarded-Proto"] = (
@@ -218,6 +208,7 @@ class Forwarder:
             if hidden.query:
                 query = _without_params(query, hidden.query)
             target = path + (sep + query if query else "")
+        assert route.upstream is not None, "proxy mode routes always have an upstream"
         url = URL(route.upstream.url + target, encoded=True)
         limit = route.max_body_bytes
         declared = request.content_length

@@ -30,6 +30,7 @@ class Reason(enum.StrEnum):
     ROUTE_NOT_FOUND = "route_not_found"
     REQUEST_REJECTED = "request_rejected"
     INVALID_REQUEST = "invalid_request"
+    CALLER_UNTRUSTED = "caller_untrusted"
     TOKEN_MISSING = "token_missing"
     TOKEN_MALFORMED = "token_malformed"
     TOKEN_TYPE_INVALID = "token_type_invalid"
@@ -100,6 +101,11 @@ REASON_SPECS: Final[Mapping[Reason, ReasonSpec]] = MappingProxyType(
             _INFO,
             True,
             "invalid_request",
+        ),
+        # forward_auth mode: a check from a peer outside trusted_proxies describes a request
+        # nobody vouches for; refusing it keeps the decision API from being an oracle.
+        Reason.CALLER_UNTRUSTED: ReasonSpec(
+            403, "This caller may not ask for decisions.", Outcome.REJECTED, _WARN
         ),
         Reason.TOKEN_MISSING: ReasonSpec(
             401, "A bearer token is required.", Outcome.REJECTED, _INFO, True, None

@@ -26,6 +26,10 @@ class RequestRecord:
     issuer: str | None = None
     kid: str | None = None
     auth_outcome: Reason | None = None  # report-only routes: what verification would have said
+    # forward_auth mode: who asked, and the original request's method and target it described.
+    caller: str | None = None
+    method: str | None = None
+    target: str | None = None
 
 
 RECORD_KEY = web.RequestKey("gateway_record", RequestRecord)

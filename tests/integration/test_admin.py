@@ -24,6 +24,7 @@ EXPECTED_FAMILIES = {
     "gateway_upstream_duration_seconds": "histogram",
     "gateway_upstream_responses": "counter",
     "gateway_report_only_decisions": "counter",
+    "gateway_forward_auth_decisions": "counter",
     "gateway_jwks_fetches": "counter",
     "gateway_jwks_kid_misses": "counter",
     "gateway_jwks_refetch_suppressed": "counter",

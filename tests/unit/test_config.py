@@ -183,6 +183,7 @@ def test_base_config_loads_every_section() -> None:
 
     assert health.auth is None
     assert health.match.path_prefix == "/"
+    assert health.upstream is not None
     assert health.upstream.port == 80
 
     assert config.owned_headers == frozenset(
