@@ -5,8 +5,8 @@ method, target and host, and the same ``Gate`` the proxy uses judges it.  Only p
 ``trusted_proxies`` are believed: the headers that describe the original request are exactly
 the ones a client could forge if it reached this listener directly.
 
-    /auth/nginx              nginx auth_request, ingress-nginx auth-url:
-                             X-Original-Method + X-Original-URI (or X-Original-URL)
+    /auth/nginx              nginx auth_request: X-Original-Method, X-Original-URI and Host;
+                             ingress-nginx auth-url: X-Original-Method and X-Original-URL
     /auth/traefik            Traefik ForwardAuth: X-Forwarded-Method, -Uri, -Host
     /auth/envoy<path>        Envoy ext_authz (HTTP service, path_prefix /auth/envoy): the check
                              request's own method, path after the prefix, and Host
@@ -99,14 +99,16 @@ def original_request(caller: Caller, request: web.Request, raw_path: str) -> tup
         target = _required(headers, "X-Forwarded-Uri")
         return method, target, _one(headers, "X-Forwarded-Host") or request.host
     method = _method(_required(headers, "X-Original-Method"))
-    url = _one(headers, "X-Original-URL")
     uri = _one(headers, "X-Original-URI")
-    if url is not None:
-        host, from_url = _split_url(url)
-        return method, uri or from_url, host
-    if uri is None:
+    if uri is not None:
+        # The common nginx pattern sets X-Original-URI (and Host) but not X-Original-URL, which a
+        # client could then send itself: with an X-Original-URI, X-Original-URL is never read.
+        return method, uri, request.host
+    url = _one(headers, "X-Original-URL")  # ingress-nginx: $scheme://$http_host$request_uri
+    if url is None:
         raise Rejection(Reason.REQUEST_REJECTED, "no X-Original-URI or X-Original-URL from nginx")
-    return method, uri, request.host
+    host, target = _split_url(url)
+    return method, target, host
 
 
 class ForwardAuthHandler:
