@@ -1,4 +1,4 @@
-"""Fetching the identity provider's JSON documents (discovery, JWKS): size limit, timeout, HTTP cache lifetime."""
+"""Fetching the identity provider's JSON documents (discovery, JWKS): size limit, timeout, HTTP cache lifetime, revalidation."""
 
 from __future__ import annotations
 
@@ -15,21 +15,35 @@ from multidict import CIMultiDictProxy
 from .clock import Clock
 from .errors import JwksFetchError
 
+_MAX_VALIDATOR: Final = 256  # longer ETag/Last-Modified values are not echoed back
 _MAX_AGE: Final = re.compile(r"^\s*(s-maxage|max-age)\s*=\s*\"?(\d+)\"?\s*$", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
 class FetchedDocument:
-    """A parsed JSON body and the lifetime its response declared (``None`` when it said nothing)."""
+    """A parsed JSON body and the lifetime its response declared (``None`` when it said nothing),
+    with the validators to revalidate it by.  ``not_modified``: a 304 to a conditional request,
+    without a body; the cached copy is still current (RFC 9110 §15.4.5)."""
 
     body: Any
     max_age_s: float | None
+    etag: str | None = None
+    last_modified: str | None = None
+    not_modified: bool = False
 
 
 class DocumentFetcher(Protocol):
     """Fetches one JSON document; every failure is a ``JwksFetchError`` with a bounded result label."""
 
-    async def fetch(self, url: str, *, timeout_s: float, max_bytes: int) -> FetchedDocument: ...
+    async def fetch(
+        self,
+        url: str,
+        *,
+        timeout_s: float,
+        max_bytes: int,
+        etag: str | None = None,
+        last_modified: str | None = None,
+    ) -> FetchedDocument: ...
 
 
 def declared_lifetime(headers: CIMultiDictProxy[str], now: float) -> float | None:
@@ -76,20 +90,44 @@ def _http_date(text: str) -> float:
 
 
 class HttpDocumentFetcher:
-    """GETs JSON over HTTP(S) without redirects, within a time and size budget."""
+    """GETs JSON over HTTP(S) without redirects, within a time and size budget; conditionally
+    (``If-None-Match``/``If-Modified-Since``) when given the validators of the cached copy."""
 
     def __init__(self, session: aiohttp.ClientSession, clock: Clock) -> None:
         self._session = session
         self._clock = clock
 
-    async def fetch(self, url: str, *, timeout_s: float, max_bytes: int) -> FetchedDocument:
+    async def fetch(
+        self,
+        url: str,
+        *,
+        timeout_s: float,
+        max_bytes: int,
+        etag: str | None = None,
+        last_modified: str | None = None,
+    ) -> FetchedDocument:
+        headers = {"Accept": "application/json, application/jwk-set+json"}
+        if etag is not None:
+            headers["If-None-Match"] = etag
+        if last_modified is not None:
+            headers["If-Modified-Since"] = last_modified
+        conditional = etag is not None or last_modified is not None
         try:
             async with self._session.get(
                 url,
                 timeout=aiohttp.ClientTimeout(total=timeout_s),
                 allow_redirects=False,
-                headers={"Accept": "application/json, application/jwk-set+json"},
+                headers=headers,
             ) as response:
+                if response.status == 304 and conditional:
+                    # The 304's own freshness headers update the cached copy's (RFC 9111 §4.3.4).
+                    return FetchedDocument(
+                        None,
+                        declared_lifetime(response.headers, self._clock.time()),
+                        _validator(response.headers.get("ETag")) or etag,
+                        _validator(response.headers.get("Last-Modified")) or last_modified,
+                        not_modified=True,
+                    )
                 if response.status != 200:
                     raise JwksFetchError("http_error", f"status {response.status}")
                 if (response.content_length or 0) > max_bytes:
@@ -100,6 +138,8 @@ class HttpDocumentFetcher:
                     if len(body) > max_bytes:
                         raise JwksFetchError("invalid", f"body over {max_bytes} bytes")
                 lifetime = declared_lifetime(response.headers, self._clock.time())
+                validators = (_validator(response.headers.get("ETag")),
+                              _validator(response.headers.get("Last-Modified")))  # fmt: skip
         except TimeoutError:
             raise JwksFetchError("timeout", f"no answer within {timeout_s}s") from None
         except aiohttp.ClientResponseError as exc:
@@ -107,6 +147,14 @@ class HttpDocumentFetcher:
         except (aiohttp.ClientError, OSError) as exc:
             raise JwksFetchError("unreachable", type(exc).__name__) from None
         try:
-            return FetchedDocument(json.loads(body), lifetime)
+            parsed = json.loads(body)
         except (ValueError, RecursionError):
             raise JwksFetchError("invalid", "body is not JSON") from None
+        return FetchedDocument(parsed, lifetime, validators[0], validators[1])
+
+
+def _validator(value: str | None) -> str | None:
+    """A response validator worth sending back: short, one line, printable ASCII (else none)."""
+    if value is None or not 0 < len(value) <= _MAX_VALIDATOR or not value.isascii():
+        return None
+    return value if value.isprintable() else None

@@ -7,15 +7,22 @@ Semantics (the README's "When keys rotate" is the user-facing version):
   ``issuer`` must equal it exactly), or a static set from the config.
 * How long: the JWKS response's ``Cache-Control``/``Expires`` lifetime clamped
   to [``jwks_cache_min_ttl_s``, ``jwks_cache_max_ttl_s``], else
-  ``jwks_cache_ttl_s``.  A background task refetches ahead of expiry, so
-  steady-state requests never wait on the network.
+  ``jwks_cache_ttl_s``.  A background task refetches ahead of expiry (and every
+  ``jwks_refresh_interval_s`` if set), so steady-state requests never wait on
+  the network.  Refetches are conditional (``If-None-Match``/``If-Modified-Since``
+  from the last answer): a 304 (``not_modified``) keeps the set and renews it.
+* A set past its lifetime but within ``jwks_max_stale_s`` is served at once;
+  the refresh runs in the background.  Only a request with no usable set waits.
 * Unknown ``kid``: at most one refetch per ``jwks_refetch_cooldown_s`` per
-  issuer, counted from the last fetch of any kind; inside the window the answer
-  is ``key_not_found`` without network.  Concurrent fetches are single-flight;
-  a request waits for one at most ``jwks_fetch_timeout_s``.
+  issuer, counted from the last successful fetch; inside the window the answer
+  is ``key_not_found`` without network.  A failed fetch does not start the
+  window: its backoff governs, and a retry due within ``jwks_fetch_timeout_s``
+  is waited for.  Concurrent fetches are single-flight; a request waits for
+  fetches at most ``jwks_fetch_timeout_s`` in all.
 * Outages: a failed fetch keeps the last good set, which serves until
   ``jwks_max_stale_s`` past its expiry; then ``jwks_unavailable`` until the
   first good fetch.  Failures are retried with exponential backoff.
+* Keys with private members are dropped from fetched sets (and counted).
 """
 
 from __future__ import annotations
@@ -65,9 +72,15 @@ class _Entry:
     expires_at: float = float("-inf")
     jwks_uri: str | None = None  # configured, or learnt by discovery
     discovery_expires_at: float = float("-inf")
-    last_fetch_started: float = float("-inf")
+    last_success_started: float = float("-inf")  # the unknown-kid cooldown counts from here
     next_retry_at: float = float("-inf")
     failures: int = 0
+    completed: int = 0  # fetches finished, whatever their result
+    # What the last full answer said: its lifetime, and its validators for conditional refetches.
+    max_age_s: float | None = None
+    etag: str | None = None
+    last_modified: str | None = None
+    validated_uri: str | None = None  # the URL those validators belong to
     inflight: asyncio.Task[None] | None = None
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     attempted: asyncio.Event = field(default_factory=asyncio.Event)
@@ -238,13 +251,14 @@ class JwksCache:
         if entry is None:  # removed by a reload while this request was in flight
             raise Rejection(Reason.JWKS_UNAVAILABLE, f"issuer {issuer.id} no longer configured")
         now = self._clock.monotonic()
-        expired = entry.key_set is None or now >= entry.expires_at
-        if (
-            expired
-            and not entry.static
-            and (entry.inflight is not None or now >= entry.next_retry_at)
-        ):
-            await self._await_fetch(entry)
+        if not entry.static and (entry.key_set is None or now >= entry.expires_at):
+            if entry.usable(now) is not None:
+                # Stale but servable: no request waits; the refresh runs in the background
+                # (unless failed fetches are backing off: their retry is scheduled).
+                if now >= entry.next_retry_at:
+                    self._start_fetch(entry)
+            elif entry.inflight is not None or now >= entry.next_retry_at:
+                await self._await_fetch(entry, issuer.jwks_fetch_timeout_s)
         key_set = entry.usable(self._clock.monotonic())
         if key_set is None:
             raise Rejection(Reason.JWKS_UNAVAILABLE, f"no usable key set for issuer {issuer.id}")
@@ -254,31 +268,78 @@ class JwksCache:
         if found is Reason.ALGORITHM_NOT_ALLOWED:
             raise Rejection(found, f"key {kid!r} is not for {alg}")
         self._metrics.jwks_kid_misses.labels(issuer.id).inc()
-        in_cooldown = now - entry.last_fetch_started < issuer.jwks_refetch_cooldown_s
-        if entry.static or (entry.inflight is None and in_cooldown):
-            if not entry.static:
-                self._metrics.jwks_refetch_suppressed.labels(issuer.id).inc()
+        if entry.static:
+            raise Rejection(Reason.KEY_NOT_FOUND, "unknown kid in a static key set")
+        if not await self._refetch_for_unknown_kid(entry):
             raise Rejection(Reason.KEY_NOT_FOUND, "unknown kid; no refetch allowed now")
-        await self._await_fetch(entry)
         key_set = entry.usable(self._clock.monotonic())
         found = key_set.lookup(kid, alg) if key_set else Reason.KEY_NOT_FOUND
         if isinstance(found, Reason):
             raise Rejection(found, "unknown kid after refetch")
         return found
 
-    async def _await_fetch(self, entry: _Entry) -> None:
-        """Join the issuer's fetch (starting one if none runs), waiting at most its timeout."""
+    async def _refetch_for_unknown_kid(self, entry: _Entry) -> bool:
+        """Fetch again for an unknown kid if that is allowed now; whether any fetch finished
+        since (the set may have changed).  All waiting is bounded by ``jwks_fetch_timeout_s``.
+
+        A fetch in flight is joined.  While failed fetches back off, their schedule alone
+        decides (a failed fetch never starts the cooldown): a retry due within the budget is
+        waited for, a later one is not.  Otherwise one refetch per cooldown, counted from the
+        last successful fetch.
+        """
+        issuer = entry.issuer
+        deadline = self._clock.monotonic() + issuer.jwks_fetch_timeout_s
+        seen = entry.completed
+        while True:
+            now = self._clock.monotonic()
+            if entry.inflight is not None:
+                pass  # join it
+            elif entry.completed != seen and not entry.failures:
+                return True  # a fetch succeeded meanwhile
+            elif entry.failures:
+                if entry.next_retry_at > deadline:
+                    return entry.completed != seen
+                if now < entry.next_retry_at:
+                    # The refresher starts the retry then too; whoever wakes first starts it.
+                    await self._clock.sleep(entry.next_retry_at - now)
+                    continue
+            elif now - entry.last_success_started < issuer.jwks_refetch_cooldown_s:
+                self._metrics.jwks_refetch_suppressed.labels(issuer.id).inc()
+                return False
+            if not await self._await_fetch(entry, deadline - now):
+                return entry.completed != seen  # still running: it fills the cache later
+
+    def _start_fetch(self, entry: _Entry) -> asyncio.Task[None]:
+        """The issuer's fetch in flight, started if none runs (single-flight)."""
         if entry.inflight is None:
             entry.inflight = asyncio.create_task(self._fetch(entry))
-        # shield: a request that gives up must not cancel the fetch others share.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(
-                asyncio.shield(entry.inflight), entry.issuer.jwks_fetch_timeout_s
-            )
+        return entry.inflight
 
-    async def _get(self, issuer: IssuerConfig, url: str) -> FetchedDocument:
+    async def _await_fetch(self, entry: _Entry, timeout_s: float) -> bool:
+        """Join the issuer's fetch (starting one if none runs) for at most ``timeout_s``;
+        whether it finished in that time."""
+        task = self._start_fetch(entry)
+        try:
+            # shield: a request that gives up must not cancel the fetch others share.
+            await asyncio.wait_for(asyncio.shield(task), max(timeout_s, 0.0))
+        except TimeoutError:
+            return False
+        return True
+
+    async def _get(
+        self,
+        issuer: IssuerConfig,
+        url: str,
+        *,
+        etag: str | None = None,
+        last_modified: str | None = None,
+    ) -> FetchedDocument:
         return await self._fetcher.fetch(
-            url, timeout_s=issuer.jwks_fetch_timeout_s, max_bytes=issuer.jwks_max_bytes
+            url,
+            timeout_s=issuer.jwks_fetch_timeout_s,
+            max_bytes=issuer.jwks_max_bytes,
+            etag=etag,
+            last_modified=last_modified,
         )
 
     async def _resolve_jwks_uri(self, entry: _Entry) -> str:
@@ -318,19 +379,21 @@ class JwksCache:
     async def _fetch(self, entry: _Entry) -> None:
         issuer = entry.issuer
         started = self._clock.monotonic()
-        entry.last_fetch_started = started
         try:
-            document = await self._get(issuer, await self._resolve_jwks_uri(entry))
-            try:
-                key_set = build_key_set(document.body, issuer.id, issuer.algorithms)
-            except JwksFetchError:
-                raise
-            except Exception as exc:
-                # A document shaped in a way nobody foresaw is an invalid document: it
-                # must back off and keep the stale set like any failed fetch, not turn
-                # every request into a 500 or end the refresher.
-                log.exception(kv(event="jwks_document_error", issuer=issuer.id))
-                raise JwksFetchError("invalid", type(exc).__name__) from None
+            uri = await self._resolve_jwks_uri(entry)
+            cached = entry.key_set if entry.validated_uri == uri else None
+            document = await self._get(
+                issuer,
+                uri,
+                etag=entry.etag if cached else None,
+                last_modified=entry.last_modified if cached else None,
+            )
+            if document.not_modified:
+                if cached is None:
+                    raise JwksFetchError("http_error", "304 to an unconditional request")
+                key_set = cached
+            else:
+                key_set = self._build(entry, document)
         except JwksFetchError as exc:
             entry.failures += 1
             backoff = min(RETRY_INITIAL_S * 2 ** (entry.failures - 1), RETRY_MAX_S)
@@ -340,20 +403,45 @@ class JwksCache:
                            detail=exc.detail, failures=entry.failures,
                            stale=entry.key_set is not None, retry_in_s=backoff))  # fmt: skip
         else:
-            lifetime = issuer.cache_lifetime(document.max_age_s)
+            # A 304 confirms the cached copy; its own freshness headers, if it has any, replace
+            # the stored ones (RFC 9111 §4.3.4).
+            if document.max_age_s is not None or not document.not_modified:
+                entry.max_age_s = document.max_age_s
+            lifetime = issuer.cache_lifetime(entry.max_age_s)
+            result = "not_modified" if document.not_modified else "success"
             entry.key_set = key_set
-            entry.fetched_at = started
+            entry.etag, entry.last_modified = document.etag, document.last_modified
+            entry.validated_uri = uri
+            entry.fetched_at = entry.last_success_started = started
             entry.expires_at = started + lifetime
             entry.failures = 0
             entry.next_retry_at = float("-inf")
-            self._metrics.jwks_fetches.labels(issuer.id, "success").inc()
+            self._metrics.jwks_fetches.labels(issuer.id, result).inc()
             self._metrics.jwks_last_success.labels(issuer.id).set(self._clock.time())
-            log.info(kv(event="jwks_fetch", issuer=issuer.id, result="success",
+            log.info(kv(event="jwks_fetch", issuer=issuer.id, result=result,
                         keys=key_set.size, ttl_s=f"{lifetime:g}"))  # fmt: skip
         finally:
             entry.inflight = None
+            entry.completed += 1
             entry.wakeup.set()
             entry.attempted.set()
+
+    def _build(self, entry: _Entry, document: FetchedDocument) -> KeySet:
+        """The key set of a full answer; private keys in it are counted as they are dropped."""
+        issuer = entry.issuer
+        dropped = self._metrics.jwks_private_keys_dropped.labels(issuer.id)
+        try:
+            return build_key_set(
+                document.body, issuer.id, issuer.algorithms, on_private=dropped.inc
+            )
+        except JwksFetchError:
+            raise
+        except Exception as exc:
+            # A document shaped in a way nobody foresaw is an invalid document: it must back
+            # off and keep the stale set like any failed fetch, not turn every request into a
+            # 500 or end the refresher.
+            log.exception(kv(event="jwks_document_error", issuer=issuer.id))
+            raise JwksFetchError("invalid", type(exc).__name__) from None
 
     async def _refresh_loop(self, entry: _Entry) -> None:
         """Keep one issuer's set fresh: fetch now, then ahead of expiry, backing off on failure."""
@@ -363,13 +451,14 @@ class JwksCache:
             if entry.key_set is None or entry.failures:
                 due = entry.next_retry_at
             else:
-                # Ahead of expiry, but never sooner than half-way through a short lifetime.
+                # Ahead of expiry, but never sooner than half-way through a short lifetime;
+                # sooner still at the configured interval (conditional: a 304 costs ~nothing).
                 lifetime = entry.expires_at - entry.fetched_at
                 due = entry.expires_at - min(issuer.jwks_refresh_ahead_s, lifetime / 2)
+                if issuer.jwks_refresh_interval_s is not None:
+                    due = min(due, entry.fetched_at + issuer.jwks_refresh_interval_s)
             if now >= due:
-                if entry.inflight is None:
-                    entry.inflight = asyncio.create_task(self._fetch(entry))
-                await asyncio.shield(entry.inflight)
+                await asyncio.shield(self._start_fetch(entry))
                 continue
             # Sleep until due, or until a request-driven fetch changes the schedule.
             entry.wakeup.clear()

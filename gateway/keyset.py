@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -26,6 +26,16 @@ _ALGS_BY_KEY: Final[Mapping[tuple[str, str | None], frozenset[str]]] = {
     ("OKP", "Ed25519"): frozenset({"EdDSA"}),
     ("OKP", "Ed448"): frozenset({"EdDSA"}),
 }
+
+
+# Members that only a private (or symmetric) key has (RFC 7518 §6.2.2, §6.3.2, §6.4.1): a key
+# carrying any of them was published by mistake, and is never used, whatever else it says.
+PRIVATE_MEMBERS: Final = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
+
+
+def private_members(jwk: Any) -> list[str]:
+    """The private-key members ``jwk`` carries (empty for a public key or a non-object)."""
+    return [m for m in PRIVATE_MEMBERS if m in jwk] if isinstance(jwk, dict) else []
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,10 +63,17 @@ class KeySet:
         return keys.get(alg, Reason.ALGORITHM_NOT_ALLOWED)
 
 
-def build_key_set(document: Any, issuer_id: str, algorithms: frozenset[str]) -> KeySet:
+def build_key_set(
+    document: Any,
+    issuer_id: str,
+    algorithms: frozenset[str],
+    *,
+    on_private: Callable[[], None] | None = None,
+) -> KeySet:
     """Turn a JWKS document into a ``KeySet`` of the keys usable with the issuer's algorithms.
 
-    Encryption keys, HMAC keys, keys for other algorithms and keys PyJWT cannot
+    Keys with private members are dropped first (logged, and ``on_private`` is called for
+    each).  Encryption keys, HMAC keys, keys for other algorithms and keys PyJWT cannot
     load are skipped one by one (and logged); a set with no usable key at all is
     a failed fetch (``invalid``), so it never replaces a good set.
     """
@@ -66,6 +83,16 @@ def build_key_set(document: Any, issuer_id: str, algorithms: frozenset[str]) -> 
     unnamed: dict[str, list[PyJWK]] = {}
     size = 0
     for index, jwk in enumerate(document["keys"]):
+        private = private_members(jwk)
+        if private:
+            # Never loaded: PyJWT would build a private key (an RSA one fails to verify, an EC
+            # one verifies); the members' values are never logged.
+            log.error(kv(event="jwks_key_skipped", issuer=issuer_id, index=index,
+                         kid=jwk.get("kid") if isinstance(jwk.get("kid"), str) else None,
+                         why="private_key_material", members=",".join(private)))  # fmt: skip
+            if on_private is not None:
+                on_private()
+            continue
         usable = _load_key(jwk, issuer_id, algorithms, index)
         if not usable:
             continue

@@ -12,8 +12,16 @@ from .reasons import REASON_SPECS, Reason
 UNMATCHED_ROUTE: Final = "_unmatched"
 """The ``route`` label of requests no route matched."""
 
-JWKS_FETCH_RESULTS: Final = ("success", "http_error", "timeout", "unreachable", "invalid")
-"""The bounded ``result`` label values of ``gateway_jwks_fetches_total``."""
+JWKS_FETCH_RESULTS: Final = (
+    "success",
+    "not_modified",
+    "http_error",
+    "timeout",
+    "unreachable",
+    "invalid",
+)
+"""The bounded ``result`` label values of ``gateway_jwks_fetches_total`` (``not_modified``: a
+conditional refresh answered 304, the cached set confirmed)."""
 
 _LATENCY_BUCKETS: Final = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -84,6 +92,13 @@ class GatewayMetrics:
         self.jwks_refetch_suppressed = Counter(
             "gateway_jwks_refetch_suppressed",
             "Unknown-key-id refetches refused because the issuer's cooldown had not passed.",
+            ["issuer"],
+            registry=registry,
+        )
+        self.jwks_private_keys_dropped = Counter(
+            "gateway_jwks_private_keys_dropped",
+            "Published keys dropped because they carried private-key members (d, p, q, dp, dq, "
+            "qi, k, oth), counted per fetch; the identity provider exposes private keys.",
             ["issuer"],
             registry=registry,
         )
@@ -165,6 +180,7 @@ class GatewayMetrics:
                 self.jwks_fetches.labels(issuer, result)
             self.jwks_kid_misses.labels(issuer)
             self.jwks_refetch_suppressed.labels(issuer)
+            self.jwks_private_keys_dropped.labels(issuer)
             self.jwks_last_success.labels(issuer)
 
     def observe_request(self, route: str, reason: Reason, duration_s: float) -> None:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import jwt
@@ -115,8 +116,14 @@ class FakeIdP:
 
     ``mode`` is one of: ``ok``, ``error`` (HTTP 500), ``hang`` (never answers),
     ``garbage`` (non-JSON body), ``empty`` (a set without keys), ``huge`` (a
-    body over any sane size limit).  It also serves OpenID discovery at
-    ``/.well-known/openid-configuration`` naming ``issuer`` and its ``/jwks.json``.
+    body over any sane size limit), ``not_modified`` (304 whatever was asked).
+    It also serves OpenID discovery at ``/.well-known/openid-configuration``
+    naming ``issuer`` and its ``/jwks.json``.
+
+    Conditional requests (RFC 9110 §13): with ``etags`` the JWKS carries an ``ETag`` derived
+    from the served document, and with ``last_modified`` that ``Last-Modified``; a request
+    whose ``If-None-Match`` (or, without one, ``If-Modified-Since``) still matches gets 304
+    with ``headers`` and no body.  ``validators`` records what each JWKS request sent.
     """
 
     keys: list[dict[str, Any]] = field(default_factory=list)
@@ -129,16 +136,59 @@ class FakeIdP:
     discovery: dict[str, Any] | None = None  # overrides the discovery document when set
     discovery_mode: str = "ok"  # ok or error
     discovery_hits: int = 0
+    etags: bool = False
+    last_modified: str | None = None  # an HTTP date
+    not_modified_hits: int = 0
+    validators: list[tuple[str | None, str | None]] = field(default_factory=list)
+
+    def etag(self) -> str:
+        """The ETag of the document served now: changes whenever the published keys do."""
+        digest = hashlib.sha256(json.dumps(self.keys, sort_keys=True).encode()).hexdigest()
+        return f'"{digest[:16]}"'
+
+    def _still_valid(self, request: web.Request) -> bool:
+        """Whether the client's cached copy matches (If-None-Match wins, RFC 9110 §13.2.2)."""
+        if_none_match = request.headers.get("If-None-Match")
+        if if_none_match is not None:
+            tags = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
+            return self.etags and (self.etag() in tags or "*" in tags)
+        since = request.headers.get("If-Modified-Since")
+        if since is None or self.last_modified is None:
+            return False
+        try:
+            return parsedate_to_datetime(self.last_modified) <= parsedate_to_datetime(since)
+        except (TypeError, ValueError):
+            return False
 
     def publish(self, *keys: SigningKey) -> None:
         """Replace the served key set with the public halves of ``keys``."""
         self.keys = [k.public_jwk() for k in keys]
 
+    @staticmethod
+    def private_jwk(key: SigningKey, **extra: Any) -> dict[str, Any]:
+        """The PRIVATE JWK of ``key`` (``d``, and for RSA ``p``, ``q``, ``dp``, ``dq``, ``qi``),
+        marked for verification: what a misconfigured IdP publishes by mistake."""
+        if key.alg.startswith(("RS", "PS")):
+            jwk = RSAAlgorithm.to_jwk(key.private, as_dict=True)
+        elif key.alg.startswith("ES"):
+            jwk = ECAlgorithm.to_jwk(key.private, as_dict=True)
+        else:
+            jwk = OKPAlgorithm.to_jwk(key.private, as_dict=True)
+        jwk.pop("key_ops", None)  # PyJWT marks it ["sign"], a reason to skip it on its own
+        return {**jwk, "kid": key.kid, "alg": key.alg, "use": "sig", **extra}
+
+    def leak(self, *keys: SigningKey) -> None:
+        """Add the private JWKs of ``keys`` to the served set."""
+        self.keys = [*self.keys, *(self.private_jwk(k) for k in keys)]
+
     def app(self) -> web.Application:
         app = web.Application()
 
-        async def jwks(_: web.Request) -> web.StreamResponse:
+        async def jwks(request: web.Request) -> web.StreamResponse:
             self.hits += 1
+            self.validators.append(
+                (request.headers.get("If-None-Match"), request.headers.get("If-Modified-Since"))
+            )
             if self.mode == "error":
                 return web.Response(status=500, text="boom")
             if self.mode == "hang":
@@ -150,7 +200,15 @@ class FakeIdP:
                 return web.json_response({"keys": []})
             if self.mode == "huge":
                 return web.Response(body=b"[" + b" " * (2 * 1024 * 1024) + b"]")
-            return web.json_response({"keys": self.keys}, headers=self.headers)
+            if self.mode == "not_modified" or self._still_valid(request):
+                self.not_modified_hits += 1
+                return web.Response(status=304, headers=self.headers)
+            headers = dict(self.headers)
+            if self.etags:
+                headers["ETag"] = self.etag()
+            if self.last_modified is not None:
+                headers["Last-Modified"] = self.last_modified
+            return web.json_response({"keys": self.keys}, headers=headers)
 
         async def discovery(request: web.Request) -> web.Response:
             self.discovery_hits += 1

@@ -1,4 +1,5 @@
-"""End to end against a certified OpenID Connect provider: a signing-key rotation under load.
+"""End to end against a certified OpenID Connect provider: a signing-key rotation under load, and
+a rotation step that coincides with a provider restart.
 
 panva's oidc-provider (pinned in tests/e2e/oidc/package.json) runs as a real Node.js process on
 127.0.0.1 and issues RFC 9068 JWT access tokens through the client_credentials grant; the
@@ -562,9 +563,9 @@ async def test_key_rotation_at_a_real_openid_provider(
     assert all(s.status == 200 for s in [*reused, *in_outage]), [*reused, *in_outage]
 
     # A new key is usable no later than one cooldown after the first token that needs it
-    # (README, "When keys rotate").  A fetch that failed during the restart starts the cooldown
-    # too (it counts from the last fetch of any kind), so it may hold the refetch back, but by
-    # one cooldown at most; the refresher retries it after RETRY_INITIAL_S <= one cooldown.
+    # (README, "When keys rotate").  A fetch that failed during the restart does not start the
+    # cooldown; its retry (RETRY_INITIAL_S <= one cooldown later) is waited for by a token naming
+    # the new kid, when due within jwks_fetch_timeout_s (see the next test).
     assert RETRY_INITIAL_S <= COOLDOWN_S
     assert usable_at - published_at <= COOLDOWN_S + SLACK_S
 
@@ -594,3 +595,84 @@ async def test_key_rotation_at_a_real_openid_provider(
     await asyncio.sleep(TTL_S + SLACK_S)
     assert jwks_fetches(registry).get("success", 0) > successes
     assert rotation_ended - rotation_started < 20
+
+
+# --- a rotation step during a restart ------------------------------------------------------------
+RESTART_FETCH_TIMEOUT_S = 3.0  # jwks_fetch_timeout_s here: the default, covering a slow start
+AFTER_RESTART_S = 2.5  # how long new-kid tokens flow after the provider is back (> the retry)
+
+
+def failed_fetches(registry: CollectorRegistry) -> float:
+    return sum(v for k, v in jwks_fetches(registry).items() if k not in ("success", "not_modified"))
+
+
+async def test_rotation_step_during_a_provider_restart_loses_no_valid_token(
+    provider: OidcProvider,
+    token_session: aiohttp.ClientSession,
+    upstream: EchoUpstream,
+    aiohttp_client: Any,
+) -> None:
+    """The incident: the background refresh fell inside a 0.4 s restart and failed; tokens signed
+    with the new (already published) key arrived 0.5 s later and were refused, because the
+    failed fetch had started the unknown-kid cooldown.  Here the restart is made to coincide
+    with the refresh on purpose: the provider goes down, the gateway's refresh fails, and the
+    provider comes back signing with a key the gateway has never fetched."""
+    old, new = new_key("rsa-2024-old"), new_key("rsa-2025-new")
+    provider.write_keys(old)
+    await provider.start()
+    async with token_session.get(f"{provider.issuer}/.well-known/openid-configuration") as r:
+        discovery = await r.json()
+    minter = Minter(token_session, discovery["token_endpoint"])
+
+    registry = CollectorRegistry()
+    document = gateway_config(provider.issuer, upstream)
+    document["issuers"][ISSUER_ID]["jwks_fetch_timeout_s"] = RESTART_FETCH_TIMEOUT_S
+    app = create_app(loads_config(yaml.safe_dump(document)), registry=registry)
+    client = await aiohttp_client(app)
+    await asyncio.wait_for(app[JWKS_KEY].settled(), READY_TIMEOUT_S)
+    assert await call_gateway(client, await minter.mint()) == (200, None)
+
+    # Down; when it comes back it signs with the new key (first in the file), never fetched yet.
+    provider.write_keys(new, old)
+    before = failed_fetches(registry)
+    down_at = await provider.stop()
+    await wait_until(  # the refresh every TTL - refresh-ahead (1.5 s) falls inside the restart
+        lambda: failed_fetches(registry) > before,
+        within=TTL_S + FETCH_TIMEOUT_S + SLACK_S,
+        what="a key fetch failing while the provider is down",
+    )
+    failed_at = time.monotonic()
+    ready_at = await provider.start()
+
+    calls: list[tuple[float, bool, asyncio.Task[tuple[int, str | None]]]] = []
+    while time.monotonic() < ready_at + AFTER_RESTART_S:
+        token = await minter.mint()
+        assert kid_of(token) == new.kid
+        pending = app[JWKS_KEY].status()[ISSUER_ID]["failures"] > 0  # a retry is still due
+        calls.append((time.monotonic(), pending, asyncio.create_task(call_gateway(client, token))))
+        await asyncio.sleep(TICK_S)
+    results = [(at, pending, await task) for at, pending, task in calls]
+
+    refused = [(round(at - failed_at, 3), got) for at, _, got in results if got[0] != 200]
+    while_pending = sum(pending for _, pending, _ in results)
+    report = {
+        "provider down (s)": round(ready_at - down_at, 3),
+        "failed fetch -> provider ready (s)": round(ready_at - failed_at, 3),
+        "valid new-kid tokens sent": len(results),
+        "... of which while the retry was pending": while_pending,
+        "valid tokens refused": len(refused),
+        "JWKS fetches by result": jwks_fetches(registry),
+        "unknown-kid misses / refetches suppressed": (
+            registry.get_sample_value("gateway_jwks_kid_misses_total", {"issuer": ISSUER_ID}),
+            registry.get_sample_value(
+                "gateway_jwks_refetch_suppressed_total", {"issuer": ISSUER_ID}
+            ),
+        ),
+    }
+    print("\n--- oidc-provider rotation step during a restart ---")
+    for name, value in report.items():
+        print(f"{name}: {value}")
+
+    assert while_pending >= 1, "no token arrived before the retry: the scenario did not happen"
+    assert refused == [], refused
+    assert len(results) >= 10

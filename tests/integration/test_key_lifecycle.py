@@ -10,9 +10,12 @@ bounded polling for loopback I/O (``wait_until`` / ``idle``).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import secrets
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ import pytest
 import yaml
 from aiohttp import ClientResponse
 
-from gateway import ConfigError, loads_config
+from gateway import ConfigError, load_config, loads_config
 from gateway.metrics import JWKS_FETCH_RESULTS
 from tests.conftest import AUDIENCE, ISSUER, RunningGateway, base_config, bearer
 from tests.fakes import FakeIdP, SigningKey, generate_key, make_token
@@ -470,6 +473,143 @@ async def test_max_stale_zero_serves_no_stale_keys(make_gateway, idp, clock, tok
     assert keys(gw) == 0
 
 
+async def test_expired_set_is_served_while_a_hanging_idp_is_refreshed(
+    make_gateway, idp, clock, token
+):
+    # Past its lifetime (within jwks_max_stale_s) the set serves at once; the refresh runs in the
+    # background.  A request waiting on the hanging fetch would take jwks_fetch_timeout_s (30 s).
+    gw = await make_gateway(settings(jwks_fetch_timeout_s=30, jwks_max_stale_s=MAX_STALE))
+    await idle(clock)
+    idp.mode = "hang"
+    clock.advance(TTL - AHEAD)  # the refresh ahead of expiry starts and hangs
+    await wait_until(lambda: idp.hits == 2, what="the refresh reached the IdP")
+    clock.advance(AHEAD)  # the set expires while it hangs
+
+    async def uncached_requests() -> None:
+        for _ in range(5):  # fresh tokens: no verified-token cache hit
+            tok = token(jti=secrets.token_hex(8))
+            response = await asyncio.wait_for(get_api(gw, tok), 2)
+            assert response.status == 200
+
+    await uncached_requests()
+    assert (stale(gw), keys(gw), idp.hits) == (1, KEYS, 2)
+
+    # On every backoff cycle: the hanging refresh ends (500), the retry hangs again.
+    idp.release.set()
+    await wait_until(lambda: fetches(gw, "http_error") == 1, what="the refresh ended")
+    idp.release.clear()
+    await idle(clock)
+    clock.advance(1)
+    await wait_until(lambda: idp.hits == 3, what="the retry reached the IdP")
+    await uncached_requests()
+    assert idp.hits == 3
+    idp.release.set()
+
+
+# --- a rotation step during an IdP restart ---------------------------------------------------
+ROTATION_TOKENS = 25
+
+
+async def test_rotation_step_during_an_idp_restart_loses_no_valid_token(
+    make_gateway, idp, clock, signing_keys
+):
+    # The refresh ahead of expiry falls inside the IdP's restart and fails; the IdP comes back
+    # publishing a new key and signing with it at once.  The failed fetch must not start the
+    # unknown-kid cooldown, and tokens naming the new kid wait for the retry (due in 1 s, within
+    # jwks_fetch_timeout_s) instead of failing.
+    gw = await make_gateway(settings(jwks_fetch_timeout_s=2))
+    await idle(clock)
+    idp.mode = "error"  # restarting
+    await advance_idle(clock, TTL - AHEAD)
+    assert (idp.hits, fetches(gw, "http_error")) == (2, 1)
+    new = generate_key("ES256", "rotated-es256")
+    idp.publish(*signing_keys.values(), new)
+    idp.mode = "ok"  # back, 0.4 s later, with the new key
+    await advance_idle(clock, 0.4)
+
+    requests = [
+        asyncio.create_task(get_api(gw, mint(new, clock, jti=secrets.token_hex(8))))
+        for _ in range(ROTATION_TOKENS)
+    ]
+    # Each waits on the clock for the retry (the refresher sleeps for it too), or is answered.
+    await wait_until(
+        lambda: len(clock.waiting()) > ROTATION_TOKENS or all(r.done() for r in requests),
+        what="the requests waiting for the retry",
+    )
+    refused_early = sum(r.done() for r in requests)
+    assert idp.hits == 2  # the backoff governs: nothing fetched before the retry is due
+    clock.advance(0.6)  # the retry is due
+    responses = await asyncio.gather(*requests)
+    refused = [r.status for r in responses if r.status != 200]
+    assert (refused_early, refused) == (0, []), "valid tokens refused"
+    assert idp.hits == 3  # one retry, shared
+    assert gw.metric("gateway_jwks_refetch_suppressed_total", issuer=ISSUER_ID) == 0
+    await idle(clock)
+    assert fetches(gw, "success") == 2
+
+
+# --- conditional refresh ----------------------------------------------------------------------
+INTERVAL = 15
+
+
+async def test_conditional_refresh_every_interval_retires_keys_sooner(
+    make_gateway, idp, clock, token, rsa_key, signing_keys
+):
+    idp.etags = True
+    gw = await make_gateway(settings(jwks_refresh_interval_s=INTERVAL))
+    await idle(clock)
+    assert clock.waiting() == [clock.monotonic() + INTERVAL]
+    cached = token()
+    for n in range(1, 5):  # every interval one conditional request, answered 304
+        await advance_idle(clock, INTERVAL)
+        assert (idp.hits, idp.not_modified_hits) == (1 + n, n)
+        assert idp.validators[-1] == (idp.etag(), None)
+        assert (await get_api(gw, cached)).status == 200  # a 304 keeps cached tokens valid
+        assert stale(gw) == 0
+    assert (fetches(gw, "success"), fetches(gw, "not_modified")) == (1, 4)
+
+    # Retire the RS256 key: refused at the next interval, not at the end of the 300 s lifetime.
+    idp.publish(*(k for k in signing_keys.values() if k.kid != rsa_key.kid))
+    assert (await get_api(gw, cached)).status == 200
+    await advance_idle(clock, INTERVAL)
+    assert (fetches(gw, "success"), fetches(gw, "not_modified")) == (2, 4)
+    for tok in (cached, token(jti="after-retirement")):
+        response = await get_api(gw, tok)
+        assert response.status == 401
+        assert await reason_of(response) == "key_not_found"
+    assert keys(gw) == KEYS - 1
+
+
+async def test_refresh_without_validators_is_unconditional(make_gateway, idp, clock, token):
+    gw = await make_gateway(settings(jwks_refresh_interval_s=INTERVAL))
+    await idle(clock)
+    await advance_idle(clock, INTERVAL)
+    assert idp.validators == [(None, None), (None, None)]
+    assert (fetches(gw, "success"), fetches(gw, "not_modified")) == (2, 0)
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        pytest.param(None, True, id="default-off"),
+        pytest.param(10, True, id="ten-seconds"),
+        pytest.param(0, False, id="zero"),
+        pytest.param(-5, False, id="negative"),
+        pytest.param("soon", False, id="not-a-number"),
+    ],
+)
+def test_refresh_interval_setting(idp, upstream, value, ok):
+    doc = base_config(idp, upstream)
+    if value is not None:
+        issuer_of(doc)["jwks_refresh_interval_s"] = value
+    if ok:
+        assert loads_config(yaml.safe_dump(doc)).issuers[ISSUER_ID].jwks_refresh_interval_s == value
+        return
+    with pytest.raises(ConfigError) as caught:
+        loads_config(yaml.safe_dump(doc))
+    assert caught.value.path == f"issuers.{ISSUER_ID}.jwks_refresh_interval_s"
+
+
 # --- static key sets --------------------------------------------------------------------------
 def _write_jwks(path: Path, *signers: SigningKey) -> None:
     path.write_text(json.dumps({"keys": [k.public_jwk() for k in signers]}), encoding="utf-8")
@@ -608,6 +748,39 @@ def test_static_key_set_without_a_usable_key_is_a_config_error(
     with pytest.raises(ConfigError) as caught:
         loads_config(yaml.safe_dump(doc))
     assert caught.value.path == f"issuers.{ISSUER_ID}.{key}"
+
+
+@pytest.mark.parametrize("key", ["jwks", "jwks_file"])
+def test_static_key_set_with_private_members_is_a_config_error(
+    idp, upstream, tmp_path, signing_keys, key
+):
+    rs, es = signing_keys["RS256"], signing_keys["ES256"]
+    document = {"keys": [rs.public_jwk(), FakeIdP.private_jwk(es)]}
+    doc = base_config(idp, upstream)
+    cfg = issuer_of(doc)
+    del cfg["jwks_uri"]
+    if key == "jwks":
+        cfg["jwks"] = document
+    else:
+        (tmp_path / "jwks.json").write_text(json.dumps(document), encoding="utf-8")
+        cfg["jwks_file"] = str(tmp_path / "jwks.json")
+    (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(doc), encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path / "gateway.yaml")
+    expected_path = f"issuers.{ISSUER_ID}." + ("jwks.keys[1]" if key == "jwks" else "jwks_file")
+    assert caught.value.path == expected_path
+    assert "private key members d" in str(caught.value)
+    assert es.kid in str(caught.value)
+    # check-config says the same and fails.
+    result = subprocess.run(  # noqa: S603 - our own interpreter and module, fixed arguments
+        [sys.executable, "-m", "gateway", "check-config", str(tmp_path / "gateway.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert expected_path in result.stderr
 
 
 # --- readiness per issuer ---------------------------------------------------------------------

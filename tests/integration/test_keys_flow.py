@@ -129,7 +129,13 @@ async def test_rotation_new_key_accepted_and_retired_key_rejected_after_ttl(
     clock.advance(COOLDOWN)
     assert (await get_api(gateway, token(key=rsa_key))).status == 200
 
-    clock.advance(TTL)  # the cached set has expired
+    clock.advance(TTL)  # the cached set has expired: the refresher fetches it again at once
+    await wait_until(
+        lambda: (
+            gateway.metric("gateway_jwks_fetches_total", issuer=ISSUER_ID, result="success") == 3
+        ),
+        what="the refresh after expiry",
+    )
     old = await get_api(gateway, token(key=rsa_key))
     assert old.status == 401
     assert await reason_of(old) == "key_not_found"
@@ -204,8 +210,11 @@ async def test_warm_cache_keeps_verifying_through_an_outage(
         response = await get_api(gw, token())
         assert response.status == 200
         assert echoed_headers(await response.json())["X-User-Sub"] == "alice"
+    await wait_until(  # the refresh runs in the background: no request waited for it
+        lambda: gw.metric("gateway_jwks_fetches_total", issuer=ISSUER_ID, result=result) == 1,
+        what="the failed refresh",
+    )
     assert idp.hits == hits + 1  # one failed fetch, then backoff: not one per request
-    assert gw.metric("gateway_jwks_fetches_total", issuer=ISSUER_ID, result=result) == 1
     assert gw.metric("gateway_jwks_keys", issuer=ISSUER_ID) == 10
     ready = await gw.admin.get("/readyz")
     assert ready.status == 200
@@ -214,7 +223,7 @@ async def test_warm_cache_keeps_verifying_through_an_outage(
     # The next retry is due after the backoff and still fails without hurting requests.
     clock.advance(1)
     assert (await get_api(gw, token())).status == 200
-    assert idp.hits == hits + 2
+    await wait_until(lambda: idp.hits == hits + 2, what="the retry after the backoff")
 
 
 async def test_failed_fetches_back_off_exponentially_never_per_request(
@@ -314,3 +323,22 @@ async def test_malformed_jwk_during_refresh_keeps_stale_set_and_backs_off(
     statuses = [(await get_api(gw, token())).status for _ in range(10)]
     assert statuses == [200] * 10
     assert idp.hits - hits <= 1
+
+
+# --- private key material in the published set ------------------------------------------------
+async def test_published_private_keys_are_never_used(make_gateway, idp, clock, token):
+    # A misconfigured IdP publishes private JWKs: an RSA one made every token naming it a 500,
+    # an EC one was trusted.  Both are dropped, logged and counted; the rest of the set serves.
+    leaked_rsa = generate_key("RS256", "leaked-rs256")
+    leaked_ec = generate_key("ES256", "leaked-es256")
+    idp.leak(leaked_rsa, leaked_ec)
+    gw = await make_gateway()
+    for leaked in (leaked_rsa, leaked_ec):
+        response = await get_api(gw, token(key=leaked))
+        assert response.status == 401, leaked.kid
+        assert await reason_of(response) == "key_not_found"
+    assert gw.metric("gateway_jwks_private_keys_dropped_total", issuer=ISSUER_ID) == 2
+    assert gw.metric("gateway_jwks_keys", issuer=ISSUER_ID) == 10
+    assert (await get_api(gw, token())).status == 200
+    ready = await gw.admin.get("/readyz")
+    assert (await ready.json())["issuers"][ISSUER_ID]["keys"] == 10

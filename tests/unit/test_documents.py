@@ -304,3 +304,68 @@ async def test_refused_port_is_unreachable(fetcher: HttpDocumentFetcher) -> None
 async def test_redirects_are_not_followed(fetcher: HttpDocumentFetcher, origin: Origin) -> None:
     assert await failure(fetcher, origin.at("/redirect")) == "http_error"
     assert origin.hits.get("/ok", 0) == 0
+
+
+# --- conditional requests -----------------------------------------------------------------------
+_ETAG = '"v1"'
+_LAST_MODIFIED = "Sun, 06 Nov 1994 08:49:37 GMT"
+
+
+@pytest.fixture
+async def validated(aiohttp_server: Any) -> tuple[str, list[dict[str, str]]]:
+    """A JWKS with validators; a matching conditional request gets 304 (max-age=90 on it)."""
+    seen: list[dict[str, str]] = []
+
+    async def jwks(request: web.Request) -> web.Response:
+        sent = {k: v for k, v in request.headers.items() if k.startswith("If-")}
+        seen.append(sent)
+        if sent.get("If-None-Match") == _ETAG or sent.get("If-Modified-Since") == _LAST_MODIFIED:
+            return web.Response(status=304, headers={"Cache-Control": "max-age=90"})
+        headers = {"ETag": _ETAG, "Last-Modified": _LAST_MODIFIED, "Cache-Control": "max-age=60"}
+        return web.json_response({"keys": []}, headers=headers)
+
+    async def odd(request: web.Request) -> web.Response:
+        headers = {
+            "ETag": '"' + "x" * 300 + '"',
+            "Last-Modified": "caf\u00e9".encode().decode("latin-1"),
+        }
+        return web.json_response({"keys": []}, headers=headers)
+
+    app = web.Application()
+    app.router.add_get("/jwks", jwks)
+    app.router.add_get("/odd", odd)
+    server = await aiohttp_server(app)
+    return str(server.make_url("")).rstrip("/"), seen
+
+
+async def test_validators_are_kept_and_sent_back(
+    fetcher: HttpDocumentFetcher, validated: tuple[str, list[dict[str, str]]]
+) -> None:
+    base, seen = validated
+    first = await fetch(fetcher, f"{base}/jwks")
+    assert (first.etag, first.last_modified, first.not_modified) == (_ETAG, _LAST_MODIFIED, False)
+    assert seen == [{}]
+    again = await fetcher.fetch(
+        f"{base}/jwks", timeout_s=2, max_bytes=MAX_BYTES, etag=first.etag,
+        last_modified=first.last_modified,
+    )  # fmt: skip
+    assert seen[-1] == {"If-None-Match": _ETAG, "If-Modified-Since": _LAST_MODIFIED}
+    # A 304: no body, the validators kept, the 304's own lifetime.
+    assert again == FetchedDocument(None, 90.0, _ETAG, _LAST_MODIFIED, not_modified=True)
+
+
+async def test_stale_validators_get_the_full_document(
+    fetcher: HttpDocumentFetcher, validated: tuple[str, list[dict[str, str]]]
+) -> None:
+    base, seen = validated
+    document = await fetcher.fetch(f"{base}/jwks", timeout_s=2, max_bytes=MAX_BYTES, etag='"v0"')
+    assert seen[-1] == {"If-None-Match": '"v0"'}
+    assert document == FetchedDocument({"keys": []}, 60.0, _ETAG, _LAST_MODIFIED)
+
+
+async def test_unusable_validators_are_not_kept(
+    fetcher: HttpDocumentFetcher, validated: tuple[str, list[dict[str, str]]]
+) -> None:
+    base, _ = validated
+    document = await fetch(fetcher, f"{base}/odd")  # an over-long ETag, a non-ASCII date
+    assert (document.etag, document.last_modified) == (None, None)

@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 from gateway.config import IssuerConfig
 from gateway.documents import HttpDocumentFetcher
 from gateway.errors import JwksFetchError, Rejection
-from gateway.jwks import JwksCache
+from gateway.jwks import RETRY_INITIAL_S, JwksCache
 from gateway.keyset import KeySet, build_key_set
 from gateway.metrics import GatewayMetrics
 from gateway.reasons import Reason
@@ -178,12 +178,11 @@ async def test_ttl_expiry_refetches(make_cache: MakeCache, idp: FakeIdP, clock: 
     clock.advance(TTL - 1)
     await h.key("key-rs256")
     assert idp.hits == 1
-    clock.advance(1)  # exactly ttl: stale
+    clock.advance(1)  # exactly ttl: stale, served at once; the refetch runs in the background
+    await h.key("key-rs256")
+    await eventually(lambda: h.fetches("success") == 2)
     await h.key("key-rs256")
     assert idp.hits == 2
-    await h.key("key-rs256")
-    assert idp.hits == 2
-    assert h.fetches("success") == 2
 
 
 async def test_rotated_key_is_found_after_ttl(
@@ -445,7 +444,7 @@ async def test_response_lifetime_sets_the_ttl_within_bounds(
     assert idp.hits == 1
     clock.advance(1)
     await h.key(rs.kid)
-    assert idp.hits == 2
+    await eventually(lambda: idp.hits == 2)
 
 
 async def test_key_gauges_exist_before_any_fetch(make_cache: MakeCache) -> None:
@@ -471,7 +470,8 @@ async def test_discovery_finds_the_jwks_uri(
     # Once its lifetime is over it is asked again, with the next key fetch.
     clock.advance(TTL)
     await h.key(rs.kid)
-    assert (idp.discovery_hits, idp.hits) == (2, 3)
+    await eventually(lambda: (idp.discovery_hits, h.fetches("success")) == (2, 3))
+    assert idp.hits == 3
 
 
 async def test_failed_rediscovery_keeps_the_known_jwks_uri(
@@ -483,8 +483,8 @@ async def test_failed_rediscovery_keeps_the_known_jwks_uri(
     idp.discovery_mode = "error"
     clock.advance(60)
     await h.key(rs.kid)
+    await eventually(lambda: h.fetches("success") == 2)
     assert (idp.discovery_hits, idp.hits) == (2, 2)
-    assert h.fetches("success") == 2
 
 
 @pytest.mark.parametrize(
@@ -900,3 +900,345 @@ async def test_reconfigure_keeps_unchanged_issuers_and_forgets_removed_ones(
     assert h.registry.get_sample_value("gateway_jwks_keys", {"issuer": "test"}) is None
     assert h.registry.get_sample_value("gateway_jwks_stale", {"issuer": "test"}) is None
     assert await h.reject("key-rs256") is Reason.JWKS_UNAVAILABLE
+
+
+# --- private key material: never used ---------------------------------------------------------
+def private_jwk(signer: SigningKey, **extra: Any) -> dict[str, Any]:
+    return FakeIdP.private_jwk(signer, **extra)
+
+
+_OTH = [{"r": _b64(b"\x03" * 64), "d": _b64(b"\x05" * 64), "t": _b64(b"\x07" * 64)}]
+
+
+def _private_case(case: str, keys: dict[str, SigningKey]) -> dict[str, Any]:
+    rs, es, ed = keys["RS256"], keys["ES256"], keys["EdDSA"]
+    if case == "rsa-private-key":
+        return private_jwk(rs, kid="bad")
+    if case == "ec-private-key":
+        return private_jwk(es, kid="bad")
+    if case == "okp-private-key":
+        return private_jwk(ed, kid="bad")
+    member = case.removeprefix("public-rsa-with-")
+    value: Any = _OTH if member == "oth" else _b64(b"\x01" * 32)
+    return rs.public_jwk(kid="bad", **{member: value})
+
+
+PRIVATE_CASES = [
+    "rsa-private-key",
+    "ec-private-key",
+    "okp-private-key",
+    *(f"public-rsa-with-{m}" for m in ("d", "p", "q", "dp", "dq", "qi", "k", "oth")),
+]
+
+
+@pytest.mark.parametrize("case", PRIVATE_CASES)
+def test_key_with_private_members_is_dropped_and_reported(
+    case: str, signing_keys: dict[str, SigningKey], caplog: pytest.LogCaptureFixture
+) -> None:
+    rs, es = signing_keys["RS256"], signing_keys["ES256"]
+    dropped: list[int] = []
+    key_set = build_key_set(
+        {"keys": [rs.public_jwk(), _private_case(case, signing_keys), es.public_jwk()]},
+        HYGIENE.id,
+        HYGIENE.algorithms,
+        on_private=lambda: dropped.append(1),
+    )
+    assert key_set.size == 2
+    for alg in sorted(HYGIENE.algorithms):
+        assert key_set.lookup("bad", alg) is Reason.KEY_NOT_FOUND
+    assert dropped == [1]
+    assert "why=private_key_material" in caplog.text
+    assert verifies(_found(key_set, rs.kid, "RS256"), rs)
+
+
+def test_a_set_of_only_private_keys_is_an_invalid_fetch(
+    signing_keys: dict[str, SigningKey],
+) -> None:
+    dropped: list[int] = []
+    with pytest.raises(JwksFetchError) as caught:
+        build_key_set(
+            {"keys": [private_jwk(signing_keys["RS256"]), private_jwk(signing_keys["ES256"])]},
+            HYGIENE.id,
+            HYGIENE.algorithms,
+            on_private=lambda: dropped.append(1),
+        )
+    assert caught.value.result == "invalid"
+    assert dropped == [1, 1]
+
+
+async def test_published_private_key_is_counted_per_fetch_and_never_served(
+    make_cache: MakeCache, idp: FakeIdP, clock: FakeClock, signing_keys: dict[str, SigningKey]
+) -> None:
+    rs, es = signing_keys["RS256"], signing_keys["ES256"]
+    idp.keys = [rs.public_jwk(), private_jwk(es)]
+    h = make_cache()
+    assert h.metric("gateway_jwks_private_keys_dropped_total") == 0  # pre-created
+    assert verifies(await h.key(rs.kid), rs)
+    assert h.metric("gateway_jwks_private_keys_dropped_total") == 1
+    clock.advance(COOLDOWN)
+    assert await h.reject(es.kid, "ES256") is Reason.KEY_NOT_FOUND  # the refetch drops it again
+    assert idp.hits == 2
+    assert h.metric("gateway_jwks_private_keys_dropped_total") == 2
+    assert h.metric("gateway_jwks_keys") == 1
+
+
+# --- a stale set is served at once, refreshed in the background --------------------------------
+async def test_stale_set_is_served_without_waiting_and_refreshed_in_the_background(
+    make_cache: MakeCache, idp: FakeIdP, clock: FakeClock, rs: SigningKey
+) -> None:
+    h = make_cache(jwks_fetch_timeout_s=30, jwks_max_stale_s=600)
+    first = await h.key(rs.kid)
+    idp.mode = "hang"
+    clock.advance(TTL)
+    # A request waiting on the hanging refresh would take 30 s.
+    assert await asyncio.wait_for(h.key(rs.kid), 1) is first
+    await eventually(lambda: idp.hits == 2)
+    for _ in range(5):  # later requests join nothing and start nothing
+        assert await asyncio.wait_for(h.key(rs.kid), 1) is first
+    assert idp.hits == 2
+    assert h.state == {"keys": 10, "ready": True, "stale": True, "failures": 0}
+
+    idp.release.set()  # the hanging answer ends as a 500: backoff, still no waiting
+    await eventually(lambda: h.fetches("http_error") == 1)
+    idp.release.clear()
+    clock.advance(RETRY_INITIAL_S)  # every backoff cycle: the retry hangs again
+    assert await asyncio.wait_for(h.key(rs.kid), 1) is first
+    await eventually(lambda: idp.hits == 3)
+    assert await asyncio.wait_for(h.key(rs.kid), 1) is first
+
+    idp.mode = "ok"
+    idp.release.set()
+    await eventually(lambda: h.fetches("http_error") == 2)
+    clock.advance(2 * RETRY_INITIAL_S)
+    await h.key(rs.kid)
+    await eventually(lambda: h.fetches("success") == 2)
+    assert h.state == {"keys": 10, "ready": True, "stale": False, "failures": 0}
+
+
+async def test_past_max_stale_a_request_still_waits_for_the_fetch(
+    make_cache: MakeCache, idp: FakeIdP, clock: FakeClock, rs: SigningKey
+) -> None:
+    h = make_cache(jwks_max_stale_s=0)
+    await h.key(rs.kid)
+    rotated = generate_key("RS256", "rotated")
+    idp.publish(rotated)
+    clock.advance(TTL)  # no stale set to serve: the request waits for the fetch
+    assert verifies(await h.key("rotated"), rotated)
+    assert idp.hits == 2
+
+
+# --- failed fetches and the unknown-kid cooldown ------------------------------------------------
+async def _fail_kid_refetch(h: Harness, idp: FakeIdP, clock: FakeClock, rs: SigningKey) -> None:
+    """A fetch fails while the set is still fresh (the IdP restarting): an unknown-kid refetch."""
+    await h.key(rs.kid)
+    idp.mode = "error"
+    clock.advance(COOLDOWN)
+    assert await h.reject("unknown-0") is Reason.KEY_NOT_FOUND
+    assert (idp.hits, h.fetches("http_error"), h.state["failures"]) == (2, 1, 1)
+
+
+async def _fail_refresh(h: Harness, idp: FakeIdP, clock: FakeClock) -> None:
+    """The background refresh ahead of expiry fails (the IdP restarting); the set is still fresh."""
+    h.cache.start()
+    await asyncio.wait_for(h.cache.settled(), 2)
+    await settle()
+    idp.mode = "error"
+    clock.advance(TTL - AHEAD)
+    await eventually(lambda: h.fetches("http_error") == 1)
+    await settle()  # the refresher sleeps until its retry, RETRY_INITIAL_S from now
+    assert (idp.hits, h.state["stale"], h.state["failures"]) == (2, False, 1)
+
+
+def _publish_new(idp: FakeIdP, signing_keys: dict[str, SigningKey]) -> SigningKey:
+    new = generate_key("ES256", "new")
+    idp.publish(*signing_keys.values(), new)
+    idp.mode = "ok"
+    return new
+
+
+async def test_a_failed_fetch_does_not_start_the_unknown_kid_cooldown(
+    make_cache: MakeCache,
+    idp: FakeIdP,
+    clock: FakeClock,
+    rs: SigningKey,
+    signing_keys: dict[str, SigningKey],
+) -> None:
+    h = make_cache()
+    await _fail_kid_refetch(h, idp, clock, rs)
+    new = _publish_new(idp, signing_keys)
+    clock.advance(RETRY_INITIAL_S)  # the retry is due (no refresher runs in this harness)
+    assert verifies(await h.key(new.kid, "ES256"), new)
+    assert idp.hits == 3
+    assert (h.suppressed, h.state["failures"]) == (0, 0)
+    # The successful fetch does start it.
+    assert await h.reject("unknown-1") is Reason.KEY_NOT_FOUND
+    assert (idp.hits, h.suppressed) == (3, 1)
+
+
+async def test_unknown_kid_waits_for_a_retry_due_within_the_fetch_timeout(
+    make_cache: MakeCache,
+    idp: FakeIdP,
+    clock: FakeClock,
+    signing_keys: dict[str, SigningKey],
+) -> None:
+    h = make_cache(jwks_fetch_timeout_s=2)
+    await _fail_refresh(h, idp, clock)
+    new = _publish_new(idp, signing_keys)
+    clock.advance(RETRY_INITIAL_S / 2)
+    waiting = asyncio.create_task(h.key(new.kid, "ES256"))
+    await settle()
+    assert not waiting.done(), "refused instead of waiting for the retry"
+    assert idp.hits == 2  # the backoff still governs: nothing is fetched early
+    clock.advance(RETRY_INITIAL_S / 2)
+    assert verifies(await asyncio.wait_for(waiting, 2), new)
+    assert idp.hits == 3
+    assert h.suppressed == 0
+
+
+async def test_unknown_kid_does_not_wait_for_a_retry_due_after_the_fetch_timeout(
+    make_cache: MakeCache,
+    idp: FakeIdP,
+    clock: FakeClock,
+    rs: SigningKey,
+    signing_keys: dict[str, SigningKey],
+) -> None:
+    h = make_cache(jwks_fetch_timeout_s=0.5)
+    await _fail_kid_refetch(h, idp, clock, rs)
+    clock.advance(RETRY_INITIAL_S)
+    assert await h.reject("unknown-1") is Reason.KEY_NOT_FOUND  # starts the due retry: it fails
+    assert (idp.hits, h.state["failures"]) == (3, 2)  # the next retry is 2 s away
+    new = _publish_new(idp, signing_keys)
+    clock.advance(0.5)  # 1.5 s to the retry: beyond the 0.5 s a request may wait
+    assert await asyncio.wait_for(h.reject(new.kid, "ES256"), 1) is Reason.KEY_NOT_FOUND
+    assert idp.hits == 3
+    clock.advance(1.5)  # due now: an unknown kid may start it
+    assert verifies(await h.key(new.kid, "ES256"), new)
+    assert idp.hits == 4
+
+
+async def test_unknown_kid_gives_up_when_the_awaited_retry_fails(
+    make_cache: MakeCache, idp: FakeIdP, clock: FakeClock
+) -> None:
+    h = make_cache(jwks_fetch_timeout_s=2)
+    await _fail_refresh(h, idp, clock)
+    clock.advance(RETRY_INITIAL_S / 2)
+    waiting = asyncio.create_task(h.reject("new", "ES256"))
+    await settle()
+    assert not waiting.done()
+    clock.advance(RETRY_INITIAL_S / 2)  # the retry runs and fails; the next one is 2 s later
+    assert await asyncio.wait_for(waiting, 2) is Reason.KEY_NOT_FOUND
+    assert (idp.hits, h.state["failures"]) == (3, 2)
+
+
+# --- conditional refresh ----------------------------------------------------------------------
+_LAST_MODIFIED = "Sun, 06 Nov 1994 08:49:37 GMT"
+
+
+@pytest.mark.parametrize(
+    ("etags", "last_modified", "sent"),
+    [
+        pytest.param(True, None, "etag", id="etag"),
+        pytest.param(False, _LAST_MODIFIED, "last-modified", id="last-modified"),
+        pytest.param(True, _LAST_MODIFIED, "both", id="both"),
+    ],
+)
+async def test_refresh_is_conditional_and_304_keeps_the_set(
+    etags: bool,
+    last_modified: str | None,
+    sent: str,
+    make_cache: MakeCache,
+    idp: FakeIdP,
+    clock: FakeClock,
+    rs: SigningKey,
+) -> None:
+    idp.etags, idp.last_modified = etags, last_modified
+    h = make_cache()
+    first = await h.key(rs.kid)
+    assert idp.validators == [(None, None)]
+    clock.advance(TTL)
+    await h.key(rs.kid)
+    await eventually(lambda: h.fetches("not_modified") == 1)
+    expected = {
+        "etag": (idp.etag(), None),
+        "last-modified": (None, _LAST_MODIFIED),
+        "both": (idp.etag(), _LAST_MODIFIED),
+    }[sent]
+    assert idp.validators[1] == expected
+    assert (idp.hits, idp.not_modified_hits, h.fetches("success")) == (2, 1, 1)
+    assert await h.key(rs.kid) is first  # the same set: nothing rebuilt, cached tokens stay valid
+    assert h.state == {"keys": 10, "ready": True, "stale": False, "failures": 0}
+    assert h.metric("gateway_jwks_last_success_timestamp_seconds") == clock.time()
+
+    # A 304 renews the lifetime like a full answer ...
+    clock.advance(TTL - 1)
+    await h.key(rs.kid)
+    assert idp.hits == 2
+    # ... and a changed set comes back in full.
+    rotated = generate_key("RS256", "rotated")
+    idp.publish(rs, rotated)
+    if last_modified is not None:
+        idp.last_modified = "Mon, 07 Nov 1994 08:49:37 GMT"
+    clock.advance(1)
+    assert verifies(await h.key("rotated"), rotated)
+    assert (idp.hits, h.fetches("success"), h.fetches("not_modified")) == (3, 2, 1)
+
+
+async def test_304_takes_its_own_lifetime_else_the_stored_one(
+    make_cache: MakeCache, idp: FakeIdP, clock: FakeClock, rs: SigningKey
+) -> None:
+    idp.etags = True
+    idp.headers = {"Cache-Control": "max-age=120"}
+    h = make_cache(jwks_cache_min_ttl_s=60, jwks_cache_max_ttl_s=3600)
+    await h.key(rs.kid)
+    idp.headers = {}  # the 304 says nothing: the stored response's 120 s still apply
+    clock.advance(120)
+    await h.key(rs.kid)
+    await eventually(lambda: h.fetches("not_modified") == 1)
+    clock.advance(119)
+    await h.key(rs.kid)
+    assert idp.hits == 2
+    idp.headers = {"Cache-Control": "max-age=600"}  # a 304 that updates the lifetime
+    clock.advance(1)
+    await h.key(rs.kid)
+    await eventually(lambda: h.fetches("not_modified") == 2)
+    clock.advance(599)
+    await h.key(rs.kid)
+    assert idp.hits == 3
+
+
+async def test_304_to_an_unconditional_request_is_a_failed_fetch(
+    make_cache: MakeCache, idp: FakeIdP, rs: SigningKey
+) -> None:
+    idp.mode = "not_modified"
+    h = make_cache()
+    assert await h.reject(rs.kid) is Reason.JWKS_UNAVAILABLE
+    assert (h.fetches("http_error"), h.fetches("not_modified")) == (1, 0)
+
+
+async def test_refresh_interval_revalidates_sooner_than_the_lifetime(
+    make_cache: MakeCache,
+    idp: FakeIdP,
+    clock: FakeClock,
+    rs: SigningKey,
+    signing_keys: dict[str, SigningKey],
+) -> None:
+    idp.etags = True
+    h = make_cache(jwks_refresh_interval_s=10)
+    h.cache.start()
+    await asyncio.wait_for(h.cache.settled(), 2)
+    await settle()
+    for n in range(1, 4):  # every 10 s a conditional request, answered 304
+        clock.advance(9)
+        await settle()
+        assert idp.hits == n
+        clock.advance(1)
+        await eventually(lambda n=n: h.fetches("not_modified") == n)  # type: ignore[misc]
+        await settle()
+    assert h.fetches("success") == 1
+    assert verifies(await h.key(rs.kid), rs)
+
+    # A retired key stops verifying at the next interval, not at the end of the 300 s lifetime.
+    idp.publish(*(k for k in signing_keys.values() if k.kid != rs.kid))
+    clock.advance(10)
+    await eventually(lambda: h.fetches("success") == 2)
+    assert await h.reject(rs.kid) is Reason.KEY_NOT_FOUND

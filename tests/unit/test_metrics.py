@@ -82,7 +82,8 @@ def test_upstream_and_duration_series_exist_at_zero(registry: CollectorRegistry)
 
 
 def test_jwks_fetch_results_cover_what_the_fetcher_can_report() -> None:
-    assert set(JWKS_FETCH_RESULTS) == {"success", "http_error", "timeout", "unreachable", "invalid"}
+    expected = {"success", "not_modified", "http_error", "timeout", "unreachable", "invalid"}
+    assert set(JWKS_FETCH_RESULTS) == expected
 
 
 @pytest.mark.parametrize(
