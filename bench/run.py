@@ -633,6 +633,59 @@ def tool_version(argv: list[str]) -> str:
     return text.splitlines()[0].strip() if text else "?"
 
 
+def prepare_run_dir(run_dir: Path, keys: dict[str, Any]) -> Path:
+    """A fresh scratch directory (nginx's temp dirs, the JWKS it serves); the JWKS path."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    (run_dir / "nginx-tmp").mkdir(parents=True)
+    run_dir.chmod(0o755)
+    jwks_path = run_dir / "jwks.json"
+    jwks_path.write_text(json.dumps(jwks_document(keys)))
+    jwks_path.chmod(0o644)
+    return jwks_path
+
+
+def start_upstream(
+    procs: Processes, nginx: str | None, cpu: int | None, run_dir: Path
+) -> tuple[subprocess.Popen[bytes], int, str]:
+    """The upstream + JWKS server (nginx, else bench/upstream.py) serving ``run_dir``, ready:
+    (process, port, label)."""
+    port = free_port()
+    jwks_path = run_dir / "jwks.json"
+    if nginx:
+        conf = run_dir / "nginx.conf"
+        user = "user root;" if os.geteuid() == 0 else ""
+        conf.write_text(NGINX_CONF.format(dir=run_dir, port=port, user=user))
+        argv = [nginx, "-p", str(run_dir), "-e", str(run_dir / "nginx-error.log"), "-c", str(conf)]
+        label = f"nginx ({tool_version([nginx, '-v'])}, 1 worker, fixed 3-byte 200 body)"
+    else:
+        argv = [sys.executable, str(BENCH / "upstream.py"), "--port", str(port)]
+        argv += ["--jwks", str(jwks_path)]
+        label = "PYTHON asyncio raw-protocol server (bench/upstream.py), NOT nginx"
+    proc = procs.start("upstream", pinned(cpu, argv), run_dir / "upstream.log")
+    wait_for(f"http://127.0.0.1:{port}/jwks.json", proc, "upstream")
+    return proc, port, label
+
+
+def launch_gateway(
+    procs: Processes,
+    name: str,
+    config: str,
+    admin_port: int,
+    cpu: int | None,
+    log_level: str,
+    run_dir: Path,
+) -> subprocess.Popen[bytes]:
+    """``python -m gateway run --workers 1`` on ``config`` (YAML text), ready on its admin port."""
+    path = run_dir / f"{name}.yaml"
+    path.write_text(config)
+    argv = [sys.executable, "-m", "gateway", "--log-level", log_level]
+    argv += ["run", "--config", str(path), "--workers", "1"]
+    proc = procs.start(name, pinned(cpu, argv), run_dir / f"{name}.log")
+    wait_for(f"http://127.0.0.1:{admin_port}/readyz", proc, name)
+    return proc
+
+
 # --- the run ------------------------------------------------------------------------------------
 
 
@@ -727,13 +780,7 @@ def run(args: argparse.Namespace, procs: Processes) -> int:
     load_cpu = LOAD_CPU if pin else None
     keys = load_keys()
     tokens = prepare_tokens(keys, args.cold_pool, log)
-    if RUN_DIR.exists():
-        shutil.rmtree(RUN_DIR)
-    (RUN_DIR / "nginx-tmp").mkdir(parents=True)
-    RUN_DIR.chmod(0o755)
-    jwks_path = RUN_DIR / "jwks.json"
-    jwks_path.write_text(json.dumps(jwks_document(keys)))
-    jwks_path.chmod(0o644)
+    jwks_path = prepare_run_dir(RUN_DIR, keys)
 
     loadgen = LoadGen(procs, wrk, args.connections, load_cpu)
     bench = Bench(args, procs, loadgen, tokens)
@@ -763,19 +810,7 @@ def run(args: argparse.Namespace, procs: Processes) -> int:
         log(f"  {alg}: {d['us_per_decode']:.1f} us/decode, {d['decodes_per_s']:.0f} decodes/s")
 
     # Upstream + JWKS server on the load generator's core.
-    up_port = free_port()
-    if nginx:
-        conf = RUN_DIR / "nginx.conf"
-        user = "user root;" if os.geteuid() == 0 else ""
-        conf.write_text(NGINX_CONF.format(dir=RUN_DIR, port=up_port, user=user))
-        argv = [nginx, "-p", str(RUN_DIR), "-e", str(RUN_DIR / "nginx-error.log"), "-c", str(conf)]
-        upstream_label = f"nginx ({tool_version([nginx, '-v'])}, 1 worker, fixed 3-byte 200 body)"
-    else:
-        argv = [sys.executable, str(BENCH / "upstream.py"), "--port", str(up_port)]
-        argv += ["--jwks", str(jwks_path)]
-        upstream_label = "PYTHON asyncio raw-protocol server (bench/upstream.py), NOT nginx"
-    upstream = procs.start("upstream", pinned(load_cpu, argv), RUN_DIR / "upstream.log")
-    wait_for(f"http://127.0.0.1:{up_port}/jwks.json", upstream, "upstream")
+    upstream, up_port, upstream_label = start_upstream(procs, nginx, load_cpu, RUN_DIR)
     upstream_pids = [upstream.pid, *children(upstream.pid)]
 
     log(f"load generator: {loadgen.label}")
@@ -786,16 +821,10 @@ def run(args: argparse.Namespace, procs: Processes) -> int:
     # --- the gateway -------------------------------------------------------------------------
     def start_gateway(name: str) -> tuple[subprocess.Popen[bytes], str]:
         port, admin = free_port(), free_port()
-        config = RUN_DIR / f"{name}.yaml"
-        config.write_text(
-            GATEWAY_YAML.format(
-                port=port, admin=admin, upstream=up_port, issuer=ISSUER, audience=AUDIENCE
-            )
+        config = GATEWAY_YAML.format(
+            port=port, admin=admin, upstream=up_port, issuer=ISSUER, audience=AUDIENCE
         )
-        argv = [sys.executable, "-m", "gateway", "--log-level", args.gateway_log_level]
-        argv += ["run", "--config", str(config), "--workers", "1"]
-        proc = procs.start(name, pinned(gw_cpu, argv), RUN_DIR / f"{name}.log")
-        wait_for(f"http://127.0.0.1:{admin}/readyz", proc, name)
+        proc = launch_gateway(procs, name, config, admin, gw_cpu, args.gateway_log_level, RUN_DIR)
         url = f"http://127.0.0.1:{port}"
         bench.sanity(
             url,
