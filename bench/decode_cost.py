@@ -4,22 +4,35 @@ Run pinned to one core (bench/run.py pins it to the gateway's core); prints one 
 ``{alg: {"us_per_decode": ..., "decodes_per_s": ..., "n": ...}}``.
 
     python bench/decode_cost.py --seconds 2 RS256=FILE ES256=FILE JWKS_FILE
+
+With ``--unverified`` it times instead what the gateway's verifier spends on a token *before* any
+signature check, for payloads of hostile shapes (each under the default 8 KB token limit) next
+to a normal one: the token names an unknown ``kid``, so ``Verifier.verify`` stops at the key
+lookup.  Prints ``{shape: {"us_per_token": ..., "vs_normal": ..., "payload_bytes": ...}}``.
+
+    python bench/decode_cost.py --unverified --seconds 1
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import base64
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import jwt
 from jwt import PyJWK
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 from tokens import AUDIENCE, ISSUER, read_tokens
+
+from gateway.errors import Rejection
+from gateway.reasons import Reason
 
 
 def measure(tokens: list[str], key: PyJWK, alg: str, seconds: float) -> dict[str, Any]:
@@ -41,11 +54,91 @@ def measure(tokens: list[str], key: PyJWK, alg: str, seconds: float) -> dict[str
     return {"us_per_decode": elapsed / n * 1e6, "decodes_per_s": n / elapsed, "n": n}
 
 
+# Hostile payload shapes, each a JSON text of about 6 KB (an 8 KB token once base64url-encoded).
+_FILL: Final = 5600
+
+
+def _shapes() -> dict[str, bytes]:
+    iss = f'{{"iss":"{ISSUER}","aud":"{AUDIENCE}","sub":"alice","exp":9999999999'
+
+    def fill(item: str, wrap: str = "[%s]") -> str:
+        return wrap % ",".join([item] * (_FILL // (len(item) + 1)))
+
+    return {
+        "normal": (iss + ',"scope":"orders:read","email":"a@example.com"}').encode(),
+        "tiny-objects": (iss + ',"x":' + fill("{}") + "}").encode(),
+        "tiny-arrays": (iss + ',"x":' + fill("[]") + "}").encode(),
+        "integers": (iss + ',"x":' + fill("1") + "}").encode(),
+        "floats": (iss + ',"x":' + fill("1e5") + "}").encode(),
+        "members": (iss + "," + ",".join(f'"{i:x}":0' for i in range(_FILL // 9)) + "}").encode(),
+        "nested": (iss + ',"x":' + "[" * 900 + "]" * 900 + "}").encode(),
+    }
+
+
+class _NoKeys:
+    """A key lookup that knows no key: the verifier stops there, before any signature check."""
+
+    async def get_key(self, issuer: Any, kid: Any, alg: str) -> PyJWK:
+        raise Rejection(Reason.KEY_NOT_FOUND, "no such kid")
+
+    def current_key(self, issuer: Any, kid: Any, alg: str) -> PyJWK | None:
+        return None
+
+
+def measure_unverified(seconds: float) -> dict[str, Any]:
+    from gateway.clock import SystemClock
+    from gateway.config import AuthPolicy, IssuerConfig
+    from gateway.verifier import Verifier
+
+    issuer = IssuerConfig("bench", ISSUER, None, frozenset({"RS256"}))
+    policy = AuthPolicy(issuers=(issuer,), audiences=frozenset({AUDIENCE}))
+    verifier = Verifier(_NoKeys(), SystemClock())
+    head = base64.urlsafe_b64encode(b'{"alg":"RS256","typ":"JWT","kid":"unknown"}')
+    signature = "A" * 342  # an RS256-sized signature: never checked, the kid is unknown
+    result: dict[str, Any] = {}
+    for name, payload in _shapes().items():
+        body = base64.urlsafe_b64encode(payload).rstrip(b"=")
+        token = f"{head.rstrip(b'=').decode()}.{body.decode()}.{signature}"
+        assert len(token) <= 8192, (name, len(token))
+
+        async def once(token: str = token) -> None:
+            try:
+                await verifier.verify(token, policy)
+            except Rejection:
+                return
+            raise AssertionError("a token with an unknown kid verified")  # pragma: no cover
+
+        async def run() -> tuple[int, float]:
+            for _ in range(20):
+                await once()
+            n = 0
+            started = time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                for _ in range(20):
+                    await once()
+                n += 20
+            return n, time.perf_counter() - started
+
+        n, elapsed = asyncio.run(run())
+        result[name] = {"us_per_token": round(elapsed / n * 1e6, 1), "payload_bytes": len(payload)}
+    normal = result["normal"]["us_per_token"]
+    for entry in result.values():
+        entry["vs_normal"] = round(entry["us_per_token"] / normal, 1)
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=2.0)
-    parser.add_argument("sets", nargs="+", help="ALG=TOKENS_FILE ..., then the JWKS file")
+    parser.add_argument("--unverified", action="store_true", help="hostile payloads, see above")
+    parser.add_argument("sets", nargs="*", help="ALG=TOKENS_FILE ..., then the JWKS file")
     args = parser.parse_args()
+    if args.unverified:
+        json.dump(measure_unverified(args.seconds), sys.stdout)
+        print()
+        return 0
+    if len(args.sets) < 2:
+        parser.error("give ALG=TOKENS_FILE ... and the JWKS file")
     *sets, jwks_path = args.sets
     with open(jwks_path) as fh:
         jwks = json.load(fh)

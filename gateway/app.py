@@ -57,7 +57,9 @@ class Gateway:
         self._reload_lock = asyncio.Lock()
         # Survives reloads: every hit is re-checked against the route's current policy.
         self.token_cache = (
-            TokenCache(config.token_cache_size, clock) if config.token_cache_size else None
+            TokenCache(config.token_cache_size, clock, config.token_cache_max_bytes)
+            if config.token_cache_size
+            else None
         )
 
     @property

@@ -3,14 +3,19 @@
 Order matters and is the point (see the README's request flow):
 
 1. parse the compact JWS once: three base64url segments, JSON objects without
-   duplicate members, no ``crit`` or ``b64`` extensions;
+   duplicate members, no ``crit`` or ``b64`` extensions.  What is parsed before the
+   signature holds is bounded (``_cheap``): a header with more values than a JOSE header
+   ever has is refused unparsed, and a payload beyond the bound is decoded only once its
+   signature verifies (its ``iss`` read meanwhile by ``_scan_iss``, at C speed);
 2. header ``alg`` must be pinned by one of the route's issuers (never chosen by the token);
 3. the unverified ``iss`` must name one of the route's issuers, *before* any key
    is fetched, so a forged ``iss`` never reaches the network;
 4. ``alg`` must be pinned by that issuer; the header ``typ`` accepted by it;
 5. the key comes from that issuer's set only (a key bound to one algorithm);
 6. signature, by PyJWT's algorithm implementation for that key;
-7. claims: ``iss``, ``exp`` (required), ``nbf``/``iat`` with leeway, ``aud``,
+7. claims: the registered ones of their JSON types (RFC 7519 §4.1: ``iss``, ``sub``, ``jti``
+   strings, ``aud`` a string or array of strings, ``exp``/``nbf``/``iat`` numbers; else
+   ``claim_invalid``), ``iss``, ``exp`` (required), ``nbf``/``iat`` with leeway, ``aud``,
    required claims, then scopes and claim matchers (403).
 
 The parse is ours rather than ``jwt.decode``'s: PyJWT validates base64 one
@@ -28,10 +33,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -42,9 +48,37 @@ from .config import AuthPolicy, ClaimMatcher, IssuerConfig, MatchOp
 from .errors import Rejection
 from .jwks import KeyLookup
 from .reasons import Reason
-from .token_cache import TokenCache
+from .token_cache import TokenCache, entry_weight
 
 _SEGMENT: Final = re.compile(r"[A-Za-z0-9_-]*")
+
+# What may be JSON-decoded before a signature is checked.  The decoder's cost grows with the
+# number of values (a Python call per object, an allocation per value) and with long digit
+# runs (int() is quadratic), not just with bytes: 6 KB of ``[{},{},...]`` cost ~60 normal
+# tokens.  ``,``, ``:``, ``[`` and ``{`` bound the number of values from above (inside strings
+# they only over-count), so four ``bytes.count`` scans in C decide; integers of more than
+# ``MAX_UNVERIFIED_DIGITS`` digits stop the decoder that runs before verification.
+MAX_UNVERIFIED_VALUES: Final = 64
+MAX_UNVERIFIED_BYTES: Final = 4096
+MAX_UNVERIFIED_DIGITS: Final = 64
+
+
+def _cheap(data: bytes, max_bytes: int = MAX_UNVERIFIED_BYTES) -> bool:
+    """Whether a JSON text is small and simple enough to decode before its signature holds."""
+    if len(data) > max_bytes:
+        return False
+    count = data.count(b",") + data.count(b":") + data.count(b"[") + data.count(b"{")
+    return count <= MAX_UNVERIFIED_VALUES
+
+
+class _TooComplex(ValueError):
+    """Raised by the decoder that runs before verification at an over-long integer."""
+
+
+def _short_int(text: str) -> int:
+    if len(text) > MAX_UNVERIFIED_DIGITS:
+        raise _TooComplex
+    return int(text)
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -84,11 +118,16 @@ def _segment(text: str, name: str) -> bytes:
 
 # Built once: json.loads(..., object_pairs_hook=...) would build a decoder on every call.
 _DECODER: Final = json.JSONDecoder(object_pairs_hook=_no_duplicates)
+_UNVERIFIED_DECODER: Final = json.JSONDecoder(
+    object_pairs_hook=_no_duplicates, parse_int=_short_int
+)
 
 
-def _json_object(data: bytes, name: str) -> dict[str, Any]:
+def _json_object(data: bytes, name: str, decoder: json.JSONDecoder = _DECODER) -> dict[str, Any]:
     try:
-        value = _DECODER.decode(data.decode("utf-8"))  # RFC 7519 §7.2: UTF-8 JSON
+        value = decoder.decode(data.decode("utf-8"))  # RFC 7519 §7.2: UTF-8 JSON
+    except _TooComplex:
+        raise
     except (ValueError, RecursionError):
         raise Rejection(Reason.TOKEN_MALFORMED, f"{name} is not a JSON object") from None
     if not isinstance(value, dict):
@@ -98,13 +137,60 @@ def _json_object(data: bytes, name: str) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class ParsedToken:
-    """A compact JWS split and decoded, not yet verified."""
+    """A compact JWS split and decoded, not yet verified.
+
+    ``payload`` is ``None`` when the payload is too complex to decode before its signature
+    is checked (``_cheap``): ``payload_json`` is then decoded by ``decoded_payload`` after it.
+    """
 
     header: dict[str, Any]
-    payload: dict[str, Any]
+    payload: dict[str, Any] | None
     signing_input: bytes
     signature: bytes
     payload_segment: str
+    payload_json: bytes = b""
+
+    def decoded_payload(self) -> dict[str, Any]:
+        if self.payload is not None:
+            return self.payload
+        return _json_object(self.payload_json, "payload")
+
+
+_NOT_A_STRING: Final = object()
+_ISS_KEY: Final = '"iss"'
+_COLON: Final = re.compile(r"[ \t\n\r]*:[ \t\n\r]*")
+_MAX_ISS_SCANNED: Final = 4
+# The json module's C string scanner (untyped in typeshed): one JSON string from an offset.
+_scanstring: Final[Callable[[str, int], tuple[str, int]]] = json.decoder.scanstring  # type: ignore[attr-defined]
+
+
+def _scan_iss(payload_json: bytes) -> list[Any]:
+    """The values of the first few ``"iss"`` members in a JSON text, without decoding it.
+
+    Strings are read by the json module's C string scanner; anything else is ``_NOT_A_STRING``.
+    Only the issuer to ask for a key is chosen from this: the payload is decoded in full once
+    the signature verifies, and its ``iss`` must then be that issuer's (a member this scan
+    misread, nested or duplicated, can only lead to a refusal).
+    """
+    try:
+        text = payload_json.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Rejection(Reason.TOKEN_MALFORMED, "payload is not a JSON object") from None
+    found: list[Any] = []
+    at = text.find(_ISS_KEY)
+    while at >= 0 and len(found) < _MAX_ISS_SCANNED:
+        colon = _COLON.match(text, at + len(_ISS_KEY))
+        if colon is not None:
+            start = colon.end()
+            if text.startswith('"', start):
+                try:
+                    found.append(_scanstring(text, start + 1)[0])
+                except ValueError:
+                    found.append(_NOT_A_STRING)
+            else:
+                found.append(_NOT_A_STRING)
+        at = text.find(_ISS_KEY, at + 1)
+    return found
 
 
 def parse_token(token: str) -> ParsedToken:
@@ -113,7 +199,15 @@ def parse_token(token: str) -> ParsedToken:
     if len(parts) != 3:  # a JWE has five; nested or trailing junk has more
         raise Rejection(Reason.TOKEN_MALFORMED, f"{len(parts)} segments")
     head, body, sig = parts
-    header = _json_object(_segment(head, "header"), "header")
+    header_json = _segment(head, "header")
+    # A header is always read before its signature: one with more values than a JOSE header
+    # has is refused (its bytes are bounded by max_token_bytes; x5c chains can be long).
+    try:
+        if not _cheap(header_json, max_bytes=len(header_json)):
+            raise _TooComplex
+        header = _json_object(header_json, "header", _UNVERIFIED_DECODER)
+    except _TooComplex:
+        raise Rejection(Reason.TOKEN_MALFORMED, "header too complex") from None
     # No JWS extension is understood here, so none may be critical (RFC 7515 §4.1.11),
     # and an unencoded payload (RFC 7797 b64) is refused outright.
     if "crit" in header or "b64" in header:
@@ -121,9 +215,18 @@ def parse_token(token: str) -> ParsedToken:
     kid = header.get("kid")
     if kid is not None and not isinstance(kid, str):
         raise Rejection(Reason.TOKEN_MALFORMED, "kid is not a string")
-    payload = _json_object(_segment(body, "payload"), "payload")
+    payload_json = _segment(body, "payload")
+    payload: dict[str, Any] | None = None
+    if _cheap(payload_json):
+        with contextlib.suppress(_TooComplex):  # else decoded in full once the signature holds
+            payload = _json_object(payload_json, "payload", _UNVERIFIED_DECODER)
     return ParsedToken(
-        header, payload, f"{head}.{body}".encode("ascii"), _segment(sig, "signature"), body
+        header,
+        payload,
+        f"{head}.{body}".encode("ascii"),
+        _segment(sig, "signature"),
+        body,
+        payload_json,
     )
 
 
@@ -169,10 +272,7 @@ class Verifier:
         alg = header.get("alg")
         if not isinstance(alg, str) or not any(alg in i.algorithms for i in policy.issuers):
             raise Rejection(Reason.ALGORITHM_NOT_ALLOWED, f"alg {str(alg)[:16]!r} not pinned")
-        iss = payload.get("iss")
-        issuer = policy.issuer_for(iss) if isinstance(iss, str) else None
-        if issuer is None:
-            raise Rejection(Reason.ISSUER_NOT_ALLOWED, "iss not trusted on this route")
+        issuer = _unverified_issuer(parsed, policy)
         if alg not in issuer.algorithms:
             raise Rejection(Reason.ALGORITHM_NOT_ALLOWED, f"alg {alg} not pinned for {issuer.id}")
         if trace is not None:
@@ -198,10 +298,12 @@ class Verifier:
             raise Rejection(Reason.SIGNATURE_INVALID, "signature does not verify")
         if trace is not None:
             trace.append("signature verifies")
+        if payload is None:
+            payload = parsed.decoded_payload()
         exp = self._check_claims(payload, issuer, policy, trace)
         verified = VerifiedToken(payload, issuer, kid, parsed.payload_segment, alg, key, typ)
         if cache is not None:
-            cache.put(token, verified, exp)
+            cache.put(token, verified, exp, entry_weight(token, parsed.payload_json))
         return verified
 
     def _still_valid(self, hit: VerifiedToken, policy: AuthPolicy) -> bool:
@@ -227,7 +329,8 @@ class Verifier:
         policy: AuthPolicy,
         trace: list[str] | None,
     ) -> float:
-        """Check time claims and the route's policy; return ``exp``."""
+        """Check registered claims' types, time claims and the route's policy; return ``exp``."""
+        _check_registered_types(claims)
         if claims.get("iss") != issuer.issuer:
             raise Rejection(Reason.ISSUER_NOT_ALLOWED, "verified iss differs")
         now = self._clock.time()
@@ -279,6 +382,45 @@ class Verifier:
         return exp
 
 
+def _unverified_issuer(parsed: ParsedToken, policy: AuthPolicy) -> IssuerConfig:
+    """The route's issuer that the unverified ``iss`` names: chosen before any key is fetched."""
+    if parsed.payload is not None:
+        candidates = [parsed.payload.get("iss")]
+    else:
+        candidates = _scan_iss(parsed.payload_json)
+    not_a_string = False
+    for iss in candidates:
+        if isinstance(iss, str):
+            issuer = policy.issuer_for(iss)
+            if issuer is not None:
+                return issuer
+        elif iss is not None:
+            not_a_string = True
+    if not_a_string:
+        raise Rejection(Reason.CLAIM_INVALID, "iss is not a string")
+    raise Rejection(Reason.ISSUER_NOT_ALLOWED, "iss not trusted on this route")
+
+
+_STRING_CLAIMS: Final = ("iss", "sub", "jti")
+
+
+def _check_registered_types(claims: Mapping[str, Any]) -> None:
+    """RFC 7519 §4.1: ``iss``, ``sub``, ``jti`` are strings and ``aud`` a string or an array of
+    strings (``exp``/``nbf``/``iat`` are checked by ``_numeric_date``).  A JSON ``null`` is read
+    as the claim's absence, as everywhere else; it is never forwarded."""
+    for name in _STRING_CLAIMS:
+        value = claims.get(name)
+        if value is not None and not isinstance(value, str):
+            raise Rejection(Reason.CLAIM_INVALID, f"claim {name} is not a string")
+    aud = claims.get("aud")
+    if (
+        aud is not None
+        and not isinstance(aud, str)
+        and not (isinstance(aud, list) and all(isinstance(v, str) for v in aud))
+    ):
+        raise Rejection(Reason.CLAIM_INVALID, "claim aud is not a string or array of strings")
+
+
 def _scope(policy: AuthPolicy) -> str | None:
     """The ``scope`` attribute of a 403 challenge: built only when a request is refused."""
     return " ".join(sorted(policy.required_scopes)) or None
@@ -323,9 +465,7 @@ def _check_audience(aud: Any, accepted: frozenset[str]) -> None:
     """``aud`` is a string or a list of strings; one of them must be accepted here."""
     if aud is None or aud == [] or aud == "":
         raise Rejection(Reason.AUDIENCE_NOT_ALLOWED, "aud missing")
-    values = [aud] if isinstance(aud, str) else aud
-    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-        raise Rejection(Reason.AUDIENCE_NOT_ALLOWED, "aud is not a string or list of strings")
+    values = [aud] if isinstance(aud, str) else aud  # its type checked before
     if accepted.isdisjoint(values):
         raise Rejection(Reason.AUDIENCE_NOT_ALLOWED, "aud not accepted")
 

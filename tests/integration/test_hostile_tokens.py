@@ -45,9 +45,11 @@ from tests.integration.authkit import (
     RawResponse,
     b64url,
     default_claims,
+    echoed,
     expected_body,
     expected_challenge,
     send_raw,
+    values_of,
 )
 
 COOLDOWN_S = 30  # jwks_refetch_cooldown_s of the base config
@@ -701,6 +703,30 @@ CATALOGUE: list[Attack] = [
         lambda k: k.ecdsa("ES512", lambda r, s, n: _raw_sig(r % 2**512, s % 2**512, 64)),
         Reason.SIGNATURE_INVALID,
     ),
+    # --- headers too complex to parse before the signature (issue 11) -------------------------
+    # A header must be read before its signature is checked: thousands of values in it are
+    # refused unparsed, whoever signed.  Real JOSE headers have a handful.
+    Attack(
+        "header-thousands-of-tiny-objects-real-signed",
+        lambda k: jws(k.rsa, k.header(x=[{}] * 1500), k.claims()),
+        Reason.TOKEN_MALFORMED,
+    ),
+    Attack(
+        "header-thousands-of-integers-real-signed",
+        lambda k: jws(k.rsa, k.header(x=[0] * 2500), k.claims()),
+        Reason.TOKEN_MALFORMED,
+    ),
+    Attack(
+        "header-deep-nesting-real-signed",
+        lambda k: jws(
+            k.rsa,
+            '{{"alg":"RS256","typ":"JWT","kid":"{}","x":{}}}'.format(
+                k.rsa.kid, "[" * 500 + "]" * 500
+            ),
+            k.claims(),
+        ),
+        Reason.TOKEN_MALFORMED,
+    ),
 ]
 
 
@@ -984,3 +1010,291 @@ async def test_each_issuer_accepts_its_own_keys(
         )
         assert response.status == 200, (iss, key, response.body)
     assert upstream.hits == 4
+
+
+# --- issue 11: identities reach the upstream exactly as they were checked -----------------------
+async def _signed(gateway: RunningGateway, token: str) -> RawResponse:
+    return await send_raw(gateway.client, "GET", "/api/orders", _bearer(token))
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        pytest.param({"sub": 12345}, id="sub-number"),
+        pytest.param({"sub": {"id": "admin"}}, id="sub-object"),
+        pytest.param({"sub": ["admin", "user"]}, id="sub-array"),
+        pytest.param({"sub": True}, id="sub-bool"),
+        pytest.param({"jti": 7}, id="jti-number"),
+        pytest.param({"jti": ["a"]}, id="jti-array"),
+        pytest.param({"iss": [ISSUER]}, id="iss-array"),
+        pytest.param({"iss": {"iss": ISSUER}}, id="iss-object"),
+        pytest.param({"aud": 5}, id="aud-number"),
+        pytest.param({"aud": {"api": True}}, id="aud-object"),
+        pytest.param({"aud": ["api", 5]}, id="aud-array-with-a-number"),
+        pytest.param({"aud": [["api"]]}, id="aud-array-of-arrays"),
+        pytest.param({"exp": "9999999999"}, id="exp-string"),
+        pytest.param({"exp": True}, id="exp-bool"),
+        pytest.param({"nbf": False}, id="nbf-bool"),
+        pytest.param({"nbf": "0"}, id="nbf-string"),
+        pytest.param({"iat": [1]}, id="iat-array"),
+    ],
+)
+async def test_registered_claim_of_the_wrong_json_type_is_claim_invalid(
+    claims: dict[str, Any],
+    gateway: RunningGateway,
+    signing_keys: dict[str, SigningKey],
+    clock: FakeClock,
+    upstream: EchoUpstream,
+) -> None:
+    """RFC 7519 §4.1: iss, sub, jti are strings; aud a string or array of strings; exp, nbf,
+    iat numbers.  Signed by the real key, so only the type can fail."""
+    key = signing_keys["RS256"]
+    token = jws(
+        key, {"alg": "RS256", "typ": "JWT", "kid": key.kid}, default_claims(clock.time(), **claims)
+    )
+    response = await _signed(gateway, token)
+    assert_refused(response, Reason.CLAIM_INVALID)
+    assert upstream.hits == 0
+
+
+def _with_role_headers(doc: dict[str, Any]) -> None:
+    doc["routes"][0]["claim_headers"]["X-Roles"] = "roles"
+    doc["routes"][0]["claim_headers"]["X-Roles-Json"] = {"claim": "roles", "format": "json"}
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        pytest.param({"sub": "adm\ud800in"}, id="lone-high-surrogate"),
+        pytest.param({"sub": "adm\udc00in"}, id="lone-low-surrogate"),
+        pytest.param({"sub": " alice"}, id="leading-space"),
+        pytest.param({"sub": "alice "}, id="trailing-space"),
+        pytest.param({"sub": "\talice"}, id="leading-tab"),
+        pytest.param({"sub": "alice\u00a0"}, id="trailing-no-break-space"),
+        pytest.param({"sub": "ali\tce"}, id="inner-tab-c0"),
+        pytest.param({"sub": "ali\x85ce"}, id="nel-u0085"),
+        pytest.param({"sub": "ali\x9bce"}, id="c1-csi"),
+        pytest.param({"sub": "ali\u2028ce"}, id="line-separator"),
+        pytest.param({"sub": "ali\u2029ce"}, id="paragraph-separator"),
+        pytest.param({"email": "a@x\x1b"}, id="c0-escape-in-email"),
+        pytest.param({"roles": ["user,admin", "dev"]}, id="csv-item-with-a-comma"),
+        pytest.param({"roles": ["user", " admin"]}, id="csv-item-with-leading-space"),
+        pytest.param({"roles": ["user", ""]}, id="csv-empty-item"),
+        pytest.param({"roles": ['"user', 'admin"']}, id="csv-items-with-quotes"),
+        pytest.param({"roles": ["user", "adm\ud800in"]}, id="csv-item-with-lone-surrogate"),
+    ],
+)
+async def test_claim_header_value_that_would_not_arrive_as_checked_is_claim_invalid(
+    claims: dict[str, Any],
+    make_gateway: GatewayFactory,
+    signing_keys: dict[str, SigningKey],
+    clock: FakeClock,
+    upstream: EchoUpstream,
+) -> None:
+    """aiohttp drops lone surrogates, HTTP parsers trim whitespace and some split lines on
+    U+0085/U+2028/U+2029: the upstream would read another identity than the one checked."""
+    gateway = await make_gateway(_with_role_headers)
+    key = signing_keys["RS256"]
+    token = jws(
+        key, {"alg": "RS256", "typ": "JWT", "kid": key.kid}, default_claims(clock.time(), **claims)
+    )
+    response = await _signed(gateway, token)
+    assert_refused(response, Reason.CLAIM_INVALID)
+    assert upstream.hits == 0
+
+
+async def test_json_format_carries_what_csv_cannot(
+    make_gateway: GatewayFactory,
+    signing_keys: dict[str, SigningKey],
+    clock: FakeClock,
+) -> None:
+    """The escape hatch: a JSON-format header carries commas, and every character escaped, so
+    the upstream's JSON parser reads back exactly the checked list."""
+
+    def edit(doc: dict[str, Any]) -> None:
+        doc["routes"][0]["claim_headers"] = {
+            "X-User-Sub": "sub",
+            "X-Roles-Json": {"claim": "roles", "format": "json"},
+        }
+
+    gateway = await make_gateway(edit)
+    key = signing_keys["RS256"]
+    roles = ["user,admin", "dev", "adm\ud800in", "a\u2028b", "c\x85d", " padded "]
+    token = jws(
+        key,
+        {"alg": "RS256", "typ": "JWT", "kid": key.kid},
+        default_claims(clock.time(), roles=roles),
+    )
+    response = await _signed(gateway, token)
+    [value] = values_of(echoed(response), "X-Roles-Json")
+    assert json.loads(value) == roles
+    assert value.isascii() or all(ord(c) >= 0xA0 for c in value if not c.isascii())
+
+
+# --- issue 11: an ECDSA signature's two spellings are one token ----------------------------------
+def _ecdsa_spellings(key: SigningKey, claims: dict[str, Any]) -> tuple[str, str]:
+    """The same signed token with (r, s) and with (r, n - s): both verify."""
+    signing_input = f"{segment({'alg': key.alg, 'typ': 'JWT', 'kid': key.kid})}.{segment(claims)}"
+    raw = sign(key.private, key.alg, signing_input)
+    size = COMPONENT_BYTES[key.alg]
+    r, s = int.from_bytes(raw[:size], "big"), int.from_bytes(raw[size:], "big")
+    _order_is_right(key, signing_input, r, s)
+    twin = CURVE_ORDER[key.alg] - s
+    return (
+        f"{signing_input}.{b64url(_raw_sig(r, s, size))}",
+        f"{signing_input}.{b64url(_raw_sig(r, twin, size))}",
+    )
+
+
+@pytest.mark.parametrize("alg", ["ES256", "ES384", "ES512"])
+@pytest.mark.parametrize("first", ["as-signed", "other-s"])
+async def test_both_ecdsa_spellings_are_accepted_as_one_cached_token(
+    alg: str,
+    first: str,
+    gateway: RunningGateway,
+    signing_keys: dict[str, SigningKey],
+    clock: FakeClock,
+    upstream: EchoUpstream,
+) -> None:
+    """High-s is not refused (identity providers emit both), and the verified-token cache keys
+    both spellings as one token: the second is a hit on the first's entry, not a second entry."""
+    from gateway.app import GATEWAY_KEY
+
+    cache = gateway.app[GATEWAY_KEY].token_cache
+    assert cache is not None
+    spellings = _ecdsa_spellings(signing_keys[alg], default_claims(clock.time(), sub="bob"))
+    if first == "other-s":
+        spellings = spellings[::-1]
+    for token in (*spellings, *spellings):
+        response = await _signed(gateway, token)
+        assert values_of(echoed(response), "X-User-Sub") == ["bob"]
+    assert upstream.hits == 4
+    assert len(cache) == 1
+
+
+async def test_an_eddsa_signature_is_not_read_as_an_ecdsa_one(
+    gateway: RunningGateway, signing_keys: dict[str, SigningKey], clock: FakeClock
+) -> None:
+    """Ed25519 signatures are 64 bytes too, like ES256's: the cache must not take an Ed25519
+    token's (R, n256 - S) "twin" for the same token, since it does not verify."""
+    key = signing_keys["EdDSA"]
+    genuine = jws(key, {"alg": "EdDSA", "typ": "JWT", "kid": key.kid}, default_claims(clock.time()))
+    assert (await _signed(gateway, genuine)).status == 200
+    head, payload, signature = genuine.split(".")
+    raw = base64.urlsafe_b64decode(signature + "==")
+    s = int.from_bytes(raw[32:], "big")
+    n = CURVE_ORDER["ES256"]
+    assert 0 < s < n
+    forged = f"{head}.{payload}.{b64url(raw[:32] + (n - s).to_bytes(32, 'big'))}"
+    assert_refused(await _signed(gateway, forged), Reason.SIGNATURE_INVALID)
+
+
+# --- issue 11: bounded cost of hostile tokens ----------------------------------------------------
+def _heavy_claims(now: float, index: int, size: int = 5400) -> dict[str, Any]:
+    """Claims that fill a token to nearly 8 KB with thousands of tiny objects (~150 KiB each in
+    memory once decoded)."""
+    return default_claims(now, jti=str(index), x=[{}] * (size // 3))
+
+
+def _retained_bytes(cache: Any) -> int:
+    """What the verified-token cache holds, measured object by object (not its own estimate):
+    every key and every object reachable from its entries, except shared config and keys."""
+    import sys
+
+    seen: set[int] = set()
+    total = 0
+    stack: list[Any] = []
+    for token, entry in cache.items():
+        stack += [token, entry]
+    while stack:
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        total += sys.getsizeof(value)
+        if isinstance(value, dict):
+            stack += [*value.keys(), *value.values()]
+        elif isinstance(value, list | tuple):
+            stack += value
+        elif hasattr(value, "claims"):  # a VerifiedToken: its own fields, not the shared ones
+            stack += [value.claims, value.kid, value.payload_segment, value.typ]
+    return total
+
+
+async def test_token_cache_is_bounded_in_bytes(
+    make_gateway: GatewayFactory,
+    signing_keys: dict[str, SigningKey],
+    clock: FakeClock,
+    upstream: EchoUpstream,
+) -> None:
+    """Heavy tokens (valid, signed by the IdP) fill the cache to its byte bound, not beyond;
+    evicted ones are verified again, and all of them are let in."""
+    from gateway.app import GATEWAY_KEY
+
+    bound = 1024 * 1024
+
+    def edit(doc: dict[str, Any]) -> None:
+        doc["token_cache_max_bytes"] = bound
+
+    gateway = await make_gateway(edit)
+    cache = gateway.app[GATEWAY_KEY].token_cache
+    assert cache is not None
+    key = signing_keys["RS256"]
+    header = {"alg": "RS256", "typ": "JWT", "kid": key.kid}
+    tokens = [jws(key, header, _heavy_claims(clock.time(), i)) for i in range(24)]
+    assert all(7000 < len(t) <= 8192 for t in tokens)
+    for token in tokens:
+        assert (await _signed(gateway, token)).status == 200
+    assert upstream.hits == len(tokens)
+    assert 0 < len(cache) < len(tokens)
+    assert _retained_bytes(cache) <= bound
+    # A small token is still cached next to them.
+    small = jws(key, header, default_claims(clock.time()))
+    assert (await _signed(gateway, small)).status == 200
+    assert small in dict(cache.items())
+
+
+async def test_hostile_payload_is_not_decoded_before_the_signature_is_checked(
+    gateway: RunningGateway,
+    signing_keys: dict[str, SigningKey],
+    attacker_key: SigningKey,
+    clock: FakeClock,
+    upstream: EchoUpstream,
+) -> None:
+    """A payload of 1,800 tiny objects (each a Python-level call and an allocation to decode)
+    under the IdP's kid but the attacker's signature: refused with no more Python work than a
+    normal token, because its payload is decoded only once its signature holds.  The same
+    payload, genuinely signed, is let in."""
+    import sys
+
+    kid = signing_keys["RS256"].kid
+    header = {"alg": "RS256", "typ": "JWT", "kid": kid}
+    payload = default_claims(clock.time(), x=[{}] * 1800)
+    hostile = jws(attacker_key, header, payload)
+    normal = jws(attacker_key, header, default_claims(clock.time()))
+    assert len(hostile) <= 8192
+
+    async def python_calls(token: str) -> int:
+        await _signed(gateway, token)  # warm-up: first-use work
+        calls = 0
+
+        def count(frame: Any, event: str, arg: Any) -> None:
+            nonlocal calls
+            if event == "call":
+                calls += 1
+
+        sys.setprofile(count)
+        try:
+            response = await _signed(gateway, token)
+        finally:
+            sys.setprofile(None)
+        assert_refused(response, Reason.SIGNATURE_INVALID)
+        return calls
+
+    normal_calls = await python_calls(normal)
+    hostile_calls = await python_calls(hostile)
+    # Decoding the payload first would add one object-hook call per object: 1,800.
+    assert hostile_calls < normal_calls + 100, (normal_calls, hostile_calls)
+    assert upstream.hits == 0
+    genuine = jws(signing_keys["RS256"], header, payload)
+    assert (await _signed(gateway, genuine)).status == 200

@@ -194,8 +194,95 @@ def test_control_characters_inside_json_objects_are_escaped_not_refused() -> Non
     assert out == {"X-User-Sub": '{"k":"a\\nb"}'}
 
 
-def test_tab_is_allowed() -> None:
-    assert claim_headers({"sub": "a\tb"}, MAPPING) == {"X-User-Sub": "a\tb"}
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param("a\tb", id="tab-is-c0-too"),
+        pytest.param("adm\ud800in", id="lone-high-surrogate"),
+        pytest.param("adm\udfffin", id="lone-low-surrogate"),
+        pytest.param("\ud83d", id="only-a-surrogate"),
+        pytest.param("a\x80b", id="c1-first"),
+        pytest.param("a\x85b", id="nel"),
+        pytest.param("a\x9fb", id="c1-last"),
+        pytest.param("a\u2028b", id="line-separator"),
+        pytest.param("a\u2029b", id="paragraph-separator"),
+        pytest.param(" alice", id="leading-space"),
+        pytest.param("alice ", id="trailing-space"),
+        pytest.param("alice\u3000", id="trailing-ideographic-space"),
+        pytest.param("\u00a0alice", id="leading-no-break-space"),
+        pytest.param(" ", id="only-space"),
+    ],
+)
+def test_values_that_would_not_arrive_as_checked_are_refused(value: str) -> None:
+    """aiohttp drops lone surrogates; HTTP parsers trim surrounding whitespace; some readers
+    break lines at U+0085/U+2028/U+2029: the header would carry another value than checked."""
+    with pytest.raises(Rejection) as caught:
+        claim_headers({"sub": value}, MAPPING)
+    assert caught.value.reason is Reason.CLAIM_INVALID
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param("caf\u00e9", id="latin-1"),
+        pytest.param("a\u00a0b", id="inner-no-break-space"),
+        pytest.param("a b", id="inner-space"),
+        pytest.param("\U0001f600", id="astral-code-point"),
+        pytest.param("\u4e2d\u6587", id="cjk"),
+        pytest.param("", id="empty"),
+    ],
+)
+def test_values_that_arrive_as_checked_are_kept(value: str) -> None:
+    assert claim_headers({"sub": value}, MAPPING) == {"X-User-Sub": value}
+
+
+@pytest.mark.parametrize(
+    "roles",
+    [
+        pytest.param(["user,admin", "dev"], id="comma-in-an-item"),
+        pytest.param(["user", "admin,"], id="trailing-comma-in-an-item"),
+        pytest.param(['"user', 'admin"'], id="quotes"),
+        pytest.param(["user", ""], id="empty-item"),
+        pytest.param(["user", " admin"], id="leading-space-in-an-item"),
+        pytest.param(["user ", "admin"], id="trailing-space-in-an-item"),
+        pytest.param(["user", "adm\ud800in"], id="lone-surrogate-in-an-item"),
+        pytest.param(["user", "a\u2028b"], id="line-separator-in-an-item"),
+    ],
+)
+def test_csv_items_that_would_not_read_back_as_themselves_are_refused(roles: list[str]) -> None:
+    """``["user,admin","dev"]`` must not read as three roles."""
+    with pytest.raises(Rejection) as caught:
+        claim_headers({"roles": roles}, MAPPING)
+    assert caught.value.reason is Reason.CLAIM_INVALID
+
+
+def test_csv_scalar_string_with_a_comma_is_kept_as_is() -> None:
+    """A string claim is one value, not a list: only list items are split by readers."""
+    assert claim_headers({"sub": "a,b"}, MAPPING) == {"X-User-Sub": "a,b"}
+
+
+@pytest.mark.parametrize(
+    ("roles", "text"),
+    [
+        pytest.param(["user,admin", "dev"], '["user,admin","dev"]', id="comma"),
+        pytest.param(["adm\ud800in"], '["adm\\ud800in"]', id="lone-surrogate-escaped"),
+        pytest.param(["a\u2028b"], '["a\\u2028b"]', id="line-separator-escaped"),
+        pytest.param(["a\x85b", "c\x7f"], '["a\\u0085b","c\\u007f"]', id="c1-and-del-escaped"),
+        pytest.param(["a\tb"], '["a\\tb"]', id="tab-escaped-by-json"),
+        pytest.param([" padded "], '[" padded "]', id="padding-inside-the-json-string"),
+        pytest.param(["caf\u00e9"], '["caf\u00e9"]', id="latin-1-kept"),
+        pytest.param({"k\u2029": "v"}, '{"k\\u2029":"v"}', id="object-key-escaped"),
+    ],
+)
+def test_json_format_carries_every_value_exactly(roles: Any, text: str) -> None:
+    """The escape hatch for values csv cannot carry: JSON text the upstream decodes to exactly
+    the checked value."""
+    import json
+
+    mapping = (ClaimHeader("X-Roles", ("roles",), "json"),)
+    out = claim_headers({"roles": roles}, mapping)
+    assert out == {"X-Roles": text}
+    assert json.loads(out["X-Roles"]) == roles
 
 
 def test_json_format_header() -> None:

@@ -310,9 +310,6 @@ ANY_AUD_POLICY = AuthPolicy(issuers=(TEST_ISSUER,), audiences=None)
         pytest.param("API", False, id="case-sensitive"),
         pytest.param("", False, id="empty-str"),
         pytest.param([], False, id="empty-list"),
-        pytest.param(7, False, id="number"),
-        pytest.param(["api", 7], False, id="list-with-non-string"),
-        pytest.param({"api": True}, False, id="object"),
         pytest.param(None, False, id="null"),
     ],
 )
@@ -328,8 +325,64 @@ async def test_audience(
         await verifier.verify(token, AUD_POLICY)
     else:
         assert (await reject(verifier, token, AUD_POLICY)).reason is Reason.AUDIENCE_NOT_ALLOWED
-    # 'audiences: any' accepts whatever aud says, even nonsense.
+    # 'audiences: any' accepts whatever string (or strings) aud holds.
     await verifier.verify(token, ANY_AUD_POLICY)
+
+
+@pytest.mark.parametrize(
+    "aud",
+    [
+        pytest.param(7, id="number"),
+        pytest.param(True, id="bool"),
+        pytest.param(["api", 7], id="list-with-non-string"),
+        pytest.param([["api"]], id="list-of-lists"),
+        pytest.param({"api": True}, id="object"),
+    ],
+)
+@pytest.mark.parametrize("policy", [AUD_POLICY, ANY_AUD_POLICY], ids=["audiences", "any"])
+async def test_aud_of_the_wrong_type_is_claim_invalid_even_with_audiences_any(
+    aud: Any, policy: AuthPolicy, rs: SigningKey, verifier: Verifier, wall_clock: FakeClock
+) -> None:
+    """RFC 7519 §4.1.3: a string or an array of strings, whether or not the route checks it."""
+    token = mint(rs, wall_clock, aud=aud)
+    assert (await reject(verifier, token, policy)).reason is Reason.CLAIM_INVALID
+
+
+# --- registered claim types (RFC 7519 §4.1) -----------------------------------------------
+@pytest.mark.parametrize(
+    ("claims", "reason"),
+    [
+        pytest.param({"sub": 12345}, Reason.CLAIM_INVALID, id="sub-number"),
+        pytest.param({"sub": 1.5}, Reason.CLAIM_INVALID, id="sub-float"),
+        pytest.param({"sub": False}, Reason.CLAIM_INVALID, id="sub-bool"),
+        pytest.param({"sub": {"id": "admin"}}, Reason.CLAIM_INVALID, id="sub-object"),
+        pytest.param({"sub": ["admin", "user"]}, Reason.CLAIM_INVALID, id="sub-array"),
+        pytest.param({"jti": 1}, Reason.CLAIM_INVALID, id="jti-number"),
+        pytest.param({"jti": {"a": 1}}, Reason.CLAIM_INVALID, id="jti-object"),
+        pytest.param({"iss": [ISS]}, Reason.CLAIM_INVALID, id="iss-array"),
+        pytest.param({"iss": 1}, Reason.CLAIM_INVALID, id="iss-number"),
+        pytest.param({"iss": {"iss": ISS}}, Reason.CLAIM_INVALID, id="iss-object"),
+        pytest.param({"sub": None}, None, id="sub-null-is-absent"),
+        pytest.param({"jti": None}, None, id="jti-null-is-absent"),
+        pytest.param({"sub": "12345", "jti": "j"}, None, id="strings"),
+    ],
+)
+async def test_registered_string_claims(
+    claims: dict[str, Any],
+    reason: Reason | None,
+    rs: SigningKey,
+    verifier: Verifier,
+    lookup: CountingLookup,
+    wall_clock: FakeClock,
+) -> None:
+    payload = {"iss": ISS, "aud": "api", "sub": "alice", "exp": NOW + 60, **claims}
+    token = sign_raw(rs, payload)  # PyJWT's encoder would refuse a non-string iss
+    if reason is None:
+        await verifier.verify(token, ANY_AUD_POLICY)
+        return
+    assert (await reject(verifier, token, ANY_AUD_POLICY)).reason is reason
+    if "iss" in claims:
+        assert lookup.calls == []  # refused before any key lookup
 
 
 async def test_missing_aud_is_refused_unless_audiences_any(
@@ -422,8 +475,6 @@ async def test_scope_is_checked_after_authentication(
         pytest.param(OTHER_ISS, id="configured-but-not-on-route"),
         pytest.param(ISS + "/", id="trailing-slash"),
         pytest.param(None, id="missing"),
-        pytest.param(["https://idp.test"], id="list"),
-        pytest.param(7, id="number"),
     ],
 )
 async def test_untrusted_iss_is_refused_without_key_lookup(
@@ -737,3 +788,342 @@ async def test_claim_matchers(
     else:
         rejection = await reject(verifier, token, policy)
         assert (rejection.reason, rejection.scope) == (Reason.INSUFFICIENT_SCOPE, None)
+
+
+# --- what is parsed before the signature is checked (issue 11) ---------------------------
+def _payload_text(**extra: Any) -> bytes:
+    claims = {"iss": ISS, "aud": "api", "sub": "alice", "exp": NOW + 60, **extra}
+    return json.dumps(claims, separators=(",", ":")).encode()
+
+
+def _signed_text(key: SigningKey, text: bytes, **header: Any) -> str:
+    return jwt.PyJWS().encode(
+        text, key.private, algorithm=key.alg, headers={"kid": key.kid, **header}
+    )
+
+
+HEAVY: dict[str, Any] = {"x": [{}] * 200}
+
+
+def test_a_normal_payload_is_parsed_at_once() -> None:
+    parsed = parse_token(_jws(b'{"alg":"RS256","kid":"k"}', _b64(_payload_text())))
+    assert parsed.payload is not None
+    assert parsed.payload["sub"] == "alice"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param({"x": [{}] * 100}, id="many-objects"),
+        pytest.param({"x": [0] * 100}, id="many-integers"),
+        pytest.param({f"m{i}": 0 for i in range(70)}, id="many-members"),
+        pytest.param({"x": 10**70}, id="long-digit-run"),
+        pytest.param({"x": "a" * 5000}, id="over-4-kb"),
+    ],
+)
+def test_a_complex_payload_is_left_undecoded_until_verified(extra: dict[str, Any]) -> None:
+    text = _payload_text(**extra)
+    parsed = parse_token(_jws(b'{"alg":"RS256","kid":"k"}', _b64(text)))
+    assert parsed.payload is None
+    assert parsed.payload_json == text
+    assert parsed.decoded_payload() == json.loads(text)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        pytest.param({"alg": "RS256", "x": [{}] * 70}, id="many-objects"),
+        pytest.param({"alg": "RS256", "x": list(range(70))}, id="many-integers"),
+        pytest.param({"alg": "RS256", "x": 10**70}, id="long-digit-run"),
+    ],
+)
+def test_a_complex_header_is_refused_unparsed(header: dict[str, Any]) -> None:
+    with pytest.raises(Rejection) as caught:
+        parse_token(_jws(json.dumps(header).encode()))
+    assert caught.value.reason is Reason.TOKEN_MALFORMED
+
+
+def test_a_long_header_of_few_values_is_parsed() -> None:
+    """x5c chains are long strings: bytes alone never refuse a header."""
+    header = {"alg": "RS256", "kid": "k", "x5c": ["A" * 3000, "B" * 3000]}
+    assert parse_token(_jws(json.dumps(header).encode())).header == header
+
+
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [
+        pytest.param(b'{"iss":"a"}', ["a"], id="plain"),
+        pytest.param(b'{"iss" : \n "a"}', ["a"], id="whitespace"),
+        pytest.param(b'{"iss":"https:\\/\\/idp.test"}', ["https://idp.test"], id="escaped-slashes"),
+        pytest.param(b'{"x":{"iss":"b"},"iss":"a"}', ["b", "a"], id="nested-first"),
+        pytest.param(b'{"x":"\\"iss\\":\\"b\\"","iss":"a"}', ["a"], id="inside-a-string"),
+        pytest.param(b'{"typ":"iss","iss":"a"}', ["a"], id="as-a-value"),
+        pytest.param(b'{"\\u0069ss":"a"}', [], id="escaped-name-not-found"),
+        pytest.param(b'{"sub":"a"}', [], id="absent"),
+    ],
+)
+def test_scan_iss(text: bytes, found: list[Any]) -> None:
+    from gateway.verifier import _scan_iss
+
+    assert _scan_iss(text) == found
+
+
+def test_scan_iss_marks_non_strings_and_stops_after_four() -> None:
+    from gateway.verifier import _NOT_A_STRING, _scan_iss
+
+    assert _scan_iss(b'{"iss":["a"]}') == [_NOT_A_STRING]
+    assert _scan_iss(b'{"iss":"unterminated') == [_NOT_A_STRING]
+    assert len(_scan_iss(b'{"a":[' + b",".join([b'{"iss":"x"}'] * 50) + b"]}")) == 4
+
+
+async def test_a_complex_payload_is_verified_then_decoded(
+    rs: SigningKey, verifier: Verifier, lookup: CountingLookup, wall_clock: FakeClock
+) -> None:
+    verified = await verifier.verify(_signed_text(rs, _payload_text(**HEAVY)), POLICY)
+    assert verified.claims["x"] == [{}] * 200
+    assert lookup.calls == [("test", rs.kid, "RS256")]
+
+
+@pytest.mark.parametrize(
+    ("text", "reason", "lookups"),
+    [
+        pytest.param(
+            json.dumps({"iss": "https://evil.test", "exp": NOW + 60, **HEAVY}).encode(),
+            Reason.ISSUER_NOT_ALLOWED,
+            0,
+            id="untrusted-iss-no-key-lookup",
+        ),
+        pytest.param(
+            json.dumps({"iss": [ISS], "exp": NOW + 60, **HEAVY}).encode(),
+            Reason.CLAIM_INVALID,
+            0,
+            id="non-string-iss-no-key-lookup",
+        ),
+        pytest.param(
+            json.dumps({"act": {"iss": ISS}, "iss": "https://evil.test", **HEAVY}).encode(),
+            Reason.ISSUER_NOT_ALLOWED,
+            1,
+            id="nested-trusted-iss-caught-after-decoding",
+        ),
+        pytest.param(
+            _payload_text(**HEAVY)[:-1] + b',"iss":"https://evil.test"}',
+            Reason.TOKEN_MALFORMED,
+            1,
+            id="duplicate-iss-caught-after-decoding",
+        ),
+        pytest.param(
+            _payload_text(**HEAVY)[:-1] + b",]}",
+            Reason.TOKEN_MALFORMED,
+            1,
+            id="not-json-caught-after-the-signature",
+        ),
+    ],
+)
+async def test_a_complex_payload_fails_closed(
+    text: bytes,
+    reason: Reason,
+    lookups: int,
+    rs: SigningKey,
+    verifier: Verifier,
+    lookup: CountingLookup,
+) -> None:
+    assert (await reject(verifier, _signed_text(rs, text))).reason is reason
+    assert len(lookup.calls) == lookups
+
+
+async def test_a_complex_payload_with_a_forged_signature_is_never_decoded(
+    rs: SigningKey, verifier: Verifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gateway.verifier as module
+
+    decoded: list[bytes] = []
+    real = module._json_object
+
+    def spy(data: bytes, name: str, *decoder: Any) -> dict[str, Any]:
+        decoded.append(data)
+        return real(data, name, *decoder)
+
+    monkeypatch.setattr(module, "_json_object", spy)
+    head, body, _ = _signed_text(rs, _payload_text(**HEAVY)).split(".")
+    forged = f"{head}.{body}.{_b64(b'x' * 256)}"
+    assert (await reject(verifier, forged)).reason is Reason.SIGNATURE_INVALID
+    assert all(b'"x"' not in data for data in decoded)  # the header only
+
+
+# --- the verified-token cache: bytes and ECDSA spellings (issue 11) ----------------------------
+def _traced_claims(text: bytes) -> int:
+    import gc
+    import tracemalloc
+
+    from gateway.verifier import _json_object
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        claims = _json_object(text, "payload")
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert claims is not None
+    return after - before
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param([{}] * 1900, id="tiny-objects"),
+        pytest.param([[]] * 2800, id="tiny-arrays"),
+        pytest.param(json.loads("[" * 900 + "]" * 900), id="nested-arrays"),
+        pytest.param(json.loads('{"":' * 400 + "0" + "}" * 400), id="nested-objects"),
+        pytest.param({f"{i:x}": i for i in range(700)}, id="members"),
+        pytest.param([1.5] * 1400, id="floats"),
+        pytest.param([10**30 + i for i in range(150)], id="big-integers"),
+        pytest.param(["ab"] * 1100, id="short-strings"),
+        pytest.param(["\U0001f600" + "a" * 40] * 100, id="astral-strings"),
+        pytest.param(["\u0100"] * 900, id="wide-one-char-strings"),
+        pytest.param("x" * 5000, id="one-long-string"),
+        pytest.param(
+            {
+                "realm_access": {"roles": ["offline_access", "uma_authorization"]},
+                "resource_access": {"account": {"roles": ["manage-account", "view-profile"]}},
+                "allowed-origins": ["https://app.example.com"],
+                "email_verified": True,
+                "name": "Alice Example",
+                "sid": "0c9d7e2a-1111-2222-3333-444455556666",
+            },
+            id="keycloak-like",
+        ),
+    ],
+)
+def test_entry_weight_bounds_what_the_claims_hold(value: Any) -> None:
+    """The cache's weight (computed from the JSON text) is never below what decoding it
+    allocates, measured by tracemalloc, for hostile shapes and ordinary ones."""
+    from gateway.token_cache import entry_weight
+
+    text = _payload_text(x=value)
+    assert entry_weight("", text) >= _traced_claims(text)
+
+
+def _verified(alg: str = "RS256") -> VerifiedToken:
+    return VerifiedToken({"sub": "a"}, TEST_ISSUER, "k", "e30", alg)
+
+
+def test_token_cache_evicts_to_its_byte_bound(wall_clock: FakeClock) -> None:
+    from gateway.token_cache import TokenCache
+
+    cache = TokenCache(100, wall_clock, max_bytes=10_000)
+    for i in range(10):
+        cache.put(f"t{i}", _verified(), NOW + 60, 3_000)
+    assert len(cache) == 3
+    assert cache.weight == 9_000
+    assert cache.get("t9") is not None
+    assert cache.get("t0") is None
+    cache.put("huge", _verified(), NOW + 60, 10_001)  # heavier than the whole bound
+    assert cache.get("huge") is None
+    assert len(cache) == 3
+    cache.put("t9", _verified(), NOW + 60, 1_000)  # replaced, not counted twice
+    assert cache.weight == 7_000
+
+
+def test_token_cache_still_bounds_entries(wall_clock: FakeClock) -> None:
+    from gateway.token_cache import TokenCache
+
+    cache = TokenCache(2, wall_clock, max_bytes=10_000)
+    for i in range(5):
+        cache.put(f"t{i}", _verified(), NOW + 60, 10)
+    assert len(cache) == 2
+    assert cache.weight == 20
+
+
+def _es256_spellings(es: SigningKey, wall_clock: FakeClock) -> tuple[str, str]:
+    from gateway.token_cache import ecdsa_twin
+
+    token = mint(es, wall_clock)
+    twin = ecdsa_twin(token)
+    assert twin is not None
+    assert twin[1] == "ES256"
+    return token, twin[0]
+
+
+def test_ecdsa_twin_is_the_other_valid_spelling(es: SigningKey, wall_clock: FakeClock) -> None:
+    from gateway.token_cache import ecdsa_twin
+
+    token, twin = _es256_spellings(es, wall_clock)
+    assert twin != token
+    assert ecdsa_twin(twin) == (token, "ES256")
+    public = PyJWK(es.public_jwk(), algorithm="ES256")
+    for spelling in (token, twin):
+        claims = jwt.decode(
+            spelling, public, algorithms=["ES256"], audience="api", options={"verify_exp": False}
+        )
+        assert claims["sub"] == "alice"
+
+
+@pytest.mark.parametrize(
+    "signature",
+    [
+        pytest.param(_b64(b"\x01" * 32 + b"\x00" * 32), id="s-zero"),
+        pytest.param(_b64(b"\x01" * 32 + b"\xff" * 32), id="s-above-n"),
+        pytest.param(_b64(b"\x01" * 63), id="63-bytes"),
+        pytest.param(_b64(b"\x01" * 256), id="rsa-sized"),
+    ],
+)
+def test_ecdsa_twin_needs_a_signature_that_can_verify(signature: str) -> None:
+    from gateway.token_cache import ecdsa_twin
+
+    assert ecdsa_twin(f"{_HEADER}.{_PAYLOAD}.{signature}") is None
+
+
+def test_ecdsa_twin_refuses_a_non_canonical_spelling(es: SigningKey, wall_clock: FakeClock) -> None:
+    from gateway.token_cache import ecdsa_twin
+
+    token, _ = _es256_spellings(es, wall_clock)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = alphabet.index(token[-1])
+    assert ecdsa_twin(token[:-1] + alphabet[last | 1]) is None  # 86 chars: 4 unused bits
+
+
+def test_token_cache_finds_an_entry_under_either_spelling(
+    es: SigningKey, wall_clock: FakeClock
+) -> None:
+    from gateway.token_cache import TokenCache
+
+    cache = TokenCache(10, wall_clock)
+    token, twin = _es256_spellings(es, wall_clock)
+    cache.put(token, _verified("ES256"), NOW + 60, 100)
+    assert cache.get(twin) is cache.get(token) is not None
+    cache.put(twin, _verified("ES256"), NOW + 60, 100)
+    assert len(cache) == 1
+    # An entry verified with another algorithm (EdDSA: 64 bytes too) is not the twin's.
+    other = TokenCache(10, wall_clock)
+    other.put(token, _verified("EdDSA"), NOW + 60, 100)
+    assert other.get(twin) is None
+
+
+async def test_verifier_caches_both_ecdsa_spellings_as_one(
+    es: SigningKey, wall_clock: FakeClock
+) -> None:
+    from gateway.token_cache import TokenCache
+
+    class CurrentLookup(CountingLookup):
+        def __init__(self, key: SigningKey) -> None:
+            super().__init__(key)
+            self.key = PyJWK(key.public_jwk(), algorithm="ES256")
+
+        async def get_key(self, issuer: IssuerConfig, kid: str | None, alg: str) -> PyJWK:
+            self.calls.append((issuer.id, kid, alg))
+            return self.key
+
+        def current_key(self, issuer: IssuerConfig, kid: str | None, alg: str) -> PyJWK | None:
+            return self.key
+
+    lookup = CurrentLookup(es)
+    cache = TokenCache(10, wall_clock)
+    verifier = Verifier(lookup, wall_clock, cache)
+    token, twin = _es256_spellings(es, wall_clock)
+    await verifier.verify(twin, POLICY)
+    await verifier.verify(token, POLICY)
+    await verifier.verify(twin, POLICY)
+    assert len(lookup.calls) == 1  # one full verification
+    assert len(cache) == 1
