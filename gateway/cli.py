@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     check = commands.add_parser("check-config", help="validate a config file; exit 0 or 1")
     check.add_argument("file", type=Path)
+    check.add_argument(
+        "--strict", action="store_true", help="policy shadowing is an error, not a warning"
+    )
     owned = commands.add_parser(
         "owned-headers",
         help="print the headers the gateway owns, one per line (for nginx/Envoy/Traefik configs)",
@@ -84,6 +87,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = load_config(args.file)
         except ConfigError as exc:
             print(f"{args.file}: {exc}", file=sys.stderr)
+            return 1
+        from .shadowing import find_shadows
+
+        shadows = find_shadows(config)
+        label = "error" if args.strict else "warning"
+        for shadow in shadows:
+            print(f"{args.file}: {label}: {shadow.describe()}", file=sys.stderr)
+        if shadows and args.strict:
             return 1
         print(
             f"{args.file}: ok ({len(config.routes)} routes, {len(config.issuers)} issuers, "
@@ -120,6 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error(kv(event="config_invalid", file=str(args.config), error=str(exc)))
         print(f"{args.config}: {exc}", file=sys.stderr)
         return 1
+    from .shadowing import find_shadows
+
+    for shadow in find_shadows(config):
+        log.warning(kv(event="policy_shadowing", problem=shadow.describe()))
     if args.workers > 1:
         from .workers import run_workers
 

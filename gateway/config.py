@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from .errors import ConfigError, JwksFetchError
-from .keyset import build_key_set
+from .keyset import build_key_set, private_members
 
 # --- defaults -----------------------------------------------------------------
 DEFAULT_LISTEN_HOST: Final = "0.0.0.0"  # noqa: S104 - a proxy listens on all interfaces by default
@@ -54,6 +54,7 @@ DEFAULT_JWKS_REFRESH_AHEAD_S: Final = 30.0
 DEFAULT_JWKS_MAX_BYTES: Final = 512 * 1024  # real key sets are a few KB
 DEFAULT_MAX_TOKEN_BYTES: Final = 8192  # aiohttp's own header-field limit is 8190
 DEFAULT_TOKEN_CACHE_SIZE: Final = 10_000  # verified tokens kept (about 2-3 KB each)
+DEFAULT_TOKEN_CACHE_MAX_BYTES: Final = 64 * 1024 * 1024  # their summed weight, upper bound
 DEFAULT_MAX_HEADER_BYTES: Final = 16384  # one header line; aiohttp's default is 8190
 DEFAULT_MAX_HEADERS: Final = 100  # nginx and Envoy allow about this many
 DEFAULT_CLIENT_IDLE_TIMEOUT_S: Final = 30.0  # no complete request header for this long: closed
@@ -82,6 +83,19 @@ RESERVED_HEADERS: Final = HOP_BY_HOP_HEADERS | frozenset(
 FORWARDED_HEADERS: Final = frozenset(
     {"forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip"}
 )
+# Every `X-Forwarded-*` name (Rack, Werkzeug's ProxyFix and Spring honour -Port, -Prefix, -Ssl,
+# -Scheme, -Server, -Uri...) is removed from untrusted peers by this prefix, with these names
+# that frameworks and CDNs read as the client's address or the original URL.
+FORWARDED_PREFIX: Final = "x-forwarded-"
+CLIENT_ORIGIN_HEADERS: Final = frozenset(
+    {"x-original-url", "x-rewrite-url", "x-original-forwarded-for", "true-client-ip",
+     "cf-connecting-ip", "x-client-ip"}
+)  # fmt: skip
+# They change the method an upstream executes after the gateway judged another one: removed
+# from every peer, trusted or not.
+METHOD_OVERRIDE_HEADERS: Final = frozenset(
+    {"x-http-method-override", "x-method-override", "x-http-method"}
+)
 
 _ROUTE_ID: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _ISSUER_ID: Final = _ROUTE_ID
@@ -97,9 +111,10 @@ _LOOPBACK_NAMES: Final = frozenset({"localhost"})
 
 
 def header_key(name: str) -> str:
-    """A header name as the gateway compares it: lower-case, with ``_`` read as ``-`` (CGI and
-    WSGI upstreams read ``X_User_Sub`` as ``X-User-Sub``, so both spellings are one header)."""
-    return name.lower().replace("_", "-")
+    """A header name as the gateway compares it: lower-case, with ``_`` and ``.`` read as ``-``
+    (CGI and WSGI upstreams read ``X_User_Sub`` as ``X-User-Sub``, PHP and some WSGI servers
+    read ``X.User.Sub`` so too; every such spelling is one header)."""
+    return name.lower().replace("_", "-").replace(".", "-")
 
 
 # --- the frozen model -----------------------------------------------------------
@@ -159,6 +174,7 @@ class IssuerConfig:
     jwks_refresh_ahead_s: float = DEFAULT_JWKS_REFRESH_AHEAD_S
     jwks_max_stale_s: float = DEFAULT_JWKS_MAX_STALE_S
     jwks_max_bytes: int = DEFAULT_JWKS_MAX_BYTES
+    jwks_refresh_interval_s: float | None = None  # None: refresh only ahead of expiry
     static_jwks: str | None = None  # canonical JSON of a jwks_file / inline jwks: never fetched
     required_for_readiness: bool = True
     typ: str | None = None  # None: typ absent, JWT or at+jwt; else exactly this (RFC 9068: at+jwt)
@@ -344,6 +360,9 @@ class RouteConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT
     max_queued_requests: int = DEFAULT_MAX_QUEUED
+    # `escaped_slashes: keep`: %2F is matched as data and forwarded unchanged (Envoy's
+    # path_with_escaped_slashes_action KEEP_UNCHANGED); default `reject` answers 400.
+    keep_escaped_slashes: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,7 +379,10 @@ class GatewayConfig:
     issuers: Mapping[str, IssuerConfig]
     routes: tuple[RouteConfig, ...]
     token_cache_size: int = DEFAULT_TOKEN_CACHE_SIZE
+    token_cache_max_bytes: int = DEFAULT_TOKEN_CACHE_MAX_BYTES
     mode: GatewayMode = GatewayMode.PROXY
+    # More request headers removed from untrusted peers, as header_key spells them.
+    strip_untrusted_headers: frozenset[str] = frozenset()
 
     def trusts(self, peer: str | None) -> bool:
         """Whether a connection from ``peer`` (an IP address) comes from a trusted proxy."""
@@ -603,7 +625,7 @@ _ISSUER_KEYS: Final = frozenset(
         "issuer", "jwks_uri", "jwks_file", "jwks", "algorithms", "leeway_s", "jwks_cache_ttl_s",
         "jwks_cache_min_ttl_s", "jwks_cache_max_ttl_s", "jwks_refetch_cooldown_s",
         "jwks_fetch_timeout_s", "jwks_refresh_ahead_s", "jwks_max_stale_s", "jwks_max_bytes",
-        "required_for_readiness", "typ",
+        "jwks_refresh_interval_s", "required_for_readiness", "typ",
     }
 )  # fmt: skip
 _TYP: Final = re.compile(r"[A-Za-z0-9!#$&^_.+-]{1,64}(?:/[A-Za-z0-9!#$&^_.+-]{1,64})?")
@@ -647,13 +669,34 @@ def _read_static_jwks(
         raise where.fail(
             "not plain JSON data", "a JWKS of maps, lists, strings and numbers"
         ) from None
+    # Private keys are refused by name; HMAC secrets (`k`) too, once the set is known to have a
+    # usable key (an HMAC key never is one, so a set of them is reported as such).
+    _refuse_private_keys(where, document, secrets=False)
     try:
         build_key_set(json.loads(canonical), issuer_id, algorithms)
     except JwksFetchError as exc:
         raise where.fail(
             exc.detail, "a JWKS with at least one key usable with 'algorithms'"
         ) from None
+    _refuse_private_keys(where, document, secrets=True)
     return canonical
+
+
+def _refuse_private_keys(where: _Node, document: Any, *, secrets: bool) -> None:
+    """A static set must not carry private keys (``secrets``: nor symmetric ones): fail at the
+    key (inline) or at the file."""
+    keys = document.get("keys") if isinstance(document, dict) else None
+    for index, jwk in enumerate(keys if isinstance(keys, list) else []):
+        members = private_members(jwk)
+        if not members or (not secrets and jwk.get("kty") == "oct"):
+            continue
+        at = where.child("keys").child(index) if where.value is document else where  # inline
+        kid = jwk.get("kid")
+        raise at.fail(
+            f"key {index}{f' (kid {kid!r})' if isinstance(kid, str) else ''} carries private key "
+            f"members {', '.join(members)}",
+            "public keys only: remove the key, or publish its public half",
+        )
 
 
 def _read_issuer(issuer_id: str, node: _Node, base_dir: Path | None) -> IssuerConfig:
@@ -727,6 +770,7 @@ def _read_issuer(issuer_id: str, node: _Node, base_dir: Path | None) -> IssuerCo
             node, "jwks_max_bytes", lambda n: n.integer(low=1024, high=16 * 1024 * 1024),
             DEFAULT_JWKS_MAX_BYTES,
         ),
+        jwks_refresh_interval_s=_opt(node, "jwks_refresh_interval_s", lambda n: n.number(), None),
         static_jwks=static,
         required_for_readiness=_opt(node, "required_for_readiness", lambda n: n.boolean(), True),
         typ=typ,
@@ -774,6 +818,10 @@ def _read_match(node: _Node) -> RouteMatch:
     if node.has("methods"):
         for item in node.child("methods").seq(non_empty=True):
             methods.add(item.string(pattern=_METHOD, what="an upper-case HTTP method such as GET"))
+        if "GET" in methods:
+            # RFC 9110 §9.3.2: HEAD is GET without the body, so the route that judges GET judges
+            # HEAD too; otherwise HEAD would fall through to a looser route below.
+            methods.add("HEAD")
     hosts: set[str] = set()
     suffixes: list[str] = []
     for item in _opt(node, "hosts", lambda n: n.seq(non_empty=True), []):
@@ -948,6 +996,9 @@ def _read_owned_header_name(node: _Node, header: str) -> str:
     if (
         lower in RESERVED_HEADERS
         or lower in FORWARDED_HEADERS
+        or lower in CLIENT_ORIGIN_HEADERS
+        or lower in METHOD_OVERRIDE_HEADERS
+        or lower.startswith(FORWARDED_PREFIX)
         or lower == AUTH_OUTCOME_HEADER.lower()
     ):
         raise node.fail(f"header {header!r} is reserved", "a header the gateway does not own")
@@ -992,7 +1043,8 @@ def _read_rewrite(node: _Node, match: RouteMatch) -> PathRewrite:
 
 _ROUTE_KEYS: Final = frozenset(
     {"id", "match", "upstream", "auth", "claim_headers", "rewrite", "payload_header",
-     "cors_preflight", "max_body_bytes", "max_concurrent_requests", "max_queued_requests"}
+     "cors_preflight", "max_body_bytes", "max_concurrent_requests", "max_queued_requests",
+     "escaped_slashes"}
 )  # fmt: skip
 
 
@@ -1045,12 +1097,16 @@ def _read_route(
             node, "max_queued_requests", lambda n: n.integer(low=0, high=1_000_000),
             limits.max_queued_requests,
         ),
+        keep_escaped_slashes=_opt(
+            node, "escaped_slashes", lambda n: n.choice(["reject", "keep"]), "reject"
+        ) == "keep",
     )  # fmt: skip
 
 
 _TOP_KEYS: Final = frozenset(
-    {"mode", "listen", "admin", "realm", "trusted_proxies", "upstream_defaults", "max_token_bytes",
-     "limits", "token_cache_size", "issuers", "routes"}
+    {"mode", "listen", "admin", "realm", "trusted_proxies", "strip_untrusted_headers",
+     "upstream_defaults", "max_token_bytes", "limits", "token_cache_size",
+     "token_cache_max_bytes", "issuers", "routes"}
 )  # fmt: skip
 
 
@@ -1065,6 +1121,16 @@ def _read_trusted_proxies(
         except ValueError:
             raise item.fail(f"invalid network {text!r}", "an IP address or CIDR") from None
     return tuple(nets)
+
+
+def _read_strip_headers(node: _Node) -> frozenset[str]:
+    names = set()
+    for item in node.seq():
+        name = item.string(pattern=_HEADER_NAME, what="a valid HTTP header name")
+        if name.lower() in RESERVED_HEADERS:
+            raise item.fail(f"header {name!r} is not the client's to lose", "a non-framing header")
+        names.add(header_key(name))
+    return frozenset(names)
 
 
 def parse_config(document: Any, base_dir: Path | None = None) -> GatewayConfig:
@@ -1106,6 +1172,9 @@ def parse_config(document: Any, base_dir: Path | None = None) -> GatewayConfig:
             DEFAULT_REALM,
         ),
         trusted_proxies=trusted_proxies,
+        strip_untrusted_headers=_opt(
+            root, "strip_untrusted_headers", _read_strip_headers, frozenset()
+        ),
         upstream_defaults=_opt(
             root, "upstream_defaults", _read_upstream_defaults, UpstreamDefaults()
         ),
@@ -1117,6 +1186,10 @@ def parse_config(document: Any, base_dir: Path | None = None) -> GatewayConfig:
         token_cache_size=_opt(
             root, "token_cache_size", lambda n: n.integer(low=0, high=10_000_000),
             DEFAULT_TOKEN_CACHE_SIZE,
+        ),
+        token_cache_max_bytes=_opt(
+            root, "token_cache_max_bytes", lambda n: n.integer(low=0, high=2**40),
+            DEFAULT_TOKEN_CACHE_MAX_BYTES,
         ),
         issuers=MappingProxyType(issuers),
         routes=tuple(routes),

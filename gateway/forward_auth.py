@@ -93,7 +93,9 @@ def original_request(caller: Caller, request: web.Request, raw_path: str) -> tup
     headers = request.headers
     if caller is Caller.ENVOY:
         target = raw_path[len(ENVOY_PREFIX) :]
-        return request.method, target or "/", request.host
+        if not target.startswith("/"):
+            target = "/" + target  # "/auth/envoy" asks about "/", "/auth/envoy?x" about "/?x"
+        return request.method, target, request.host
     if caller is Caller.TRAEFIK:
         method = _method(_required(headers, "X-Forwarded-Method"))
         target = _required(headers, "X-Forwarded-Uri")

@@ -17,7 +17,7 @@ from .extractor import extract_token
 from .metrics import GatewayMetrics
 from .reasons import Reason
 from .record import RequestRecord
-from .routing import RouteTable, request_host
+from .routing import RouteTable, request_host, valid_host
 from .verifier import Verifier
 
 
@@ -34,6 +34,7 @@ class Admitted:
 
     route: RouteConfig
     injected: dict[str, str]
+    target: str  # the path as matched (unreserved escapes decoded) and the query as received
 
 
 class Gate:
@@ -57,7 +58,11 @@ class Gate:
     ) -> Admitted:
         """The route and identity headers for a request with this method, raw target (path and
         query as received), ``Host`` and headers; raises ``Rejection`` when it may not pass."""
-        path = self._table.check(raw_target)
+        if not valid_host(host):
+            # Only a host[:port] reaches host matching and X-Forwarded-Host.
+            raise Rejection(Reason.REQUEST_REJECTED, "invalid Host")
+        path, sep, query = raw_target.partition("?")
+        path = self._table.check(path)
         route = self._table.match(
             method, path, request_host(host) if self._table.uses_hosts else ""
         )
@@ -67,7 +72,6 @@ class Gate:
         injected: dict[str, str] = {}
         policy = route.auth
         if policy is not None and not (route.cors_preflight and is_cors_preflight(method, headers)):
-            query = raw_target.partition("?")[2]
             if policy.mode is AuthMode.REPORT_ONLY:
                 injected = await self._report_only(headers, route, query, record)
             else:
@@ -76,7 +80,7 @@ class Gate:
                     injected = await self._verify(route, found.token, record)
                 elif policy.mode is AuthMode.REQUIRED:
                     raise Rejection(Reason.TOKEN_MISSING, "no token")
-        return Admitted(route, injected)
+        return Admitted(route, injected, path + sep + query)
 
     async def _verify(
         self, route: RouteConfig, token: str, record: RequestRecord

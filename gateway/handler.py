@@ -23,4 +23,6 @@ class GatewayHandler:
             request.method, request.raw_path, request.host, request.headers, request[RECORD_KEY]
         )
         # Only now, with every check passed, does anything reach the upstream.
-        return await self._forwarder.forward(request, admitted.route, admitted.injected)
+        return await self._forwarder.forward(
+            request, admitted.route, admitted.target, admitted.injected
+        )

@@ -15,12 +15,21 @@ from yarl import URL
 
 from .admission import Admission
 from .claims import headers_to_strip
-from .config import GatewayConfig, RouteConfig, TokenLocation, header_key
+from .config import (
+    CLIENT_ORIGIN_HEADERS,
+    FORWARDED_PREFIX,
+    METHOD_OVERRIDE_HEADERS,
+    GatewayConfig,
+    RouteConfig,
+    TokenLocation,
+    header_key,
+)
 from .errors import Rejection
 from .extractor import cookie_name, query_name
 from .metrics import GatewayMetrics
 from .reasons import Reason
 from .record import RECORD_KEY, REQUEST_ID_HEADER
+from .routing import valid_host
 
 _CHUNK = 64 * 1024
 # aiohttp adds these when absent; a proxy must not (an added Accept-Encoding
@@ -151,8 +160,12 @@ class Forwarder:
         self._owned = config.owned_headers
         # Per route: every name never copied upstream, so a request needs one set lookup
         # per header (a Connection header adds the names it lists).
-        base = headers_to_strip(self._owned, ()) | _PROXY_OWN
+        base = headers_to_strip(self._owned, ()) | _PROXY_OWN | METHOD_OVERRIDE_HEADERS
         self._strip = {r.id: base | self._carriers[r.id].headers for r in config.routes}
+        # From a peer that is not a trusted proxy, also every name that claims to say who the
+        # client is or what it asked for (X-Forwarded-* goes by prefix, in upstream_headers).
+        untrusted = CLIENT_ORIGIN_HEADERS | config.strip_untrusted_headers
+        self._strip_untrusted = {rid: strip | untrusted for rid, strip in self._strip.items()}
         self._trusts = config.trusts
 
     def upstream_headers(
@@ -161,7 +174,9 @@ class Forwarder:
         """The request headers as the upstream sees them: owned, hop-by-hop and forwarding headers
         removed, verified claims injected, X-Forwarded-* set."""
         inbound = request.headers
-        strip = self._strip[route.id]
+        peer = request.remote
+        trusted = self._trusts(peer)
+        strip = (self._strip if trusted else self._strip_untrusted)[route.id]
         connection = inbound.getall("Connection", [])
         if connection:
             strip = strip | headers_to_strip(frozenset(), connection)
@@ -169,7 +184,7 @@ class Forwarder:
         hidden = self._carriers[route.id]
         for name, value in inbound.items():
             key = header_key(name)
-            if key in strip:
+            if key in strip or (not trusted and key.startswith(FORWARDED_PREFIX)):
                 continue
             if key == "cookie" and hidden.cookies:
                 value = _without_cookies(value, hidden.cookies)
@@ -178,15 +193,17 @@ class Forwarder:
             out.add(name, value)
         out.update(injected)
         out[REQUEST_ID_HEADER] = request[RECORD_KEY].request_id
-        peer = request.remote
-        trusted = self._trusts(peer)
         prior_for = ", ".join(inbound.getall("X-Forwarded-For", [])) if trusted else ""
         out["X-Forwarded-For"] = f"{prior_for}, {peer}" if prior_for else (peer or "unknown")
         out["X-Forwarded-Proto"] = (
             inbound.get("X-Forwarded-Proto", request.scheme) if trusted else request.scheme
         )
+        # request.host passed the gate's check; a trusted proxy's X-Forwarded-Host must too.
+        forwarded_host = inbound.get("X-Forwarded-Host") if trusted else None
         out["X-Forwarded-Host"] = (
-            inbound.get("X-Forwarded-Host", request.host) if trusted else request.host
+            forwarded_host
+            if forwarded_host is not None and valid_host(forwarded_host)
+            else request.host
         )
         return out
 
@@ -194,12 +211,13 @@ class Forwarder:
         self,
         request: web.Request,
         route: RouteConfig,
+        target: str,
         injected: Mapping[str, str],
     ) -> web.StreamResponse:
-        """Forward ``request`` to ``route``'s upstream: method, raw path and query as received,
-        except a configured prefix rewrite and a query-parameter token, which is removed."""
+        """Forward ``request`` to ``route``'s upstream: method, ``target`` (the path as the gate
+        matched it, the query as received), except a configured prefix rewrite and a
+        query-parameter token, which is removed."""
         headers = self.upstream_headers(request, route, injected)
-        target = request.raw_path
         hidden = self._carriers[route.id]
         if route.rewrite is not None or hidden.query:
             path, sep, query = target.partition("?")

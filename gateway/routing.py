@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Final
 
@@ -9,24 +10,56 @@ from .config import RouteConfig
 from .errors import Rejection
 from .reasons import Reason
 
-# What we refuse rather than normalise.  The path that is matched is the path
-# that is forwarded, byte for byte; anything an upstream might rewrite before
-# routing (dot segments, decoded slashes or unreserved characters, merged
-# slashes, backslashes, `;` path parameters as in Tomcat) would let a request
-# match one route here and land on another there.  Spring's StrictHttpFirewall
-# refuses the same set.
+# Percent-encoded unreserved characters (RFC 3986 §2.3: ALPHA, DIGIT, "-", ".", "_", "~") are
+# the characters themselves (§6.2.2.2): they are decoded before matching, and the decoded form is
+# what is forwarded, so matcher and upstream read one path.  `%2E` decodes to "." and the dot-
+# segment rule below then sees it.
+_UNRESERVED_ESCAPE: Final = re.compile(
+    r"%(?:[46][1-9a-fA-F]|[57][0-9aA]|3[0-9]|2[dDeE]|5[fF]|7[eE])"
+)
+_ESCAPED_SLASH: Final = re.compile(r"%2[fF]")
+
+# What we refuse rather than normalise, in the (decoded) path.  Anything an upstream might
+# rewrite before routing (dot segments, merged slashes, backslashes, `;` path parameters as in
+# Tomcat, a decoded slash) would let a request match one route here and land on another there.
+# Spring's StrictHttpFirewall refuses the same set.
 _UNSAFE_PATH: Final = re.compile(
     r"""
       (?:^|/)\.{1,2}(?:/|$)                 # dot segments
     | //                                    # empty segments (merge_slashes)
     | [\\;#\x00-\x20\x7f]                   # backslash, path parameters, fragment, controls, space
-    | %(?:2[eEfF]|5[cC]|3[bB]|[46][1-9a-fA-F]|[57][0-9aA]|3[0-9]|2[dD]|5[fF]|7[eE]|[01][0-9a-fA-F]|7[fF]|25)
-                                            # encoded . / \ ; unreserved, controls, or a double encoding
+    | %(?:5[cC]|3[bB]|[01][0-9a-fA-F]|7[fF]|25)
+                                            # encoded \ ;, controls, or a double encoding
     | %(?:[cC][01]|[fF][5-9a-fA-F])         # bytes that never occur in UTF-8 (overlong '.' is %C0%AE)
     | %(?![0-9a-fA-F]{2})                   # a bare '%'
     """,
     re.VERBOSE,
 )
+# RFC 3986 §3.2.2 host, kept to what real clients send: a reg-name of unreserved characters (which
+# covers IPv4), or a bracketed IPv6 literal; then an optional port of digits.  Sub-delims, '@',
+# '/' and escapes are refused: `public.example.com:@admin.example.com` is not a host.
+_REG_NAME: Final = re.compile(r"[A-Za-z0-9._~-]+")
+_PORT: Final = re.compile(r"(?::[0-9]{1,5})?")
+
+
+def valid_host(host: str) -> bool:
+    """Whether ``host`` is an RFC 3986 ``host[:port]`` (reg-name, IPv4 or ``[IPv6]``)."""
+    if host.startswith("["):
+        end = host.find("]")
+        literal = host[1:end]
+        if end < 0 or "%" in literal:  # no zone ids: they name an interface of the client
+            return False
+        try:
+            ipaddress.IPv6Address(literal)
+        except ValueError:
+            return False
+        rest = host[end + 1 :]
+    else:
+        name, sep, port = host.partition(":")
+        if not _REG_NAME.fullmatch(name):
+            return False
+        rest = sep + port
+    return _PORT.fullmatch(rest) is not None
 
 
 def request_host(host: str) -> str:
@@ -38,11 +71,17 @@ def request_host(host: str) -> str:
     return host.partition(":")[0].rstrip(".")
 
 
-def check_raw_path(raw_path: str) -> str:
-    """Return the path part of ``raw_path`` (no query), or raise ``REQUEST_REJECTED`` if it is ambiguous."""
+def check_raw_path(raw_path: str, *, escaped_slashes: bool = False) -> str:
+    """The path part of ``raw_path`` (no query) with unreserved escapes decoded, or raise
+    ``REQUEST_REJECTED`` if it is ambiguous.  An encoded slash is refused unless
+    ``escaped_slashes`` (the route decides later, in ``RouteTable.match``)."""
     path, _, _ = raw_path.partition("?")
     if not path.startswith("/"):
         raise Rejection(Reason.REQUEST_REJECTED, "path is not origin-form")
+    if "%" in path:
+        path = _UNRESERVED_ESCAPE.sub(lambda m: chr(int(m[0][1:], 16)), path)
+        if not escaped_slashes and _ESCAPED_SLASH.search(path):
+            raise Rejection(Reason.REQUEST_REJECTED, "encoded slash")
     if _UNSAFE_PATH.search(path):
         raise Rejection(Reason.REQUEST_REJECTED, "ambiguous path")
     return path
@@ -60,7 +99,7 @@ def _escapes_of(chars: set[str]) -> re.Pattern[str] | None:
 class RouteTable:
     """The ordered routes; the first whose match fits the request wins."""
 
-    __slots__ = ("_literal_escapes", "_routes", "uses_hosts")
+    __slots__ = ("_keeps_slashes", "_literal_escapes", "_routes", "uses_hosts")
 
     def __init__(self, routes: tuple[RouteConfig, ...]) -> None:
         self._routes = routes
@@ -76,10 +115,13 @@ class RouteTable:
             if not (c.isalnum() or c in "-._~/")
         }
         self._literal_escapes = _escapes_of(reserved)
+        # Whether any route forwards encoded slashes unchanged; if none does, they are refused
+        # before matching, else by the route that matched.
+        self._keeps_slashes = any(r.keep_escaped_slashes for r in routes)
 
     def check(self, raw_path: str) -> str:
         """``check_raw_path`` plus this table's own rule on encoded route characters."""
-        path = check_raw_path(raw_path)
+        path = check_raw_path(raw_path, escaped_slashes=self._keeps_slashes)
         if self._literal_escapes is not None and self._literal_escapes.search(path):
             raise Rejection(Reason.REQUEST_REJECTED, "encoded character a route names literally")
         return path
@@ -88,5 +130,11 @@ class RouteTable:
         """The route for a request with this method, (already checked) raw path and host, or ``None``."""
         for route in self._routes:
             if route.match.matches(method, path, host):
+                if (
+                    self._keeps_slashes
+                    and not route.keep_escaped_slashes
+                    and _ESCAPED_SLASH.search(path)
+                ):
+                    raise Rejection(Reason.REQUEST_REJECTED, "encoded slash")
                 return route
         return None

@@ -28,6 +28,7 @@ EXPECTED_FAMILIES = {
     "gateway_jwks_fetches": "counter",
     "gateway_jwks_kid_misses": "counter",
     "gateway_jwks_refetch_suppressed": "counter",
+    "gateway_jwks_private_keys_dropped": "counter",
     "gateway_jwks_keys": "gauge",
     "gateway_jwks_stale": "gauge",
     "gateway_config_reloads": "counter",

@@ -701,3 +701,69 @@ async def test_accepted_request_logs_one_line_and_never_the_token(
     assert "kid=key-rs256" in line.split()
     assert_not_logged(caplog, minted)
     assert_not_logged(caplog, minted.rsplit(".", 1)[1])
+
+
+CLIENT_CLAIMS: Headers = (
+    ("Host", "gw.example"),
+    ("X-Forwarded-Port", "443"),
+    ("X-Forwarded-Prefix", "/admin"),
+    ("X-Forwarded-Ssl", "on"),
+    ("X-Forwarded-Scheme", "https"),
+    ("X-Forwarded-Server", "internal"),
+    ("X-Forwarded-Uri", "/admin/reset"),
+    ("X_Forwarded_Prefix", "/admin"),
+    ("X-Original-URL", "/admin/reset"),
+    ("X-Rewrite-URL", "/admin/reset"),
+    ("X-Original-Forwarded-For", "10.0.0.1"),
+    ("True-Client-IP", "10.0.0.1"),
+    ("CF-Connecting-IP", "10.0.0.1"),
+    ("X-Client-IP", "10.0.0.1"),
+    ("X-HTTP-Method-Override", "DELETE"),
+    ("X-Method-Override", "DELETE"),
+    ("X-HTTP-Method", "DELETE"),
+    ("X-Tenant-Override", "evil"),
+    ("X-Kept", "yes"),
+)
+_METHOD_OVERRIDES = ("X-HTTP-Method-Override", "X-Method-Override", "X-HTTP-Method")
+
+
+async def test_every_header_that_claims_who_the_client_is_goes_from_an_untrusted_peer(
+    make_gateway: GatewayFactory,
+) -> None:
+    def edit(doc: dict[str, Any]) -> None:
+        doc["strip_untrusted_headers"] = ["X-Tenant-Override"]
+
+    gateway = await make_gateway(edit)
+    seen = echoed(await send_raw(gateway.client, "GET", "/public/page", CLIENT_CLAIMS))
+
+    assert values_of(seen, "X-Kept") == ["yes"]
+    gone = [name for name, _ in CLIENT_CLAIMS if name not in ("Host", "X-Kept")]
+    assert [name for name, _ in seen if name in gone] == []
+    assert values_of(seen, "X-Forwarded-Host") == ["gw.example"]
+
+
+async def test_a_trusted_proxy_keeps_its_forwarded_names_but_never_a_method_override(
+    make_gateway: GatewayFactory,
+) -> None:
+    def edit(doc: dict[str, Any]) -> None:
+        doc["trusted_proxies"] = ["127.0.0.1/32"]
+
+    gateway = await make_gateway(edit)
+    sent = (*CLIENT_CLAIMS, ("X-Forwarded-Host", "evil.com/.example.com"))
+    seen = echoed(await send_raw(gateway.client, "GET", "/public/page", sent))
+
+    assert values_of(seen, "X-Forwarded-Prefix") == ["/admin"]
+    assert values_of(seen, "True-Client-IP") == ["10.0.0.1"]
+    for name in _METHOD_OVERRIDES:  # they would change the method the route judged
+        assert values_of(seen, name) == [], name
+    # Only a valid host[:port] becomes X-Forwarded-Host, from a trusted proxy too.
+    assert values_of(seen, "X-Forwarded-Host") == ["gw.example"]
+
+
+async def test_dotted_spellings_of_claim_headers_are_stripped(
+    gateway: RunningGateway, token: Callable[..., str]
+) -> None:
+    sent = (("X.User.Sub", "root"), ("x.user.email", "evil@example.com"), _auth(token()))
+    seen = echoed(await send_raw(gateway.client, "GET", "/api/orders", sent))
+    assert [value for _, value in seen if value in ("root", "evil@example.com")] == []
+    assert values_of(seen, "X-User-Sub") == ["alice"]

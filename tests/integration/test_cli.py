@@ -62,7 +62,27 @@ def test_shipped_configs_exist():
 def test_check_config_accepts_every_shipped_config(path):
     result = gateway_cli("check-config", str(path))
     assert result.returncode == 0, result.stderr
-    assert re.fullmatch(rf"{re.escape(str(path))}: ok \(\d+ routes, \d+ issuers\)\n", result.stdout)
+    mode = "forward_auth" if path.parent.name == "forward-auth" else "proxy"
+    assert re.fullmatch(
+        rf"{re.escape(str(path))}: ok \(\d+ routes, \d+ issuers, mode {mode}\)\n", result.stdout
+    )
+
+
+def test_owned_headers_prints_what_a_forward_auth_caller_must_overwrite(tmp_path):
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        "mode: forward_auth\ntrusted_proxies: [10.0.0.0/8]\n"
+        "issuers: {corp: {issuer: 'https://idp.example.com', algorithms: [RS256]}}\n"
+        "routes:\n"
+        "- {id: a, match: {path_prefix: /a}, auth: {issuers: [corp], audiences: [x]},\n"
+        "   claim_headers: {X-User-Sub: sub, X_Tenant: tid}, payload_header: X-Claims}\n"
+        "- {id: b, match: {path_prefix: /b}, auth: none}\n"
+    )
+    result = gateway_cli("owned-headers", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [
+        "x-claims", "x-gateway-auth-outcome", "x-tenant", "x-user-sub"
+    ]  # fmt: skip
 
 
 def test_check_config_rejects_a_bad_file_naming_the_yaml_path(tmp_path):
@@ -201,3 +221,42 @@ async def test_demo_prints_working_curls_and_stops_cleanly_on_sigint(tmp_path):
             process.kill()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(process.wait(), 5)
+
+
+SHADOWED = """\
+issuers:
+  corp: {issuer: "https://idp.example.com", algorithms: [RS256]}
+routes:
+  - id: admin_reset
+    match: {path: /svc/admin/reset}
+    upstream: http://svc:8080
+    auth: {issuers: [corp], audiences: [svc], required_scopes: [admin]}
+  - id: svc
+    match: {path_prefix: /svc}
+    upstream: http://svc:8080
+    auth: {issuers: [corp], audiences: [svc]}
+"""
+
+
+def test_check_config_warns_about_policy_shadowing_and_strict_makes_it_an_error(tmp_path):
+    path = tmp_path / "shadowed.yaml"
+    path.write_text(SHADOWED)
+    warned = gateway_cli("check-config", str(path))
+    assert warned.returncode == 0
+    assert warned.stdout.startswith(f"{path}: ok")
+    assert (
+        f"{path}: warning: routes[0] ('admin_reset'): /svc/admin/reset/ reaches routes[1] "
+        "('svc'), which does not require the scopes admin; an upstream that ignores a trailing "
+        "slash serves it as /svc/admin/reset\n"
+    ) in warned.stderr
+    assert "/svc/admin/reset.json reaches routes[1]" in warned.stderr
+    strict = gateway_cli("check-config", "--strict", str(path))
+    assert strict.returncode == 1
+    assert strict.stdout == ""
+    assert f"{path}: error: routes[0] ('admin_reset'): /svc/admin/reset/" in strict.stderr
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shipped_configs_have_no_policy_shadowing(path):
+    result = gateway_cli("check-config", "--strict", str(path))
+    assert result.returncode == 0, result.stderr

@@ -1305,3 +1305,109 @@ def test_every_new_key_loads_when_valid() -> None:
     assert loaded.auth.mode.value == "report-only"
     assert loaded.auth.scopes_any_of
     assert [m.path for m in loaded.auth.claim_matchers] == [("https://x.test/roles",)]
+
+
+# =================================================================================================
+# No way around a route's policy: HEAD, encoded unreserved characters, encoded slashes, Host
+# =================================================================================================
+async def test_head_is_judged_by_the_route_that_judges_get(
+    make_gateway: GatewayFactory, upstream: EchoUpstream, token: Mint
+) -> None:
+    # RFC 9110 §9.3.2. Before, HEAD skipped `methods: [GET]` and fell through to the public
+    # catch-all below it.
+    gateway = await make_gateway(
+        chain(add_routes(route("reads-only", {"path_prefix": "/r", "methods": ["GET"]}, auth())),
+              add_routes(route("public-rest", "/"), last=True))
+    )  # fmt: skip
+    response = await get(gateway, "/r/x", method="HEAD")
+    assert response.status == 401
+    assert upstream.hits == 0
+    assert _took(gateway, "reads-only", "token_missing")
+    allowed = await get(gateway, "/r/x", authz(token()), method="HEAD")
+    assert allowed.status == 200
+    assert _took(gateway, "reads-only")
+
+
+@pytest.mark.parametrize(
+    ("target", "forwarded", "route_id"),
+    [
+        pytest.param("/public/%7Euser", "/public/~user", "public", id="tilde"),
+        pytest.param("/public/%7euser?q=%41", "/public/~user?q=%41", "public", id="query-as-sent"),
+        pytest.param("/%61pi/x", "/api/x", "api", id="encoded-letter-reaches-its-route"),
+        pytest.param("/public/a%2Djson", "/public/a-json", "public", id="hyphen"),
+    ],
+)
+async def test_encoded_unreserved_characters_are_the_characters(
+    target: str,
+    forwarded: str,
+    route_id: str,
+    make_gateway: GatewayFactory,
+    upstream: EchoUpstream,
+    token: Mint,
+) -> None:
+    # RFC 3986 §6.2.2.2: matched and forwarded decoded (refused with 400 before).
+    gateway = await make_gateway()
+    response = await get(gateway, target, authz(token()))
+    assert response.status == 200, response.body
+    assert response.json()["path"] == forwarded
+    assert _took(gateway, route_id)
+
+
+async def test_encoded_dot_segments_are_still_refused(
+    make_gateway: GatewayFactory, upstream: EchoUpstream
+) -> None:
+    gateway = await make_gateway()
+    for target in ("/public/%2E%2E/api/x", "/public/.%2e/api", "/public/%2e/api"):
+        assert_refused(await get(gateway, target), Reason.REQUEST_REJECTED)
+    assert upstream.hits == 0
+
+
+ESCAPED_SLASH_ROUTES = add_routes(
+    route("ids", "/ids", escaped_slashes="keep"),
+)
+
+
+async def test_encoded_slash_is_refused_unless_the_route_keeps_it(
+    make_gateway: GatewayFactory, upstream: EchoUpstream
+) -> None:
+    gateway = await make_gateway(ESCAPED_SLASH_ROUTES)
+    kept = await get(gateway, "/ids/team%2Fproject")
+    assert kept.status == 200, kept.body
+    assert kept.json()["path"] == "/ids/team%2Fproject"  # forwarded unchanged
+    # Every other route still refuses it, before matching decides anything else.
+    assert_refused(await get(gateway, "/public/a%2fb"), Reason.REQUEST_REJECTED)
+    # No route takes `/api%2Fx` as it stands (it is not under `/api/`): nothing is forwarded.
+    assert_refused(await get(gateway, "/api%2Fx"), Reason.ROUTE_NOT_FOUND)
+    plain = await make_gateway()
+    assert_refused(await get(plain, "/public/a%2Fb"), Reason.REQUEST_REJECTED)
+    assert upstream.hits == 1
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        pytest.param("public.example.com:@admin.example.com", id="userinfo-after-port"),
+        pytest.param("evil.com/.example.com", id="slash-before-suffix"),
+        pytest.param("a.example.com:80x", id="port-not-digits"),
+        pytest.param("a.example.com:", id="empty-port"),
+        pytest.param("user@a.example.com", id="userinfo"),
+        pytest.param("a.example.com,b.example.com", id="comma"),
+        pytest.param("[::1", id="open-bracket"),
+    ],
+)
+async def test_a_host_that_is_not_host_and_port_is_400(
+    host: str, make_gateway: GatewayFactory, upstream: EchoUpstream
+) -> None:
+    gateway = await make_gateway(HOST_ROUTES)
+    response = await get(gateway, "/h/x", ("Host", host))
+    assert_refused(response, Reason.REQUEST_REJECTED)
+    assert upstream.hits == 0
+
+
+async def test_a_valid_host_becomes_x_forwarded_host(
+    make_gateway: GatewayFactory, upstream: EchoUpstream
+) -> None:
+    gateway = await make_gateway(HOST_ROUTES)
+    response = await get(gateway, "/h/x", ("Host", "[2001:db8::1]:8443"))
+    assert response.status == 200, response.body
+    assert one(seen_by_upstream(response), "X-Forwarded-Host") == "[2001:db8::1]:8443"

@@ -157,7 +157,8 @@ def test_base_config_loads_every_section() -> None:
 
     orders, reports, health = config.routes
     assert orders.id == "orders"
-    assert orders.match == cfg.RouteMatch(None, "/orders", frozenset({"GET", "POST"}))
+    # GET brings HEAD along (RFC 9110 §9.3.2): the route that judges GET judges HEAD.
+    assert orders.match == cfg.RouteMatch(None, "/orders", frozenset({"GET", "HEAD", "POST"}))
     assert orders.upstream == cfg.Upstream(
         "http://orders.internal:8080", "http", "orders.internal", 8080
     )

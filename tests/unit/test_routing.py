@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from gateway.config import RouteConfig, RouteMatch, Upstream
 from gateway.errors import Rejection
 from gateway.reasons import Reason
-from gateway.routing import RouteTable, check_raw_path, request_host
+from gateway.routing import RouteTable, check_raw_path, request_host, valid_host
 
 UNRESERVED = frozenset(
     [*range(0x30, 0x3A), *range(0x41, 0x5B), *range(0x61, 0x7B), 0x2D, 0x2E, 0x5F, 0x7E]
@@ -19,7 +21,7 @@ CONTROLS = frozenset([*range(0x00, 0x20), 0x7F])
 # Bytes that never occur in UTF-8: 0xC0 and 0xC1 (overlong forms such as %C0%AE for '.')
 # and 0xF5 to 0xFF.
 NEVER_UTF8 = {0xC0, 0xC1, *range(0xF5, 0x100)}
-MUST_REFUSE_ENCODED = UNRESERVED | CONTROLS | {0x2F, 0x5C, 0x25, 0x3B} | NEVER_UTF8
+MUST_REFUSE_ENCODED = CONTROLS | {0x2F, 0x5C, 0x25, 0x3B} | NEVER_UTF8
 
 
 def rejected(raw_path: str) -> bool:
@@ -50,13 +52,6 @@ def rejected(raw_path: str) -> bool:
         pytest.param("/a%2Fb", id="encoded-slash-upper"),
         pytest.param("/a%5cb", id="encoded-backslash-lower"),
         pytest.param("/a%5Cb", id="encoded-backslash-upper"),
-        pytest.param("/%41dmin", id="encoded-letter-upper"),
-        pytest.param("/%61dmin", id="encoded-letter-lower"),
-        pytest.param("/a%7e", id="encoded-tilde"),
-        pytest.param("/a%7E", id="encoded-tilde-upper"),
-        pytest.param("/a%2d", id="encoded-hyphen"),
-        pytest.param("/a%5f", id="encoded-underscore"),
-        pytest.param("/v%31", id="encoded-digit"),
         pytest.param("/a%252e%252e/b", id="double-encoding"),
         pytest.param("/a%25", id="encoded-percent"),
         pytest.param("/a%", id="bare-percent-end"),
@@ -104,10 +99,46 @@ def test_ambiguous_paths_are_refused(raw_path: str) -> None:
         pytest.param("/a/...", "/a/...", id="three-dots"),
         pytest.param("/a/", "/a/", id="trailing-slash"),
         pytest.param("/a-b_c~d.e", "/a-b_c~d.e", id="raw-unreserved"),
+        # RFC 3986 §6.2.2.2: an encoded unreserved character is that character.
+        pytest.param("/%41dmin", "/Admin", id="encoded-letter-upper"),
+        pytest.param("/%61dmin", "/admin", id="encoded-letter-lower"),
+        pytest.param("/public/%7Euser", "/public/~user", id="encoded-tilde"),
+        pytest.param("/a%7e", "/a~", id="encoded-tilde-lower"),
+        pytest.param("/a%2d%5F", "/a-_", id="encoded-hyphen-underscore"),
+        pytest.param("/v%31?x=%41", "/v1", id="encoded-digit-query-untouched"),
+        pytest.param("/a%2Ejson", "/a.json", id="encoded-dot-in-a-segment"),
+        pytest.param("/a%252e", None, id="double-encoding-stays-refused"),
     ],
 )
-def test_ordinary_paths_are_accepted_and_query_is_dropped(raw_path: str, path: str) -> None:
-    assert check_raw_path(raw_path) == path
+def test_ordinary_paths_are_accepted_and_query_is_dropped(raw_path: str, path: str | None) -> None:
+    if path is None:
+        assert rejected(raw_path)
+    else:
+        assert check_raw_path(raw_path) == path
+
+
+def test_every_unreserved_escape_decodes_to_its_character() -> None:
+    wrong = [
+        (octet, case)
+        for octet in UNRESERVED
+        for case in ("02X", "02x")
+        if check_raw_path(f"/x/a%{octet:{case}}b") != f"/x/a{chr(octet)}b"
+    ]
+    assert wrong == []
+
+
+def test_an_encoded_slash_is_refused_unless_the_matched_route_keeps_it() -> None:
+    keep = dataclasses.replace(make_route("ids", prefix="/ids"), keep_escaped_slashes=True)
+    table = RouteTable((keep, make_route("rest", prefix="/")))
+    assert table.check("/ids/a%2Fb") == "/ids/a%2Fb"
+    route = table.match("GET", "/ids/a%2Fb")
+    assert route is not None
+    assert route.id == "ids"
+    with pytest.raises(Rejection) as caught:
+        table.match("GET", "/other/a%2Fb")  # the catch-all does not keep them
+    assert caught.value.reason is Reason.REQUEST_REJECTED
+    with pytest.raises(Rejection):
+        RouteTable((make_route("rest", prefix="/"),)).check("/ids/a%2Fb")
 
 
 def test_every_percent_escape_is_classified() -> None:
@@ -315,3 +346,34 @@ def test_a_reserved_character_a_route_names_may_not_arrive_encoded(
     assert caught.value.reason is Reason.REQUEST_REJECTED
     plain = RouteTable((make_route("broad", prefix="/"),))
     assert plain.check(raw_path) == raw_path  # no route names it: accepted as before
+
+
+@pytest.mark.parametrize(
+    ("host", "valid"),
+    [
+        ("api.example.com", True),
+        ("API.Example.com:8443", True),
+        ("127.0.0.1", True),
+        ("127.0.0.1:80", True),
+        ("[::1]", True),
+        ("[2001:db8::1]:443", True),
+        ("localhost.", True),
+        ("public.example.com:@admin.example.com", False),
+        ("evil.com/.example.com", False),
+        ("a.example.com:80:81", False),
+        ("a.example.com:", False),
+        ("a.example.com:123456", False),
+        ("a.example.com:8x", False),
+        ("user@a.example.com", False),
+        ("a%2eexample.com", False),
+        ("a,b.example.com", False),
+        ("", False),
+        ("[::1", False),
+        ("[fe80::1%eth0]", False),
+        ("[not-ipv6]", False),
+        ("[::1]x", False),
+        ("a b", False),
+    ],
+)
+def test_valid_host_is_rfc3986_host_and_port(host: str, valid: bool) -> None:
+    assert valid_host(host) is valid
