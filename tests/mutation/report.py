@@ -98,7 +98,10 @@ def equivalents() -> dict[tuple[str, int, str], str]:
     for raw in EQUIVALENT.read_text().splitlines():
         if not raw.strip() or raw.startswith("#"):
             continue
-        module, line, after, why = (field.strip() for field in raw.split(" | ", 3))
+        # The mutated line may itself hold " | " (a `str | None` annotation): the module and
+        # line come first, the reason last, and whatever lies between is the mutated line.
+        module, line, rest = (field.strip() for field in raw.split(" | ", 2))
+        after, why = (field.strip() for field in rest.rsplit(" | ", 1))
         listed[module, int(line), after] = why
     return listed
 

@@ -116,3 +116,38 @@ async def test_with_no_queue_the_limit_is_a_hard_bound() -> None:
                 pass
     async with admission:  # and the slot came back
         assert admission.in_flight == 1
+
+
+async def test_a_refusal_says_why() -> None:
+    admission = Admission(limit=1, queue=0)
+    async with admission:
+        with pytest.raises(Rejection) as caught:
+            async with admission:
+                pass
+    assert (caught.value.reason, caught.value.detail) == (
+        Reason.UPSTREAM_OVERLOADED,
+        "in-flight and queue limits reached",
+    )
+
+
+async def test_a_waiter_cancelled_before_a_release_skips_it_gives_back_no_slot() -> None:
+    """Cancelled while queued, then passed over by a release before its task runs: it was
+    handed nothing, so it passes nothing on; one request in flight, never two."""
+    admission = Admission(limit=1, queue=3)
+    release = asyncio.Event()
+    entered: list[str] = []
+    await admission.__aenter__()  # the holder is this test
+    cancelled = asyncio.create_task(_hold(admission, entered, "cancelled", release))
+    tasks = [asyncio.create_task(_hold(admission, entered, n, release)) for n in ("b", "c")]
+    await _settle()
+    cancelled.cancel()  # its waiter is cancelled now; its task has not run yet...
+    await admission.__aexit__(None, None, None)  # ...when the release skips it, hands to "b"
+    await _settle()
+    assert entered == ["b"]
+    assert admission.in_flight == 1
+    release.set()
+    await asyncio.gather(*tasks)
+    assert entered == ["b", "c"]
+    assert admission.in_flight == 0
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled

@@ -308,3 +308,19 @@ def test_identity_headers_add_the_signed_payload_segment_when_configured() -> No
         "X-User-Sub": "alice",
         "X-Jwt-Payload": "eyJzdWIiOiJhbGljZSJ9",
     }
+
+
+def test_a_refused_claim_says_why_and_names_the_header() -> None:
+    """The decision line's detail: which header, and whether a csv item or the value was at fault."""
+    with pytest.raises(Rejection) as caught:
+        claim_headers({"roles": ["user,admin", "dev"]}, MAPPING)
+    assert (caught.value.reason, caught.value.detail) == (
+        Reason.CLAIM_INVALID,
+        "a csv item would not read back as itself",
+    )
+    with pytest.raises(Rejection) as caught:
+        claim_headers({"org": {"tenant_id": " acme"}}, MAPPING)
+    assert (caught.value.reason, caught.value.detail) == (
+        Reason.CLAIM_INVALID,
+        "claim for X-Tenant-Id would not arrive as checked",
+    )

@@ -50,6 +50,7 @@ def extract(
             [("Authorization", "Bearer abc-_.~+/==")], "abc-_.~+/==", id="b64token-charset"
         ),
         pytest.param([("Authorization", "Bearer " + "a" * MAX)], "a" * MAX, id="exactly-max"),
+        pytest.param([("Authorization", "Bearer X1X")], "X1X", id="token-edges-kept"),
         pytest.param(
             [("Authorization", f"Bearer {TOKEN}"), ("X-Other", "1")], TOKEN, id="other-headers"
         ),
@@ -94,6 +95,7 @@ def test_no_bearer_credentials_is_no_token(pairs: list[tuple[str, str]]) -> None
         pytest.param([("Authorization", f"Bearer {TOKEN} {TOKEN}")], id="two-tokens"),
         pytest.param([("Authorization", "Bearer abc def")], id="space-inside"),
         pytest.param([("Authorization", "Bearer abc\tdef")], id="tab-inside"),
+        pytest.param([("Authorization", "Bearer \tabc")], id="tab-after-the-space"),
         pytest.param([("Authorization", 'Bearer "abc"')], id="quoted"),
         pytest.param([("Authorization", "Bearer abc,def")], id="comma"),
         pytest.param([("Authorization", "Bearer abc=def")], id="inner-padding"),
@@ -111,8 +113,11 @@ def test_malformed_or_repeated_bearer_is_invalid_request(pairs: list[tuple[str, 
     assert TOKEN not in caught.value.detail
 
 
-def test_found_token_names_its_source() -> None:
-    found = extract_token(headers(("Authorization", f"Bearer {TOKEN}")), "", ALL_SOURCES, MAX)
+@pytest.mark.parametrize(
+    "sources", [(BEARER_HEADER,), ALL_SOURCES], ids=["the-only-source", "one-of-three"]
+)
+def test_found_token_names_its_source(sources: tuple[TokenSource, ...]) -> None:
+    found = extract_token(headers(("Authorization", f"Bearer {TOKEN}")), "", sources, MAX)
     assert found is not None
     assert found.source is BEARER_HEADER
 
@@ -190,6 +195,8 @@ def test_custom_header_twice_is_invalid_request() -> None:
         pytest.param(["session=a", "session=b"], ["a", "b"], id="two-headers"),
         pytest.param(["sessionx=a; xsession=b"], [], id="no-partial-names"),
         pytest.param(["session"], [], id="no-equals"),
+        pytest.param(["session=abc=="], ["abc=="], id="padding-in-the-value"),
+        pytest.param(['session="X1X"'], ["X1X"], id="only-the-quotes-are-removed"),
     ],
 )
 def test_cookie_values(cookie_headers: list[str], values: list[str]) -> None:
@@ -205,8 +212,65 @@ def test_cookie_values(cookie_headers: list[str], values: list[str]) -> None:
         pytest.param("t=a+b%21", ["a b!"], id="plus-and-percent-decoded"),
         pytest.param("%74=a", ["a"], id="encoded-name"),
         pytest.param("tt=a&t", [], id="no-match"),
+        pytest.param("t=abc==", ["abc=="], id="padding-in-the-value"),
         pytest.param("", [], id="empty"),
     ],
 )
 def test_query_values(query: str, values: list[str]) -> None:
     assert query_values(query, "t") == values
+
+
+# --- one configured source that is not a header, two sources ---------------------------------------
+@pytest.mark.parametrize(
+    ("sources", "pairs", "query", "token"),
+    [
+        pytest.param((COOKIE,), [("Cookie", f"session={TOKEN}")], "", TOKEN, id="cookie-only"),
+        pytest.param((COOKIE,), [("session", TOKEN)], "", None, id="cookie-not-a-header"),
+        pytest.param((QUERY,), [], f"access_token={TOKEN}", TOKEN, id="query-only"),
+        pytest.param((BEARER_HEADER, COOKIE), [("Cookie", f"session={TOKEN}")], "", TOKEN,
+                     id="header-or-cookie-cookie"),
+    ],
+)  # fmt: skip
+def test_a_single_non_header_source_reads_its_own_location(
+    sources: tuple[TokenSource, ...], pairs: list[tuple[str, str]], query: str, token: str | None
+) -> None:
+    assert extract(pairs, query, sources) == token
+
+
+def test_header_and_cookie_sources_with_both_present_is_invalid_request() -> None:
+    with pytest.raises(Rejection) as caught:
+        extract(
+            [("Authorization", f"Bearer {TOKEN}"), ("Cookie", f"session={TOKEN}")],
+            "",
+            (BEARER_HEADER, COOKIE),
+        )
+    assert (caught.value.reason, caught.value.detail) == (
+        Reason.INVALID_REQUEST,
+        "more than one token in the request",
+    )
+
+
+# --- why a request was refused (the decision line's detail; never the credential) -------------
+@pytest.mark.parametrize(
+    ("pairs", "query", "sources", "detail"),
+    [
+        pytest.param([("X-Api-Token", "a"), ("X-Api-Token", "b")], "", (API_KEY,),
+                     "more than one X-Api-Token header", id="header-twice"),
+        pytest.param([("Cookie", "session=a; session=b")], "", ALL_SOURCES,
+                     "cookie session repeated", id="cookie-twice"),
+        pytest.param([], "access_token=a&access_token=b", ALL_SOURCES,
+                     "query access_token repeated", id="query-twice"),
+        pytest.param([("Authorization", f"Bearer {TOKEN}")], f"access_token={TOKEN}", ALL_SOURCES,
+                     "more than one token in the request", id="two-sources"),
+        pytest.param([("Authorization", "Bearer " + "a" * (MAX + 1))], "", (BEARER_HEADER,),
+                     f"token longer than {MAX} bytes", id="too-long"),
+        pytest.param([("Authorization", "Bearer a,b")], "", (BEARER_HEADER,),
+                     "credentials are not a single b64token", id="not-a-b64token"),
+    ],
+)  # fmt: skip
+def test_an_invalid_request_says_why(
+    pairs: list[tuple[str, str]], query: str, sources: tuple[TokenSource, ...], detail: str
+) -> None:
+    with pytest.raises(Rejection) as caught:
+        extract(pairs, query, sources)
+    assert (caught.value.reason, caught.value.detail) == (Reason.INVALID_REQUEST, detail)

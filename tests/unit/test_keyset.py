@@ -12,9 +12,9 @@ from typing import Any
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ed448
+from cryptography.hazmat.primitives.asymmetric import ed448, rsa
 from jwt import PyJWK
-from jwt.algorithms import OKPAlgorithm
+from jwt.algorithms import OKPAlgorithm, RSAAlgorithm
 
 from gateway.errors import JwksFetchError
 from gateway.keyset import PRIVATE_MEMBERS, KeySet, build_key_set, private_members
@@ -353,3 +353,47 @@ def test_a_set_without_a_usable_key_is_an_invalid_fetch(
     with pytest.raises(JwksFetchError) as caught:
         build(document, frozenset({"ES256"}), on_private=lambda: None)
     assert (caught.value.result, caught.value.detail) == ("invalid", "no usable signing key")
+
+
+# --- more than one key: each judged on its own, the first of a kid kept ------------------------
+def test_an_unusable_key_does_not_hide_the_keys_after_it(
+    signing_keys: dict[str, SigningKey],
+) -> None:
+    rs, es = signing_keys["RS256"], signing_keys["ES256"]
+    key_set = build([rs.public_jwk(use="enc"), "junk", es.public_jwk()])
+    assert key_set.size == 1
+    assert verifies(found(key_set, es.kid, "ES256"), es)
+
+
+def test_a_duplicate_kid_keeps_the_first_key_is_logged_and_hides_no_later_key(
+    signing_keys: dict[str, SigningKey], caplog: pytest.LogCaptureFixture
+) -> None:
+    rs, ps, es = signing_keys["RS256"], signing_keys["PS256"], signing_keys["ES256"]
+    caplog.set_level(logging.WARNING, logger="gateway.keyset")
+    key_set = build([rs.public_jwk(kid="k"), ps.public_jwk(kid="k", alg="RS256"), es.public_jwk()])
+    assert key_set.size == 2
+    assert verifies(found(key_set, "k", "RS256"), rs)
+    assert not verifies(found(key_set, "k", "RS256"), ps, "RS256")
+    assert verifies(found(key_set, es.kid, "ES256"), es)
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.keyset"]
+    assert lines == [f"event=jwks_key_skipped issuer={ISSUER_ID} index=1 why=duplicate_kid"]
+
+
+def test_an_rsa_key_is_judged_by_its_type_alone(signing_keys: dict[str, SigningKey]) -> None:
+    """RSA keys have no curve (RFC 7518 §6.3): a stray ``crv`` member does not make one unusable."""
+    rs = signing_keys["RS256"]
+    key_set = build([rs.public_jwk(crv="P-256")])
+    assert verifies(found(key_set, rs.kid, "RS256"), rs)
+
+
+def test_a_short_rsa_key_is_skipped_and_logged(
+    signing_keys: dict[str, SigningKey], caplog: pytest.LogCaptureFixture
+) -> None:
+    rs = signing_keys["RS256"]
+    short = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505 - on purpose
+    jwk = {**RSAAlgorithm.to_jwk(short.public_key(), as_dict=True), "kid": "short", "alg": "RS256"}
+    caplog.set_level(logging.WARNING, logger="gateway.keyset")
+    key_set = build([rs.public_jwk(), jwk])
+    assert key_set.lookup("short", "RS256") is Reason.KEY_NOT_FOUND
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.keyset"]
+    assert lines == [f"event=jwks_key_skipped issuer={ISSUER_ID} index=1 why=key_too_short"]

@@ -377,3 +377,80 @@ def test_a_reserved_character_a_route_names_may_not_arrive_encoded(
 )
 def test_valid_host_is_rfc3986_host_and_port(host: str, valid: bool) -> None:
     assert valid_host(host) is valid
+
+
+# --- why a path was refused (the decision line's detail), and what the table derives from routes --
+@pytest.mark.parametrize(
+    ("raw_path", "detail"),
+    [
+        pytest.param("api/x", "path is not origin-form", id="not-origin-form"),
+        pytest.param("/a%2Fb", "encoded slash", id="encoded-slash"),
+        pytest.param("/a/../b", "ambiguous path", id="dot-segment"),
+    ],
+)
+def test_a_refused_path_says_why(raw_path: str, detail: str) -> None:
+    with pytest.raises(Rejection) as caught:
+        check_raw_path(raw_path)
+    assert (caught.value.reason, caught.value.detail) == (Reason.REQUEST_REJECTED, detail)
+
+
+def test_a_route_table_refusal_says_why() -> None:
+    keep = dataclasses.replace(make_route("ids", prefix="/ids"), keep_escaped_slashes=True)
+    table = RouteTable((keep, make_route("batch", path="/v1/a:b"), make_route("rest", prefix="/")))
+    with pytest.raises(Rejection) as caught:
+        table.check("/v1/a%3Ab")
+    assert (caught.value.reason, caught.value.detail) == (
+        Reason.REQUEST_REJECTED,
+        "encoded character a route names literally",
+    )
+    with pytest.raises(Rejection) as caught:
+        table.match("GET", "/other/a%2Fb")
+    assert (caught.value.reason, caught.value.detail) == (Reason.REQUEST_REJECTED, "encoded slash")
+
+
+@pytest.mark.parametrize(
+    "raw_path",
+    [
+        pytest.param("/v1/things%3AbatchGet", id="named-by-an-exact-path"),
+        pytest.param("/users/%40me/profile", id="named-by-a-prefix"),
+        pytest.param("/files/a%2Bb", id="named-by-a-third-route"),
+    ],
+)
+def test_every_reserved_character_any_route_names_is_refused_encoded(raw_path: str) -> None:
+    """Several routes naming several reserved characters: each one is watched, prefixes too."""
+    table = RouteTable(
+        (
+            make_route("batch", path="/v1/things:batchGet"),
+            make_route("me", prefix="/users/@me"),
+            make_route("plus", prefix="/files/a+b"),
+            make_route("broad", prefix="/"),
+        )
+    )
+    with pytest.raises(Rejection) as caught:
+        table.check(raw_path)
+    assert caught.value.reason is Reason.REQUEST_REJECTED
+    assert table.check("/v1/things%3FbatchGet") == "/v1/things%3FbatchGet"  # '?' is named by none
+
+
+@pytest.mark.parametrize(
+    ("routes", "uses_hosts"),
+    [
+        pytest.param((make_route("a", prefix="/"),), False, id="no-route-names-a-host"),
+        pytest.param(
+            (make_route("a", prefix="/api"), make_route("h", prefix="/", hosts=("a.example",))),
+            True,
+            id="a-route-names-hosts",
+        ),
+        pytest.param(
+            (make_route("s", prefix="/", host_suffixes=(".example.com",)),),
+            True,
+            id="a-route-names-host-suffixes",
+        ),
+    ],
+)
+def test_the_table_asks_for_the_host_when_a_route_names_one(
+    routes: tuple[RouteConfig, ...], uses_hosts: bool
+) -> None:
+    """The gate hands the request's host to ``match`` only when ``uses_hosts``: were it False
+    with a host route, that route would never match."""
+    assert RouteTable(routes).uses_hosts is uses_hosts
