@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
+from prometheus_client.samples import Sample
 
-from gateway import create_admin_app, create_app, loads_config
-from gateway.app import JWKS_KEY
+from gateway import create_admin_app, create_app, load_config, loads_config
+from gateway.app import GATEWAY_KEY, JWKS_KEY
 from gateway.config import GatewayConfig
 from gateway.jwks import JwksCache
 from tests.fakes import EchoUpstream, FakeClock, FakeIdP, SigningKey, generate_key, make_token
@@ -121,24 +125,117 @@ def base_config(idp: FakeIdP, upstream: EchoUpstream) -> dict[str, Any]:
     }
 
 
+def metric_value(source: CollectorRegistry | Iterable[Sample], name: str, **labels: str) -> float:
+    """The one metric reader of the tests: the sum of the samples called ``name`` whose labels
+    include ``labels`` (0.0 when there is none), from a registry or from scraped samples."""
+    samples = (
+        (sample for family in source.collect() for sample in family.samples)
+        if isinstance(source, CollectorRegistry)
+        else source
+    )
+    return float(
+        sum(
+            sample.value
+            for sample in samples
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+        )
+    )
+
+
 @dataclass
 class RunningGateway:
-    """A gateway app under test, with its client, admin client, registry and key cache."""
+    """A gateway app under test on a loopback port, with its client, admin client (unless
+    started without), registry and key cache."""
 
     client: TestClient
-    admin: TestClient
+    admin_client: TestClient | None
     app: web.Application
     registry: CollectorRegistry
     config: GatewayConfig
+    port: int = 0
+
+    @property
+    def admin(self) -> TestClient:
+        assert self.admin_client is not None, "this gateway was started with admin=False"
+        return self.admin_client
 
     @property
     def jwks(self) -> JwksCache:
         return self.app[JWKS_KEY]
 
+    @property
+    def runner(self) -> web.BaseRunner:
+        runner = self.client.server.runner
+        assert runner is not None
+        return runner
+
+    @property
+    def upstream_connector(self) -> aiohttp.BaseConnector:
+        connector = self.app[GATEWAY_KEY].upstream_session.connector
+        assert connector is not None
+        return connector
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
     def metric(self, name: str, **labels: str) -> float:
-        """A sample's value from this gateway's registry (0.0 when the series does not exist)."""
-        value = self.registry.get_sample_value(name, labels)
-        return 0.0 if value is None else value
+        """``metric_value`` over this gateway's registry (0.0 when the series does not exist)."""
+        return metric_value(self.registry, name, **labels)
+
+    async def shut_down(self) -> None:
+        """Stop serving as ``gateway run`` does on SIGTERM (the runner's cleanup), once."""
+        await self.client.server.close()
+
+    async def close(self) -> None:
+        if self.admin_client is not None:
+            await self.admin_client.close()
+        await self.client.close()
+
+
+Edit = Callable[[dict[str, Any]], None]
+# The runner arguments of gateway.cli.serve (TestServer adds handler_cancellation=True, as it does).
+SERVED_RUNNER_ARGS: dict[str, Any] = {"access_log": None, "shutdown_timeout": 5}
+
+
+async def start_gateway(
+    config: GatewayConfig,
+    *,
+    registry: CollectorRegistry | None = None,
+    clock: Any = None,
+    document_fetcher: Any = None,
+    settle: bool = True,
+    admin: bool = True,
+    served: bool = False,
+) -> RunningGateway:
+    """The one gateway factory of the tests: ``create_app`` served on an ephemeral loopback
+    port (with the runner arguments of ``gateway run`` when ``served``), its first key fetch
+    done unless ``settle`` is false, and its admin app unless ``admin`` is false.
+
+    The caller closes it (``RunningGateway.close``); the ``make_gateway`` fixture does.
+    """
+    registry = CollectorRegistry() if registry is None else registry
+    extra: dict[str, Any] = {}
+    if clock is not None:
+        extra["clock"] = clock
+    if document_fetcher is not None:
+        extra["document_fetcher"] = document_fetcher
+    app = create_app(config, registry=registry, **extra)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server(**(SERVED_RUNNER_ARGS if served else {}))
+    client: TestClient = TestClient(server)
+    await client.start_server()
+    admin_client: TestClient | None = None
+    try:
+        if settle:
+            await asyncio.wait_for(app[JWKS_KEY].settled(), 10)
+        if admin:
+            admin_client = TestClient(TestServer(create_admin_app(app), host="127.0.0.1"))
+            await admin_client.start_server()
+    except BaseException:
+        await client.close()
+        raise
+    assert server.port is not None
+    return RunningGateway(client, admin_client, app, registry, config, server.port)
 
 
 GatewayFactory = Callable[..., Awaitable[RunningGateway]]
@@ -146,26 +243,41 @@ GatewayFactory = Callable[..., Awaitable[RunningGateway]]
 
 @pytest.fixture
 async def make_gateway(
-    aiohttp_client: Any, idp: FakeIdP, upstream: EchoUpstream, clock: FakeClock
-) -> GatewayFactory:
-    """Start a gateway; ``edit`` may change the base config dict before it is loaded."""
+    idp: FakeIdP, upstream: EchoUpstream, clock: FakeClock
+) -> AsyncIterator[GatewayFactory]:
+    """Start gateways for one test (closed at its end); see ``start_gateway`` for the options.
+
+    The config is the base config changed by ``edits`` in turn, or ``document`` (a dict),
+    ``text`` (YAML, through ``loads_config``) or ``path`` (a file, through ``load_config``).
+    The fixture's fake clock is used unless ``clock`` is given.
+    """
+    started: list[RunningGateway] = []
 
     async def start(
-        edit: Callable[[dict[str, Any]], None] | None = None, *, settle: bool = True
+        *edits: Edit | None,
+        document: dict[str, Any] | None = None,
+        text: str | None = None,
+        path: Path | None = None,
+        **options: Any,
     ) -> RunningGateway:
-        document = copy.deepcopy(base_config(idp, upstream))
-        if edit is not None:
-            edit(document)
-        config = loads_config(yaml.safe_dump(document))
-        registry = CollectorRegistry()
-        app = create_app(config, registry=registry, clock=clock)
-        client = await aiohttp_client(app)
-        if settle:
-            await app[JWKS_KEY].settled()
-        admin = await aiohttp_client(create_admin_app(app))
-        return RunningGateway(client, admin, app, registry, config)
+        if path is not None:
+            config = load_config(path)
+        else:
+            if text is None:
+                doc = copy.deepcopy(base_config(idp, upstream) if document is None else document)
+                for edit in edits:
+                    if edit is not None:
+                        edit(doc)
+                text = yaml.safe_dump(doc)
+            config = loads_config(text)
+        options.setdefault("clock", clock)
+        gateway = await start_gateway(config, **options)
+        started.append(gateway)
+        return gateway
 
-    return start
+    yield start
+    for gateway in reversed(started):
+        await gateway.close()
 
 
 @pytest.fixture

@@ -207,6 +207,7 @@ async def test_prometheus_stores_exactly_what_the_gateway_counted(
 ) -> None:
     config = loads_config(yaml.safe_dump(base_config(idp, upstream)))
     registry = CollectorRegistry()
+    # Not make_gateway: a real Prometheus scrapes on its own real-time schedule, so the real clock.
     app = create_app(config, registry=registry)  # the real clock
     minting_clock = FakeClock()  # only a wall-clock source for the tokens' iat/exp (now)
     async with (

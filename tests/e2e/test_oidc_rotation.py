@@ -454,6 +454,7 @@ async def test_key_rotation_at_a_real_openid_provider(
     registry = CollectorRegistry()
     config = loads_config(yaml.safe_dump(gateway_config(provider.issuer, upstream)))
     assert config.issuers[ISSUER_ID].jwks_uri is None
+    # Not make_gateway: a real IdP on the real clock, its first fetch timed from here.
     app = create_app(config, registry=registry)
     client = await aiohttp_client(app)
     gateway_started = time.monotonic()
@@ -627,6 +628,7 @@ async def test_rotation_step_during_a_provider_restart_loses_no_valid_token(
     registry = CollectorRegistry()
     document = gateway_config(provider.issuer, upstream)
     document["issuers"][ISSUER_ID]["jwks_fetch_timeout_s"] = RESTART_FETCH_TIMEOUT_S
+    # Not make_gateway: a real IdP restarted under the gateway, on the real clock.
     app = create_app(loads_config(yaml.safe_dump(document)), registry=registry)
     client = await aiohttp_client(app)
     await asyncio.wait_for(app[JWKS_KEY].settled(), READY_TIMEOUT_S)

@@ -1,4 +1,5 @@
-"""Helpers for the end-to-end auth tests: a raw HTTP/1.1 client, hand-made tokens, expectations.
+"""Helpers for the end-to-end auth tests: the raw HTTP/1.1 client of the tests, hand-made tokens,
+expectations.
 
 The raw client exists because aiohttp's client normalises what these tests must send as is:
 dot segments in the path, repeated ``Authorization`` headers, hop-by-hop headers, ``Host``.
@@ -13,6 +14,7 @@ import hashlib
 import hmac
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -118,6 +120,74 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
         await reader.readexactly(2)
 
 
+class RawConnection:
+    """A client socket that sends exactly the given bytes, reads responses one at a time (so a
+    connection can be kept alive, or requests pipelined) and watches for the server closing."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, port: int, host: str = "127.0.0.1") -> RawConnection:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+        return cls(reader, writer)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def response(self, *, method: str = "GET", within: float = 5.0) -> RawResponse:
+        """Read one response: a Content-Length or chunked body, none for HEAD/204/304, else
+        the rest of the stream."""
+        return await asyncio.wait_for(self._response(method), within)
+
+    async def _response(self, method: str) -> RawResponse:
+        reader = self.reader
+        head = await reader.readuntil(b"\r\n\r\n")
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        status = int(status_line.split(" ", 2)[1])
+        parsed: CIMultiDict[str] = CIMultiDict()
+        for line in header_lines:
+            if line:
+                name, _, value = line.partition(":")
+                parsed.add(name.strip(), value.strip())
+        if method == "HEAD" or status in (204, 304):
+            payload = b""
+        elif "Content-Length" in parsed:
+            payload = await reader.readexactly(int(parsed["Content-Length"]))
+        elif parsed.get("Transfer-Encoding", "").lower() == "chunked":
+            payload = await _read_chunked(reader)
+        else:
+            payload = await reader.read()
+        return RawResponse(status, parsed, payload)
+
+    async def closed_by_server(self, within: float) -> tuple[float, bytes]:
+        """Seconds until the server closed the connection (EOF or reset), and any bytes it sent
+        first; fails if it is still open after ``within`` seconds."""
+        started = time.monotonic()
+        received = b""
+        deadline = started + within
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"connection still open after {within}s")
+            try:
+                chunk = await asyncio.wait_for(self.reader.read(65536), remaining)
+            except TimeoutError:
+                continue
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                return time.monotonic() - started, received
+            received += chunk
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError):
+            await self.writer.wait_closed()
+
+
 async def send_raw(
     client: TestClient,
     method: str,
@@ -142,30 +212,38 @@ async def send_raw(
     if body:
         lines.append(f"Content-Length: {len(body)}")
     reader, writer = await asyncio.open_connection(server.host, server.port)
+    conn = RawConnection(reader, writer)
     try:
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + body)
-        await writer.drain()
-        head = await reader.readuntil(b"\r\n\r\n")
-        status_line, *header_lines = head.decode("latin-1").split("\r\n")
-        status = int(status_line.split(" ", 2)[1])
-        parsed: CIMultiDict[str] = CIMultiDict()
-        for line in header_lines:
-            if line:
-                name, _, value = line.partition(":")
-                parsed.add(name.strip(), value.strip())
-        if method == "HEAD" or status in (204, 304):
-            payload = b""
-        elif "Content-Length" in parsed:
-            payload = await reader.readexactly(int(parsed["Content-Length"]))
-        elif parsed.get("Transfer-Encoding", "").lower() == "chunked":
-            payload = await _read_chunked(reader)
-        else:
-            payload = await reader.read()
+        await conn.send(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + body)
+        return await conn._response(method)
     finally:
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
-    return RawResponse(status, parsed, payload)
+
+
+async def send_until_closed(port: int, data: bytes, *, within: float) -> bytes:
+    """Send ``data`` as is on a new connection to 127.0.0.1:``port``; everything the server
+    sent before it closed (fails if it is still open after ``within`` seconds)."""
+    conn = await RawConnection.open(port)
+    try:
+        await conn.send(data)
+        _, received = await conn.closed_by_server(within)
+    finally:
+        await conn.close()
+    return received
+
+
+async def refused(port: int) -> bool:
+    """Whether nothing accepts connections on 127.0.0.1:port any more."""
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return True
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return False
 
 
 def echoed(response: RawResponse) -> list[tuple[str, str]]:

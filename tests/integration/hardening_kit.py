@@ -1,5 +1,6 @@
-"""Helpers for the limits, failing-neighbour and large-body tests: the gateway served exactly as
-``gateway run`` serves it, upstreams that record how a request body ended, raw-socket upstreams
+"""Helpers for the limits, failing-neighbour and large-body tests: edits of the base config (the
+gateway itself comes from ``make_gateway(..., served=True)``, served as ``gateway run`` serves
+it), upstreams that record how a request body ended, raw-socket upstreams
 that misbehave below HTTP, and probes for leaked tasks, sockets and memory.
 
 Everything is a real server on 127.0.0.1; nothing mocks the network.
@@ -9,102 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import hashlib
 import os
 import socket
 import struct
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import yaml
 from aiohttp import web
-from prometheus_client import CollectorRegistry
 
-from gateway import create_app, loads_config
-from gateway.app import GATEWAY_KEY, JWKS_KEY
-from gateway.config import GatewayConfig
-from tests import conftest
-from tests.fakes import EchoUpstream, FakeClock, FakeIdP
+from tests.conftest import Edit
 from tests.integration.e2e_helpers import wait_until
 
-Edit = Callable[[dict[str, Any]], None]
 
-
-# --- the gateway as `gateway run` serves it -----------------------------------------------------
-@dataclass
-class ServedGateway:
-    """A gateway app on a real ``AppRunner``/``TCPSite``, configured like ``cli.serve`` does.
-
-    pytest-aiohttp's test server and ``gateway run`` both set ``handler_cancellation=True``.
-    What happens when a client goes away depends on that setting, so these tests serve the app
-    the production way.
-    """
-
-    app: web.Application
-    runner: web.AppRunner
-    registry: CollectorRegistry
-    config: GatewayConfig
-    port: int = 0
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def metric(self, name: str, **labels: str) -> float:
-        value = self.registry.get_sample_value(name, labels)
-        return 0.0 if value is None else value
-
-    @property
-    def upstream_connector(self) -> aiohttp.BaseConnector:
-        connector = self.app[GATEWAY_KEY].upstream_session.connector
-        assert connector is not None
-        return connector
-
-
-async def serve_gateway(document: dict[str, Any], clock: FakeClock) -> ServedGateway:
-    """Start a gateway for ``document`` on an ephemeral loopback port; first key fetch done."""
-    config = loads_config(yaml.safe_dump(document))
-    registry = CollectorRegistry()
-    app = create_app(config, registry=registry, clock=clock)
-    # The same runner arguments as gateway.cli.serve.
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    served = ServedGateway(app, runner, registry, config, runner.addresses[0][1])
-    await asyncio.wait_for(app[JWKS_KEY].settled(), 10)
-    return served
-
-
-class Gateways:
-    """Starts served gateways for one test and stops them all at its end."""
-
-    def __init__(self, idp: FakeIdP, upstream: EchoUpstream, clock: FakeClock) -> None:
-        self._idp = idp
-        self._upstream = upstream
-        self._clock = clock
-        self._started: list[ServedGateway] = []
-
-    async def start(self, *edits: Edit) -> ServedGateway:
-        gw = await serve_gateway(base_document(self._idp, self._upstream, *edits), self._clock)
-        self._started.append(gw)
-        return gw
-
-    async def close(self) -> None:
-        for gw in self._started:
-            await gw.runner.cleanup()
-
-
-def base_document(idp: FakeIdP, upstream: EchoUpstream, *edits: Edit) -> dict[str, Any]:
-    document = copy.deepcopy(conftest.base_config(idp, upstream))
-    for edit in edits:
-        edit(document)
-    return document
-
-
+# --- edits of the base config, for ``make_gateway(*edits, served=True)`` ------------------------
 def point_routes_at(url: str) -> Edit:
     def edit(document: dict[str, Any]) -> None:
         for route in document["routes"]:
@@ -309,68 +230,6 @@ class RawUpstream:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
-
-
-# --- a raw HTTP/1.1 connection ------------------------------------------------------------------
-@dataclass
-class RawHead:
-    status: int
-    headers: dict[str, str]  # lower-case names (last value wins)
-
-
-class RawConnection:
-    """A client socket that sends exactly the given bytes and watches for the server closing."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def open(cls, port: int) -> RawConnection:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
-        return cls(reader, writer)
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def response(self, within: float = 5.0) -> tuple[RawHead, bytes]:
-        """Read one response with a Content-Length body."""
-        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), within)
-        status_line, *lines = head.decode("latin-1").split("\r\n")
-        headers = {}
-        for line in lines:
-            if line:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-        length = int(headers.get("content-length", "0"))
-        body = await asyncio.wait_for(self.reader.readexactly(length), within)
-        return RawHead(int(status_line.split(" ", 2)[1]), headers), body
-
-    async def closed_by_server(self, within: float) -> tuple[float, bytes]:
-        """Seconds until the server closed the connection (EOF or reset), and any bytes it sent
-        first; fails if it is still open after ``within`` seconds."""
-        started = time.monotonic()
-        received = b""
-        deadline = started + within
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"connection still open after {within}s")
-            try:
-                chunk = await asyncio.wait_for(self.reader.read(65536), remaining)
-            except TimeoutError:
-                continue
-            except ConnectionResetError:
-                chunk = b""
-            if not chunk:
-                return time.monotonic() - started, received
-            received += chunk
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(OSError):
-            await self.writer.wait_closed()
 
 
 # --- leak probes ---------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Helpers for the key-lifecycle tests: a FakeClock that shows who sleeps on it, a way to wait
-until the background refreshers are idle, and a gateway started from a config file.
+until the background refreshers are idle, and reading JSON replies (a gateway started from a
+config file is ``make_gateway(path=...)``).
 
 Waiting here is only for loopback I/O and the event loop to catch up (bounded polling); every
 duration the gateway measures is moved with ``FakeClock.advance``.
@@ -7,15 +8,10 @@ duration the gateway measures is moved with ``FakeClock.advance``.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from aiohttp import ClientResponse
-from prometheus_client import CollectorRegistry
 
-from gateway import create_admin_app, create_app, load_config
-from gateway.app import JWKS_KEY
-from tests.conftest import RunningGateway
 from tests.fakes import FakeClock
 from tests.integration.e2e_helpers import wait_until
 
@@ -51,14 +47,3 @@ async def json_of(response: ClientResponse) -> dict[str, Any]:
     body = await response.json()
     assert isinstance(body, dict)
     return body
-
-
-async def start_from_file(aiohttp_client: Any, path: Path, clock: FakeClock) -> RunningGateway:
-    """A gateway (and its admin app) for the YAML file at ``path``, loaded with ``load_config``."""
-    config = load_config(path)
-    registry = CollectorRegistry()
-    app = create_app(config, registry=registry, clock=clock)
-    client = await aiohttp_client(app)
-    await app[JWKS_KEY].settled()
-    admin = await aiohttp_client(create_admin_app(app))
-    return RunningGateway(client, admin, app, registry, config)

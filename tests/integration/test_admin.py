@@ -185,6 +185,7 @@ async def test_two_gateways_in_one_process_have_independent_registries(
     aiohttp_client: Any, idp, upstream, token
 ):
     config = loads_config(yaml.safe_dump(copy.deepcopy(conftest.base_config(idp, upstream))))
+    # Not make_gateway (which always passes a registry): this tests create_app's default.
     first = create_app(config)  # default: a fresh registry each
     second = create_app(config)  # a shared registry would raise "Duplicated timeseries"
     assert first[METRICS_KEY].registry is not second[METRICS_KEY].registry

@@ -15,8 +15,9 @@ from the kernel (the process's sockets whose remote port is the upstream's, /pro
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,17 +27,15 @@ from aiohttp import web
 
 from gateway.config import DEFAULT_JWKS_MAX_BYTES
 from tests import conftest
+from tests.conftest import Edit, GatewayFactory, RunningGateway
 from tests.fakes import SigningKey
+from tests.integration.authkit import RawConnection
 from tests.integration.e2e_helpers import MIB, free_port, wait_until
 from tests.integration.hardening_kit import (
     DECLARED_BODY,
     PARTIAL_BODY,
-    Edit,
-    Gateways,
     LeakProbe,
-    RawConnection,
     RawUpstream,
-    ServedGateway,
     SinkUpstream,
     answer_garbage,
     closing_session,
@@ -52,17 +51,15 @@ from tests.integration.hardening_kit import (
     start_runner,
 )
 
-Serve = Callable[..., Awaitable[ServedGateway]]
 ISSUER_ID = "test"
 TTL = 300.0  # base config jwks_cache_ttl_s
 FETCH_TIMEOUT = 0.3
 
 
 @pytest.fixture
-async def serve(idp, upstream, clock) -> AsyncIterator[Serve]:
-    gateways = Gateways(idp, upstream, clock)
-    yield gateways.start
-    await gateways.close()
+def serve(make_gateway: GatewayFactory) -> GatewayFactory:
+    """Gateways (no admin app) on the base config changed by ``edits``, served as ``gateway run``."""
+    return functools.partial(make_gateway, served=True, admin=False)
 
 
 @pytest.fixture
@@ -87,7 +84,7 @@ def port_of(url: str) -> int:
     return int(url.rsplit(":", 1)[1])
 
 
-async def get(gw: ServedGateway, path: str, **kwargs: Any) -> tuple[int, bytes]:
+async def get(gw: RunningGateway, path: str, **kwargs: Any) -> tuple[int, bytes]:
     async with closing_session() as session, session.get(gw.url(path), **kwargs) as response:
         return response.status, await response.read()
 
@@ -317,9 +314,9 @@ async def test_client_stalling_mid_body_does_not_hold_its_slot_forever(serve, si
         # The body timer, with slack, is long past: the stalled upload must have been cut off,
         # answered 408 and counted, and its slot handed on.
         await wait_until(admitted, within=3, what="the stalled upload's slot freed")
-        head, body = await conn.response(within=3)
-        assert head.status == 408
-        assert json.loads(body)["error"]["reason"] == "client_timeout"
+        reply = await conn.response(within=3)
+        assert reply.status == 408
+        assert json.loads(reply.body)["error"]["reason"] == "client_timeout"
     finally:
         await conn.close()
 
@@ -401,7 +398,7 @@ def trust(jwks_uri: str) -> Edit:
     return edit
 
 
-async def api(gw: ServedGateway, tok: str) -> int:
+async def api(gw: RunningGateway, tok: str) -> int:
     status, _ = await get(gw, "/api/orders", headers=conftest.bearer(tok))
     return status
 

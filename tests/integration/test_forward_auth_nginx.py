@@ -13,7 +13,6 @@ by its PID.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -29,16 +28,14 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry
 from yarl import URL
 
-from gateway import create_admin_app, create_app, loads_config
-from gateway.app import JWKS_KEY
 from gateway.config import GatewayConfig, IssuerConfig, RouteConfig, header_key
 from gateway.reasons import REASON_SPECS, Reason, www_authenticate
-from tests.conftest import RunningGateway
+from tests.conftest import GatewayFactory, RunningGateway
 from tests.deploy.support import DEPLOY
 from tests.fakes import EchoUpstream, FakeClock, FakeIdP, SigningKey, generate_key, make_token
+from tests.integration.authkit import refused, send_until_closed
 from tests.integration.e2e_helpers import echoed_headers, free_port
 
 FORWARD_AUTH = DEPLOY / "forward-auth"
@@ -151,18 +148,12 @@ class NginxProcess:
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"nginx exited with {self.proc.returncode}\n{self.logs()}")
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"nginx not listening within {START_WITHIN_S}s\n"
-                                         f"{self.logs()}") from None  # fmt: skip
-                await asyncio.sleep(0.01)
-                continue
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            return
+            if not await refused(port):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"nginx not listening within {START_WITHIN_S}s\n"
+                                     f"{self.logs()}")  # fmt: skip
+            await asyncio.sleep(0.01)
 
     def stop(self) -> None:
         """SIGTERM (nginx's fast shutdown) to this master by its PID; SIGKILL if it lingers."""
@@ -216,10 +207,9 @@ StackFactory = Callable[..., Awaitable[Stack]]
 
 @pytest.fixture
 async def make_stack(
-    aiohttp_client: Any,
+    make_gateway: GatewayFactory,
     idp: FakeIdP,
     upstream: EchoUpstream,
-    clock: FakeClock,
     tmp_path: Path,
     nginx_binary: str,
 ) -> AsyncIterator[StackFactory]:
@@ -231,23 +221,14 @@ async def make_stack(
     async def start(
         edit: Callable[[dict[str, Any]], None] | None = None, *, gateway_port: int | None = None
     ) -> Stack:
-        document = gateway_document(idp)
-        if edit is not None:
-            edit(document)
-        config = loads_config(yaml.safe_dump(document))
-        registry = CollectorRegistry()
-        app = create_app(config, registry=registry, clock=clock)
-        client = await aiohttp_client(app)
-        await app[JWKS_KEY].settled()
-        admin = await aiohttp_client(create_admin_app(app))
-        gateway = RunningGateway(client, admin, app, registry, config)
+        gateway = await make_gateway(edit, document=gateway_document(idp))
         text = NGINX_CONF.read_text(encoding="utf-8")
         for attempt in range(3):  # a free port can be taken between its choice and nginx's bind
             port = free_port()
             conf = render_nginx_conf(
                 text,
                 listen_port=port,
-                gateway_port=gateway_port or client.server.port,
+                gateway_port=gateway_port or gateway.port,
                 upstream_port=upstream_port,
                 prefix=tmp_path / f"nginx-{len(started)}",
             )
@@ -317,15 +298,9 @@ async def assert_gateway_answer(
 
 async def raw_exchange(port: int, head: str) -> tuple[int, bytes]:
     """Send ``head`` (request line and headers, unnormalised) and read the whole answer."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(head.encode("latin-1") + b"Connection: close\r\n\r\n")
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), 10)
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+    data = await send_until_closed(
+        port, head.encode("latin-1") + b"Connection: close\r\n\r\n", within=10
+    )
     status_line, _, rest = data.partition(b"\r\n")
     _, _, body = rest.partition(b"\r\n\r\n")
     return int(status_line.split()[1]), body

@@ -6,13 +6,9 @@ import logging
 from typing import Any
 
 import pytest
-import yaml
-from prometheus_client import CollectorRegistry
 
-from gateway import create_app, loads_config
-from gateway.app import JWKS_KEY
-from tests.conftest import base_config, bearer
-from tests.fakes import EchoUpstream, FakeClock, FakeIdP
+from tests.conftest import GatewayFactory, bearer
+from tests.fakes import EchoUpstream, FakeClock
 
 SECRET_TEXT = "database password is hunter2"
 
@@ -29,18 +25,14 @@ class BreakingClock(FakeClock):
 
 
 async def test_an_unexpected_exception_is_a_fixed_500_logged_with_its_traceback(
-    aiohttp_client: Any,
-    idp: FakeIdP,
+    make_gateway: GatewayFactory,
     upstream: EchoUpstream,
     token: Any,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     clock = BreakingClock()
-    registry = CollectorRegistry()
-    config = loads_config(yaml.safe_dump(base_config(idp, upstream)))
-    app = create_app(config, registry=registry, clock=clock)
-    client = await aiohttp_client(app)
-    await app[JWKS_KEY].settled()
+    gw = await make_gateway(clock=clock, admin=False)
+    client = gw.client
     minted = token()  # minted while the clock still works
     clock.broken = True
     caplog.set_level(logging.INFO)
@@ -56,7 +48,7 @@ async def test_an_unexpected_exception_is_a_fixed_500_logged_with_its_traceback(
     assert "WWW-Authenticate" not in response.headers
     assert upstream.hits == 0
     labels = {"route": "api", "reason": "internal_error"}
-    assert registry.get_sample_value("gateway_requests_total", labels) == 1
+    assert gw.metric("gateway_requests_total", **labels) == 1
     tracebacks = [r for r in caplog.records if r.exc_info and "internal_error" in r.getMessage()]
     assert len(tracebacks) == 1
     decisions = [r.getMessage() for r in caplog.records if r.name == "gateway.request"]

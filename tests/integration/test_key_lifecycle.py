@@ -34,7 +34,6 @@ from tests.integration.lifecycle_helpers import (
     advance_idle,
     idle,
     json_of,
-    start_from_file,
 )
 
 ISSUER_ID = "test"
@@ -653,7 +652,7 @@ async def test_static_key_set_verifies_without_any_fetch(
 
 
 async def test_relative_jwks_file_is_resolved_against_the_config_folder(
-    aiohttp_client, idp, upstream, clock, token, rsa_key, tmp_path
+    make_gateway, idp, upstream, clock, token, rsa_key, tmp_path
 ):
     folder = tmp_path / "etc" / "gateway"
     (folder / "keys").mkdir(parents=True)
@@ -664,7 +663,7 @@ async def test_relative_jwks_file_is_resolved_against_the_config_folder(
     cfg["jwks_file"] = "keys/jwks.json"
     (folder / "gateway.yaml").write_text(yaml.safe_dump(doc), encoding="utf-8")
 
-    gw = await start_from_file(aiohttp_client, folder / "gateway.yaml", clock)
+    gw = await make_gateway(path=folder / "gateway.yaml")
     assert (await readyz(gw))[0] == 200
     response = await get_api(gw, token())
     assert response.status == 200

@@ -7,16 +7,15 @@ covers all three: a buffering hop anywhere would show.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
+from tests.conftest import GatewayFactory
 from tests.integration.e2e_helpers import MIB
 from tests.integration.hardening_kit import (
-    Gateways,
     MemoryWatch,
-    ServedGateway,
     SinkUpstream,
     closing_session,
     echo_download_sha256,
@@ -31,14 +30,11 @@ pytestmark = pytest.mark.slow
 SIZE = 100 * MIB
 MAX_GROWTH = 30 * MIB  # well under the 100 MB that a buffering hop would cost
 
-Serve = Callable[..., Awaitable[ServedGateway]]
-
 
 @pytest.fixture
-async def serve(idp, upstream, clock) -> AsyncIterator[Serve]:
-    gateways = Gateways(idp, upstream, clock)
-    yield gateways.start
-    await gateways.close()
+def serve(make_gateway: GatewayFactory) -> GatewayFactory:
+    """Gateways (no admin app) on the base config changed by ``edits``, served as ``gateway run``."""
+    return functools.partial(make_gateway, served=True, admin=False)
 
 
 def mib(n: int) -> str:

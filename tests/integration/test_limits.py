@@ -8,10 +8,11 @@ real (short, bounded) time; nothing else does.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import io
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -26,11 +27,10 @@ from gateway.config import (
     Limits,
 )
 from tests import conftest
+from tests.conftest import GatewayFactory, RunningGateway
+from tests.integration.authkit import RawConnection
 from tests.integration.e2e_helpers import wait_until
 from tests.integration.hardening_kit import (
-    Gateways,
-    RawConnection,
-    ServedGateway,
     SinkUpstream,
     closing_session,
     point_routes_at,
@@ -42,14 +42,11 @@ from tests.integration.hardening_kit import (
 IDLE_S = 0.5  # client_idle_timeout_s where the idle timer is under test
 SLACK_S = 1.5  # loopback and scheduling slack on top of it
 
-Serve = Callable[..., Awaitable[ServedGateway]]
-
 
 @pytest.fixture
-async def serve(idp, upstream, clock) -> AsyncIterator[Serve]:
-    gateways = Gateways(idp, upstream, clock)
-    yield gateways.start
-    await gateways.close()
+def serve(make_gateway: GatewayFactory) -> GatewayFactory:
+    """Gateways (no admin app) on the base config changed by ``edits``, served as ``gateway run``."""
+    return functools.partial(make_gateway, served=True, admin=False)
 
 
 @pytest.fixture
@@ -71,15 +68,15 @@ def request_head(target: str = "/public/x", headers: list[tuple[str, str]] | Non
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-async def exchange(gw: ServedGateway, data: bytes) -> tuple[int, RawConnection]:
+async def exchange(gw: RunningGateway, data: bytes) -> tuple[int, RawConnection]:
     """Send ``data`` on a new connection and read one response; the connection stays open."""
     conn = await RawConnection.open(gw.port)
     await conn.send(data)
-    head, _ = await conn.response()
-    return head.status, conn
+    reply = await conn.response()
+    return reply.status, conn
 
 
-async def assert_refused_and_closed(gw: ServedGateway, data: bytes) -> int:
+async def assert_refused_and_closed(gw: RunningGateway, data: bytes) -> int:
     """A clean 4xx from the HTTP parser (400 or 431), then the connection closed."""
     status, conn = await exchange(gw, data)
     try:
@@ -90,14 +87,14 @@ async def assert_refused_and_closed(gw: ServedGateway, data: bytes) -> int:
     return status
 
 
-async def assert_served(gw: ServedGateway, data: bytes) -> None:
+async def assert_served(gw: RunningGateway, data: bytes) -> None:
     status, conn = await exchange(gw, data)
     await conn.close()
     assert status == 200
 
 
 async def post(
-    gw: ServedGateway, path: str, data: Any, headers: dict[str, str] | None = None
+    gw: RunningGateway, path: str, data: Any, headers: dict[str, str] | None = None
 ) -> tuple[int, Any]:
     """POST on a fresh connection; the status and the JSON body."""
     async with (
@@ -144,7 +141,7 @@ async def test_configured_idle_timeout_reaches_the_connection_handler(serve):
     assert await idle_timeout_of_a_connection(gw) == IDLE_S
 
 
-async def idle_timeout_of_a_connection(gw: ServedGateway) -> float:
+async def idle_timeout_of_a_connection(gw: RunningGateway) -> float:
     server = gw.runner.server
     assert server is not None
     conn = await RawConnection.open(gw.port)
@@ -213,11 +210,11 @@ async def test_declared_length_over_the_default_is_refused_before_the_body_is_re
             b"POST /public/up HTTP/1.1\r\nHost: gateway.test\r\n"
             + f"Content-Length: {DEFAULT_MAX_BODY_BYTES + 1}\r\n\r\n".encode()
         )
-        head, body = await conn.response(within=3)
+        reply = await conn.response(within=3)
     finally:
         await conn.close()
-    assert head.status == 413
-    assert b"payload_too_large" in body
+    assert reply.status == 413
+    assert b"payload_too_large" in reply.body
     assert upstream.hits == 0
 
 
@@ -335,9 +332,9 @@ async def test_idle_keep_alive_connection_is_closed_after_the_timeout(serve):
     conn = await RawConnection.open(gw.port)
     try:
         await conn.send(request_head())
-        head, _ = await conn.response()
-        assert head.status == 200
-        assert head.headers.get("connection", "").lower() != "close"  # kept alive ...
+        reply = await conn.response()
+        assert reply.status == 200
+        assert reply.headers.get("connection", "").lower() != "close"  # kept alive ...
         took, sent = await conn.closed_by_server(within=IDLE_S + SLACK_S)  # ... until idle
     finally:
         await conn.close()
@@ -352,8 +349,8 @@ async def test_connection_in_use_is_not_closed_by_the_idle_timeout(serve):
     try:
         for _ in range(4):
             await conn.send(request_head())
-            head, _ = await conn.response()
-            assert head.status == 200
+            reply = await conn.response()
+            assert reply.status == 200
             await asyncio.sleep(IDLE_S / 2)
     finally:
         await conn.close()

@@ -35,8 +35,9 @@ from gateway.app import GATEWAY_KEY
 from gateway.cli import WATCH_INTERVAL_S
 from gateway.cli import main as gateway_main
 from gateway.logs import KV, kv
-from tests.conftest import base_config, bearer
+from tests.conftest import base_config, bearer, metric_value
 from tests.fakes import FakeIdP
+from tests.integration.authkit import refused
 from tests.integration.e2e_helpers import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -125,27 +126,6 @@ async def status_of(url: str) -> int | None:
         return (await fetch(url, limit_s=2.0)).status
     except (aiohttp.ClientError, OSError, TimeoutError):
         return None
-
-
-async def refused(port: int) -> bool:
-    try:
-        _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except OSError:
-        return True
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return False
-
-
-def total(samples: list[Sample], name: str, **labels: str) -> float:
-    return float(
-        sum(
-            s.value
-            for s in samples
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-        )
-    )
 
 
 # --- processes --------------------------------------------------------------------------------
@@ -268,7 +248,7 @@ class GatewayProcess:
         ]
 
     async def metric(self, name: str, **labels: str) -> float:
-        return total(await self.metrics(), name, **labels)
+        return metric_value(await self.metrics(), name, **labels)
 
     async def worker_pids(self) -> set[int]:
         """The workers that report gateway_ready (one series per live worker pid)."""
@@ -793,9 +773,9 @@ async def test_workers_share_the_port_sum_their_metrics_and_replace_a_killed_wor
 
     await wait_until(lambda: counted(sent), what="every request counted once")
     samples = await gw.metrics()
-    assert total(samples, "gateway_requests_total", route="public", reason="ok") == sent
-    assert total(samples, "gateway_request_duration_seconds_count") == sent
-    assert total(samples, "gateway_upstream_responses_total", code_class="2xx") == sent
+    assert metric_value(samples, "gateway_requests_total", route="public", reason="ok") == sent
+    assert metric_value(samples, "gateway_request_duration_seconds_count") == sent
+    assert metric_value(samples, "gateway_upstream_responses_total", code_class="2xx") == sent
     # Both workers listen on the one port, and both took connections and forwarded them.
     upstream_port = int(upstream.url.rpartition(":")[2])
     for pid in pids:

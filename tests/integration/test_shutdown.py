@@ -4,20 +4,16 @@ tasks end, client sessions close."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import copy
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
-from aiohttp import web
 
 import gateway as gateway_package
-from gateway import create_app, loads_config
-from gateway.app import GATEWAY_KEY, JWKS_KEY
+from gateway.app import GATEWAY_KEY
 from gateway.documents import HttpDocumentFetcher
-from tests import conftest
+from tests.conftest import RunningGateway
+from tests.integration.authkit import refused
 from tests.integration.e2e_helpers import echoed_headers, wait_until
 
 GATEWAY_DIR = str(Path(gateway_package.__file__).parent)
@@ -28,50 +24,27 @@ def gateway_tasks(tasks: set[asyncio.Task[Any]]) -> set[asyncio.Task[Any]]:
     return {t for t in tasks if t.get_coro().cr_code.co_filename.startswith(GATEWAY_DIR)}  # type: ignore[union-attr]
 
 
-async def refused(port: int) -> bool:
-    """Whether nothing accepts connections on 127.0.0.1:port any more."""
-    try:
-        _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except OSError:
-        return True
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return False
+class JwksSessions:
+    """A document-fetcher factory that records the sessions the gateway gives it."""
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        self.sessions: list[aiohttp.ClientSession] = []
+
+    def __call__(self, session: aiohttp.ClientSession) -> HttpDocumentFetcher:
+        self.sessions.append(session)
+        return HttpDocumentFetcher(session, self.clock)
 
 
-class Started:
-    """A gateway on a real TCPSite, with the sessions its JWKS fetcher was given."""
-
-    def __init__(self, config_doc: dict[str, Any], clock: Any) -> None:
-        self.jwks_sessions: list[aiohttp.ClientSession] = []
-
-        def fetcher(session: aiohttp.ClientSession) -> HttpDocumentFetcher:
-            self.jwks_sessions.append(session)
-            return HttpDocumentFetcher(session, clock)
-
-        config = loads_config(yaml.safe_dump(config_doc))
-        self.app = create_app(config, clock=clock, document_fetcher=fetcher)
-        self.runner = web.AppRunner(self.app, shutdown_timeout=5)
-        self.port = 0
-
-    async def start(self) -> None:
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self.runner.addresses[0][1]
-
-    @property
-    def upstream_session(self) -> aiohttp.ClientSession:
-        session: aiohttp.ClientSession = self.app[GATEWAY_KEY].upstream_session
-        return session
+def upstream_session(gw: RunningGateway) -> aiohttp.ClientSession:
+    session: aiohttp.ClientSession = gw.app[GATEWAY_KEY].upstream_session
+    return session
 
 
-async def test_inflight_request_completes_during_graceful_shutdown(idp, upstream, clock):
+async def test_inflight_request_completes_during_graceful_shutdown(make_gateway, upstream, clock):
     before = set(asyncio.all_tasks())
-    gw = Started(copy.deepcopy(conftest.base_config(idp, upstream)), clock)
-    await gw.start()
-    await gw.app[JWKS_KEY].settled()
+    fetcher = JwksSessions(clock)
+    gw = await make_gateway(document_fetcher=fetcher, admin=False, served=True)
     refreshers = {
         t
         for t in asyncio.all_tasks() - before
@@ -91,7 +64,7 @@ async def test_inflight_request_completes_during_graceful_shutdown(idp, upstream
         inflight = asyncio.create_task(call())
         await wait_until(lambda: upstream.hits == 1, what="request reached the upstream")
 
-        cleanup = asyncio.create_task(gw.runner.cleanup())
+        cleanup = asyncio.create_task(gw.shut_down())
         # Shutdown has begun once the listener stops accepting new connections.
         await wait_until(lambda: refused(gw.port), what="listener closed")
         assert not inflight.done()
@@ -105,9 +78,9 @@ async def test_inflight_request_completes_during_graceful_shutdown(idp, upstream
         await asyncio.wait_for(cleanup, 10)
 
     assert all(t.done() and t.cancelled() for t in refreshers)
-    assert len(gw.jwks_sessions) == 1
-    assert all(s.closed for s in gw.jwks_sessions)
-    assert gw.upstream_session.closed
+    assert len(fetcher.sessions) == 1
+    assert all(s.closed for s in fetcher.sessions)
+    assert upstream_session(gw).closed
     assert gateway_tasks(asyncio.all_tasks()) == set()
     current = asyncio.current_task()
     await wait_until(
@@ -115,17 +88,22 @@ async def test_inflight_request_completes_during_graceful_shutdown(idp, upstream
     )
 
 
-async def test_shutdown_cancels_a_hanging_jwks_fetch(idp, upstream, clock):
+async def test_shutdown_cancels_a_hanging_jwks_fetch(make_gateway, idp, clock):
     idp.mode = "hang"
-    doc = copy.deepcopy(conftest.base_config(idp, upstream))
-    doc["issuers"]["test"]["jwks_fetch_timeout_s"] = 30  # would outlive the test if not cancelled
+
+    def slow_fetch(doc: dict[str, Any]) -> None:
+        # Would outlive the test if not cancelled.
+        doc["issuers"]["test"]["jwks_fetch_timeout_s"] = 30
+
     before = set(asyncio.all_tasks())
-    gw = Started(doc, clock)
-    await gw.start()
+    fetcher = JwksSessions(clock)
+    gw = await make_gateway(
+        slow_fetch, document_fetcher=fetcher, settle=False, admin=False, served=True
+    )
     await wait_until(lambda: idp.hits == 1, what="the first fetch reached the IdP")
     assert len(gateway_tasks(asyncio.all_tasks() - before)) == 2  # refresher + fetch in flight
 
-    await asyncio.wait_for(gw.runner.cleanup(), 5)
+    await asyncio.wait_for(gw.shut_down(), 5)
     assert gateway_tasks(asyncio.all_tasks()) == set()
-    assert all(s.closed for s in gw.jwks_sessions)
-    assert gw.upstream_session.closed
+    assert all(s.closed for s in fetcher.sessions)
+    assert upstream_session(gw).closed

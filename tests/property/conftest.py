@@ -5,8 +5,8 @@ reproducible) and ``long`` (20000 examples, random, for an on-demand hunt)::
 
     HYPOTHESIS_PROFILE=long .venv/bin/pytest tests/property
 
-The gateway, its fake IdP and its echo upstream run on their own event loop in a background
-thread: hypothesis drives plain synchronous tests, which talk to them over real sockets.
+The gateway (from the tests' one factory, ``tests.conftest.start_gateway``), its fake IdP and
+its echo upstream run on their own event loop in a background thread: hypothesis drives plain synchronous tests, which talk to them over real sockets.
 That keeps hypothesis and pytest-asyncio apart (no async fixtures across examples) and starts
 the servers once per module, not once per example.
 """
@@ -14,9 +14,7 @@ the servers once per module, not once per example.
 from __future__ import annotations
 
 import asyncio
-import copy
 import os
-import socket
 import threading
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
@@ -28,10 +26,10 @@ from aiohttp import web
 from hypothesis import HealthCheck, settings
 from prometheus_client import CollectorRegistry
 
-from gateway import create_app, loads_config
-from gateway.app import JWKS_KEY
-from tests.conftest import base_config
+from gateway import loads_config
+from tests.conftest import RunningGateway, base_config, start_gateway
 from tests.fakes import EchoUpstream, FakeClock, FakeIdP, SigningKey, generate_key
+from tests.integration.authkit import send_until_closed
 
 settings.register_profile(
     "ci",
@@ -69,6 +67,7 @@ class ThreadedGateway:
         self.registry = CollectorRegistry()
         self.clock = FakeClock()  # never advanced: every example happens at the same instant
         self.port = 0
+        self.gateway: RunningGateway | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runners: list[web.AppRunner] = []
@@ -102,13 +101,15 @@ class ThreadedGateway:
         idp_port = await self._serve(self.idp.app())
         self.idp.jwks_uri = f"http://127.0.0.1:{idp_port}/jwks.json"
         self.upstream.url = f"http://127.0.0.1:{await self._serve(self.upstream.app())}"
-        document = copy.deepcopy(base_config(self.idp, self.upstream))
-        config = loads_config(yaml.safe_dump(document))
-        app = create_app(config, registry=self.registry, clock=self.clock)
-        self.port = await self._serve(app)
-        await app[JWKS_KEY].settled()
+        config = loads_config(yaml.safe_dump(base_config(self.idp, self.upstream)))
+        self.gateway = await start_gateway(
+            config, registry=self.registry, clock=self.clock, admin=False
+        )
+        self.port = self.gateway.port
 
     async def _stop(self) -> None:
+        if self.gateway is not None:
+            await self.gateway.close()
         self.idp.release.set()
         self.upstream.release.set()
         for runner in reversed(self._runners):
@@ -119,19 +120,11 @@ class ThreadedGateway:
 
         A timeout raises: a request the gateway neither answers nor closes is a hang.
         """
-        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
-            sock.sendall(head)
-            data = bytearray()
-            while chunk := sock.recv(65536):
-                data += chunk
+        data = self.run(send_until_closed(self.port, head, within=timeout), timeout + 5)
         assert data, "the gateway closed the connection without an answer"
-        reply_head, _, body = bytes(data).partition(b"\r\n\r\n")
+        reply_head, _, body = data.partition(b"\r\n\r\n")
         status = int(reply_head.split(b" ", 2)[1])
         return RawReply(status, reply_head, body)
-
-    def metric(self, name: str, **labels: str) -> float:
-        value = self.registry.get_sample_value(name, labels)
-        return 0.0 if value is None else value
 
 
 @pytest.fixture(scope="module")

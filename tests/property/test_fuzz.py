@@ -37,7 +37,7 @@ from jwt.algorithms import get_default_algorithms
 from gateway import ConfigError, GatewayConfig, loads_config
 from gateway.errors import Rejection
 from gateway.routing import RouteTable, check_raw_path
-from tests.conftest import ALL_ALGORITHMS, AUDIENCE, ISSUER
+from tests.conftest import ALL_ALGORITHMS, AUDIENCE, ISSUER, metric_value
 from tests.fakes import generate_key
 from tests.property.conftest import RawReply, ThreadedGateway
 
@@ -192,7 +192,8 @@ def _assert_refused_not_forwarded(gateway: ThreadedGateway, head: bytes) -> None
     assert reply.status in REFUSED, (reply.status, reply.body[:300])
     assert gateway.upstream.hits == 0
     for route in ("api", "scoped", "_unmatched"):
-        assert gateway.metric("gateway_requests_total", route=route, reason="internal_error") == 0
+        labels = {"route": route, "reason": "internal_error"}
+        assert metric_value(gateway.registry, "gateway_requests_total", **labels) == 0
 
 
 @given(

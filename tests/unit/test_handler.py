@@ -32,7 +32,7 @@ from gateway.proxy import Forwarder, create_upstream_session
 from gateway.reasons import Reason
 from gateway.record import RequestRecord
 from gateway.verifier import Verifier
-from tests.conftest import AUDIENCE, ISSUER
+from tests.conftest import AUDIENCE, ISSUER, metric_value
 from tests.fakes import EchoUpstream, FakeClock, SigningKey
 
 HOST = "api.example.com"
@@ -155,7 +155,7 @@ class Judge:
 
     def report_only(self, reason: Reason) -> float:
         labels = {"route": "report", "reason": reason.value}
-        return self.registry.get_sample_value("gateway_report_only_decisions_total", labels) or 0.0
+        return metric_value(self.registry, "gateway_report_only_decisions_total", **labels)
 
 
 @pytest.fixture

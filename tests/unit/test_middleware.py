@@ -25,6 +25,7 @@ from gateway.metrics import UNMATCHED_ROUTE, GatewayMetrics
 from gateway.middleware import create_observe_middleware, rejection_response
 from gateway.reasons import REASON_SPECS, Reason
 from gateway.record import RECORD_KEY, REQUEST_ID_HEADER
+from tests.conftest import metric_value
 
 REALM = "gw"
 ROUTE = "orders"
@@ -113,10 +114,9 @@ class Observed:
     entered: asyncio.Event = field(default_factory=asyncio.Event)
 
     def count(self, reason: Reason, route: str = ROUTE) -> float:
-        value = self.registry.get_sample_value(
-            "gateway_requests_total", {"route": route, "reason": reason.value}
+        return metric_value(
+            self.registry, "gateway_requests_total", route=route, reason=reason.value
         )
-        return value or 0.0
 
     def counted(self, route: str = ROUTE) -> float:
         """Requests counted for ``route``, whatever their reason."""
@@ -125,10 +125,12 @@ class Observed:
     def timed(self, route: str = ROUTE) -> float:
         """Durations observed for ``route``, whatever their outcome."""
         return sum(
-            self.registry.get_sample_value(
-                "gateway_request_duration_seconds_count", {"route": route, "outcome": outcome}
+            metric_value(
+                self.registry,
+                "gateway_request_duration_seconds_count",
+                route=route,
+                outcome=outcome,
             )
-            or 0.0
             for outcome in ("allowed", "rejected", "error")
         )
 
