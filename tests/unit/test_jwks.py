@@ -1242,3 +1242,28 @@ async def test_refresh_interval_revalidates_sooner_than_the_lifetime(
     clock.advance(10)
     await eventually(lambda: h.fetches("success") == 2)
     assert await h.reject(rs.kid) is Reason.KEY_NOT_FOUND
+
+
+# --- what a cached token's key is checked against (Verifier._still_valid) -------------------------
+async def test_current_key_is_the_served_key_until_it_leaves_the_set(
+    make_cache: MakeCache, idp: FakeIdP, clock: FakeClock, rs: SigningKey
+) -> None:
+    h = make_cache()
+    assert h.cache.current_key(h.issuer, rs.kid, "RS256") is None  # nothing fetched: no fetch
+    assert idp.hits == 0
+    key = await h.key(rs.kid)
+    assert h.cache.current_key(h.issuer, rs.kid, "RS256") is key
+    assert h.cache.current_key(h.issuer, rs.kid, "ES256") is None  # bound to RS256
+    assert h.cache.current_key(h.issuer, "not-published", "RS256") is None
+    assert h.cache.current_key(dataclasses.replace(h.issuer, id="gone"), rs.kid, "RS256") is None
+    assert idp.hits == 1
+    rotated = generate_key("ES256", "rotated")
+    idp.publish(rotated)  # rs retired
+    clock.advance(TTL)
+    assert h.cache.current_key(h.issuer, rs.kid, "RS256") is key  # stale but servable
+    await h.key("rotated", "ES256")  # served stale; the refresh runs in the background
+    await eventually(lambda: h.fetches("success") == 2)
+    assert h.cache.current_key(h.issuer, rs.kid, "RS256") is None
+    found = h.cache.current_key(h.issuer, "rotated", "ES256")
+    assert found is not None
+    assert verifies(found, rotated)

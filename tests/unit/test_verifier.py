@@ -642,6 +642,7 @@ async def test_key_lookup_rejection_passes_through(
         pytest.param("application/AT+JWT", "at+jwt", True, id="required-media-type-form"),
         pytest.param("JWT", "at+jwt", False, id="required-but-jwt"),
         pytest.param(None, "at+jwt", False, id="required-but-absent"),
+        pytest.param("at+jwt", "application/at+jwt", True, id="required-in-media-type-form"),
     ],
 )
 async def test_typ_header(
@@ -728,6 +729,15 @@ async def test_any_of_scopes(
             {"level": "1"},
             False,
             id="string-is-not-int",
+        ),
+        pytest.param(
+            ClaimMatcher(("level",), MatchOp.EQUALS, (1,)),
+            {"level": 1.0},
+            True,
+            id="numbers-by-value",
+        ),
+        pytest.param(
+            ClaimMatcher(("level",), MatchOp.EQUALS, (1,)), {"level": 2}, False, id="other-number"
         ),
         pytest.param(
             ClaimMatcher(("org", "id"), MatchOp.ONE_OF, ("a", "b")),
@@ -860,6 +870,7 @@ def test_a_long_header_of_few_values_is_parsed() -> None:
         pytest.param(b'{"typ":"iss","iss":"a"}', ["a"], id="as-a-value"),
         pytest.param(b'{"\\u0069ss":"a"}', [], id="escaped-name-not-found"),
         pytest.param(b'{"sub":"a"}', [], id="absent"),
+        pytest.param(b'"iss":"a"', ["a"], id="at-the-very-start"),
     ],
 )
 def test_scan_iss(text: bytes, found: list[Any]) -> None:
@@ -874,6 +885,16 @@ def test_scan_iss_marks_non_strings_and_stops_after_four() -> None:
     assert _scan_iss(b'{"iss":["a"]}') == [_NOT_A_STRING]
     assert _scan_iss(b'{"iss":"unterminated') == [_NOT_A_STRING]
     assert len(_scan_iss(b'{"a":[' + b",".join([b'{"iss":"x"}'] * 50) + b"]}")) == 4
+
+
+async def test_a_complex_payload_that_is_not_utf8_is_malformed_before_any_key(
+    verifier: Verifier, lookup: CountingLookup
+) -> None:
+    text = _payload_text(x=[{}] * 100)[:-1] + b',"y":"\xff"}'
+    token = _jws(b'{"alg":"RS256","kid":"key-rs256"}', _b64(text))
+    assert parse_token(token).payload is None  # left to _scan_iss
+    assert (await reject(verifier, token)).reason is Reason.TOKEN_MALFORMED
+    assert lookup.calls == []
 
 
 async def test_a_complex_payload_is_verified_then_decoded(
@@ -950,92 +971,8 @@ async def test_a_complex_payload_with_a_forged_signature_is_never_decoded(
     assert all(b'"x"' not in data for data in decoded)  # the header only
 
 
-# --- the verified-token cache: bytes and ECDSA spellings (issue 11) ----------------------------
-def _traced_claims(text: bytes) -> int:
-    import gc
-    import tracemalloc
-
-    from gateway.verifier import _json_object
-
-    gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        claims = _json_object(text, "payload")
-        after = tracemalloc.get_traced_memory()[0]
-    finally:
-        tracemalloc.stop()
-    assert claims is not None
-    return after - before
-
-
-@pytest.mark.parametrize(
-    "value",
-    [
-        pytest.param([{}] * 1900, id="tiny-objects"),
-        pytest.param([[]] * 2800, id="tiny-arrays"),
-        pytest.param(json.loads("[" * 900 + "]" * 900), id="nested-arrays"),
-        pytest.param(json.loads('{"":' * 400 + "0" + "}" * 400), id="nested-objects"),
-        pytest.param({f"{i:x}": i for i in range(700)}, id="members"),
-        pytest.param([1.5] * 1400, id="floats"),
-        pytest.param([10**30 + i for i in range(150)], id="big-integers"),
-        pytest.param(["ab"] * 1100, id="short-strings"),
-        pytest.param(["\U0001f600" + "a" * 40] * 100, id="astral-strings"),
-        pytest.param(["\u0100"] * 900, id="wide-one-char-strings"),
-        pytest.param("x" * 5000, id="one-long-string"),
-        pytest.param(
-            {
-                "realm_access": {"roles": ["offline_access", "uma_authorization"]},
-                "resource_access": {"account": {"roles": ["manage-account", "view-profile"]}},
-                "allowed-origins": ["https://app.example.com"],
-                "email_verified": True,
-                "name": "Alice Example",
-                "sid": "0c9d7e2a-1111-2222-3333-444455556666",
-            },
-            id="keycloak-like",
-        ),
-    ],
-)
-def test_entry_weight_bounds_what_the_claims_hold(value: Any) -> None:
-    """The cache's weight (computed from the JSON text) is never below what decoding it
-    allocates, measured by tracemalloc, for hostile shapes and ordinary ones."""
-    from gateway.token_cache import entry_weight
-
-    text = _payload_text(x=value)
-    assert entry_weight("", text) >= _traced_claims(text)
-
-
-def _verified(alg: str = "RS256") -> VerifiedToken:
-    return VerifiedToken({"sub": "a"}, TEST_ISSUER, "k", "e30", alg)
-
-
-def test_token_cache_evicts_to_its_byte_bound(wall_clock: FakeClock) -> None:
-    from gateway.token_cache import TokenCache
-
-    cache = TokenCache(100, wall_clock, max_bytes=10_000)
-    for i in range(10):
-        cache.put(f"t{i}", _verified(), NOW + 60, 3_000)
-    assert len(cache) == 3
-    assert cache.weight == 9_000
-    assert cache.get("t9") is not None
-    assert cache.get("t0") is None
-    cache.put("huge", _verified(), NOW + 60, 10_001)  # heavier than the whole bound
-    assert cache.get("huge") is None
-    assert len(cache) == 3
-    cache.put("t9", _verified(), NOW + 60, 1_000)  # replaced, not counted twice
-    assert cache.weight == 7_000
-
-
-def test_token_cache_still_bounds_entries(wall_clock: FakeClock) -> None:
-    from gateway.token_cache import TokenCache
-
-    cache = TokenCache(2, wall_clock, max_bytes=10_000)
-    for i in range(5):
-        cache.put(f"t{i}", _verified(), NOW + 60, 10)
-    assert len(cache) == 2
-    assert cache.weight == 20
-
-
+# --- the verified-token cache seen from the verifier (issue 11) ---------------------------------
+# The cache itself (bounds, weights, ECDSA spellings) is tests/unit/test_token_cache.py.
 def _es256_spellings(es: SigningKey, wall_clock: FakeClock) -> tuple[str, str]:
     from gateway.token_cache import ecdsa_twin
 
@@ -1044,61 +981,6 @@ def _es256_spellings(es: SigningKey, wall_clock: FakeClock) -> tuple[str, str]:
     assert twin is not None
     assert twin[1] == "ES256"
     return token, twin[0]
-
-
-def test_ecdsa_twin_is_the_other_valid_spelling(es: SigningKey, wall_clock: FakeClock) -> None:
-    from gateway.token_cache import ecdsa_twin
-
-    token, twin = _es256_spellings(es, wall_clock)
-    assert twin != token
-    assert ecdsa_twin(twin) == (token, "ES256")
-    public = PyJWK(es.public_jwk(), algorithm="ES256")
-    for spelling in (token, twin):
-        claims = jwt.decode(
-            spelling, public, algorithms=["ES256"], audience="api", options={"verify_exp": False}
-        )
-        assert claims["sub"] == "alice"
-
-
-@pytest.mark.parametrize(
-    "signature",
-    [
-        pytest.param(_b64(b"\x01" * 32 + b"\x00" * 32), id="s-zero"),
-        pytest.param(_b64(b"\x01" * 32 + b"\xff" * 32), id="s-above-n"),
-        pytest.param(_b64(b"\x01" * 63), id="63-bytes"),
-        pytest.param(_b64(b"\x01" * 256), id="rsa-sized"),
-    ],
-)
-def test_ecdsa_twin_needs_a_signature_that_can_verify(signature: str) -> None:
-    from gateway.token_cache import ecdsa_twin
-
-    assert ecdsa_twin(f"{_HEADER}.{_PAYLOAD}.{signature}") is None
-
-
-def test_ecdsa_twin_refuses_a_non_canonical_spelling(es: SigningKey, wall_clock: FakeClock) -> None:
-    from gateway.token_cache import ecdsa_twin
-
-    token, _ = _es256_spellings(es, wall_clock)
-    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-    last = alphabet.index(token[-1])
-    assert ecdsa_twin(token[:-1] + alphabet[last | 1]) is None  # 86 chars: 4 unused bits
-
-
-def test_token_cache_finds_an_entry_under_either_spelling(
-    es: SigningKey, wall_clock: FakeClock
-) -> None:
-    from gateway.token_cache import TokenCache
-
-    cache = TokenCache(10, wall_clock)
-    token, twin = _es256_spellings(es, wall_clock)
-    cache.put(token, _verified("ES256"), NOW + 60, 100)
-    assert cache.get(twin) is cache.get(token) is not None
-    cache.put(twin, _verified("ES256"), NOW + 60, 100)
-    assert len(cache) == 1
-    # An entry verified with another algorithm (EdDSA: 64 bytes too) is not the twin's.
-    other = TokenCache(10, wall_clock)
-    other.put(token, _verified("EdDSA"), NOW + 60, 100)
-    assert other.get(twin) is None
 
 
 async def test_verifier_caches_both_ecdsa_spellings_as_one(
@@ -1127,3 +1009,318 @@ async def test_verifier_caches_both_ecdsa_spellings_as_one(
     await verifier.verify(twin, POLICY)
     assert len(lookup.calls) == 1  # one full verification
     assert len(cache) == 1
+
+
+class KeyRing(CountingLookup):
+    """A key set that changes as a test says: one ``PyJWK`` object per kid, the way the key
+    cache holds them, so a cached token's key is recognised by identity."""
+
+    def __init__(self, *keys: SigningKey) -> None:
+        super().__init__(*keys)
+        self.current = {k.kid: PyJWK(k.public_jwk(), algorithm=k.alg) for k in keys}
+
+    async def get_key(self, issuer: IssuerConfig, kid: str | None, alg: str) -> PyJWK:
+        self.calls.append((issuer.id, kid, alg))
+        key = self.current.get(kid) if kid is not None else None
+        if key is None:
+            raise Rejection(Reason.KEY_NOT_FOUND, "unknown kid")
+        return key
+
+    def current_key(self, issuer: IssuerConfig, kid: str | None, alg: str) -> PyJWK | None:
+        if issuer.id != TEST_ISSUER.id:
+            return None
+        key = self.current.get(kid) if kid is not None else None
+        return key if key is not None and key.algorithm_name == alg else None
+
+
+@pytest.fixture
+def ring(rs: SigningKey, es: SigningKey) -> KeyRing:
+    return KeyRing(rs, es)
+
+
+@pytest.fixture
+def cached(ring: KeyRing, wall_clock: FakeClock) -> Verifier:
+    from gateway.token_cache import TokenCache
+
+    return Verifier(ring, wall_clock, TokenCache(100, wall_clock))
+
+
+async def test_a_cache_hit_needs_no_key_and_no_signature(
+    rs: SigningKey, ring: KeyRing, cached: Verifier, wall_clock: FakeClock
+) -> None:
+    token = mint(rs, wall_clock)
+    first = await cached.verify(token, POLICY)
+    assert (first.kid, first.alg, first.key) == (rs.kid, "RS256", ring.current[rs.kid])
+    wall_clock.advance(100)
+    assert await cached.verify(token, POLICY) is first
+    assert len(ring.calls) == 1
+
+
+async def test_a_cached_token_dies_with_its_retired_key(
+    rs: SigningKey, ring: KeyRing, cached: Verifier, wall_clock: FakeClock
+) -> None:
+    token = mint(rs, wall_clock)
+    await cached.verify(token, POLICY)
+    del ring.current[rs.kid]  # rotated out of the issuer's set
+    assert (await reject(cached, token)).reason is Reason.KEY_NOT_FOUND
+    assert len(ring.calls) == 2
+
+
+async def test_a_cached_token_dies_when_its_kid_names_another_key(
+    rs: SigningKey, ring: KeyRing, cached: Verifier, wall_clock: FakeClock
+) -> None:
+    token = mint(rs, wall_clock)
+    await cached.verify(token, POLICY)
+    replacement = generate_key("RS256", rs.kid)  # the kid reused for a new key
+    ring.current[rs.kid] = PyJWK(replacement.public_jwk(), algorithm="RS256")
+    assert (await reject(cached, token)).reason is Reason.SIGNATURE_INVALID
+
+
+async def test_a_cached_token_still_valid_keeps_being_served(
+    rs: SigningKey, ring: KeyRing, cached: Verifier, wall_clock: FakeClock
+) -> None:
+    token = mint(rs, wall_clock)
+    await cached.verify(token, POLICY)
+    ring.current["unrelated"] = ring.current[rs.kid]  # the set changed, not this key
+    for _ in range(3):
+        await cached.verify(token, POLICY)
+    assert len(ring.calls) == 1
+
+
+SCOPED = dataclasses.replace(POLICY, required_scopes=frozenset({"orders:write"}))
+
+
+@pytest.mark.parametrize(
+    ("policy", "reason"),
+    [
+        pytest.param(SCOPED, Reason.INSUFFICIENT_SCOPE, id="scope"),
+        pytest.param(
+            dataclasses.replace(POLICY, audiences=frozenset({"other-api"})),
+            Reason.AUDIENCE_NOT_ALLOWED,
+            id="audience",
+        ),
+        pytest.param(
+            dataclasses.replace(POLICY, required_claims=("email",)),
+            Reason.CLAIM_MISSING,
+            id="required-claim",
+        ),
+        pytest.param(
+            dataclasses.replace(
+                POLICY, claim_matchers=(ClaimMatcher(("sub",), MatchOp.EQUALS, ("bob",)),)
+            ),
+            Reason.INSUFFICIENT_SCOPE,
+            id="claim-matcher",
+        ),
+    ],
+)
+async def test_a_cache_hit_is_judged_by_this_routes_policy(
+    policy: AuthPolicy,
+    reason: Reason,
+    rs: SigningKey,
+    ring: KeyRing,
+    cached: Verifier,
+    wall_clock: FakeClock,
+) -> None:
+    """Admitted on /api (cached), the same token must not pass /scoped without the scope."""
+    token = mint(rs, wall_clock, scope="orders:read")
+    await cached.verify(token, POLICY)
+    assert (await reject(cached, token, policy)).reason is reason
+    assert len(ring.calls) == 1  # refused by the hit's own check, not by a re-verification
+    await cached.verify(token, POLICY)  # still good where it was
+
+
+async def test_a_cache_hit_on_a_route_that_does_not_trust_its_issuer_is_refused(
+    rs: SigningKey, cached: Verifier, wall_clock: FakeClock
+) -> None:
+    token = mint(rs, wall_clock)
+    await cached.verify(token, POLICY)
+    elsewhere = AuthPolicy(issuers=(OTHER_ISSUER,), audiences=frozenset({"api"}))
+    assert (await reject(cached, token, elsewhere)).reason is Reason.ALGORITHM_NOT_ALLOWED
+    both = AuthPolicy(issuers=(OTHER_ISSUER, TEST_ISSUER), audiences=frozenset({"api"}))
+    await cached.verify(token, both)  # a route trusting it too: still a hit
+
+
+@pytest.mark.parametrize("typ", [None, "at+jwt", "custom+jwt"])
+async def test_a_reload_that_changes_nothing_keeps_cached_tokens(
+    typ: str | None, rs: SigningKey, ring: KeyRing, cached: Verifier, wall_clock: FakeClock
+) -> None:
+    issuer = dataclasses.replace(TEST_ISSUER, typ=typ)
+    policy = AuthPolicy((issuer,), POLICY.audiences)
+    headers = {"kid": rs.kid} if typ is None else {"kid": rs.kid, "typ": typ}
+    token = make_token(rs, wall_clock, headers=headers, iss=ISS, aud="api")
+    await cached.verify(token, policy)
+    reloaded = dataclasses.replace(issuer)  # a new object, the same settings
+    assert reloaded is not issuer
+    await cached.verify(token, AuthPolicy((reloaded,), POLICY.audiences))
+    assert len(ring.calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        pytest.param({"leeway_s": 0.0}, Reason.TOKEN_NOT_YET_VALID, id="leeway"),
+        pytest.param({"algorithms": frozenset({"ES256"})}, Reason.ALGORITHM_NOT_ALLOWED, id="alg"),
+        pytest.param({"typ": "at+jwt"}, Reason.TOKEN_TYPE_INVALID, id="typ"),
+    ],
+)
+async def test_a_reload_that_changes_the_issuer_reverifies_cached_tokens(
+    change: dict[str, Any],
+    reason: Reason,
+    rs: SigningKey,
+    cached: Verifier,
+    wall_clock: FakeClock,
+) -> None:
+    """A token accepted under the old settings (iat 10 s ahead, inside the 30 s leeway; typ
+    JWT; RS256) is judged by the new ones at once, not when its cache entry ends."""
+    token = mint(rs, wall_clock, iat=NOW + 10)
+    await cached.verify(token, POLICY)
+    reloaded = dataclasses.replace(TEST_ISSUER, **change)
+    assert (await reject(cached, token, AuthPolicy((reloaded,), POLICY.audiences))).reason is reason
+
+
+async def test_a_cached_token_expires_like_an_uncached_one(
+    rs: SigningKey, ring: KeyRing, cached: Verifier, wall_clock: FakeClock
+) -> None:
+    token = mint(rs, wall_clock, exp=NOW + 60)
+    await cached.verify(token, POLICY)
+    wall_clock.advance(60 + LEEWAY - 1)  # past exp, inside the leeway: verified again, good
+    await cached.verify(token, POLICY)
+    assert len(ring.calls) == 2
+    wall_clock.advance(1)
+    assert (await reject(cached, token)).reason is Reason.TOKEN_EXPIRED
+
+
+async def test_a_refused_token_is_not_cached(
+    rs: SigningKey, ring: KeyRing, cached: Verifier, wall_clock: FakeClock
+) -> None:
+    token = mint(rs, wall_clock, scope="orders:read")
+    assert (await reject(cached, token, SCOPED)).reason is Reason.INSUFFICIENT_SCOPE
+    await cached.verify(token, POLICY)
+    assert len(ring.calls) == 2
+
+
+async def test_explain_runs_every_check_even_for_a_cached_token(
+    rs: SigningKey, ring: KeyRing, cached: Verifier, wall_clock: FakeClock
+) -> None:
+    token = mint(rs, wall_clock)
+    await cached.verify(token, POLICY)
+    trace: list[str] = []
+    await cached.verify(token, POLICY, trace)
+    assert "signature verifies" in trace
+    assert len(ring.calls) == 2
+
+
+# --- what the checks themselves decide ------------------------------------------------------------
+async def test_a_re_spelled_signature_is_malformed(
+    rs: SigningKey, verifier: Verifier, wall_clock: FakeClock
+) -> None:
+    """A 342-character RS256 signature's last character carries 4 unused bits: setting one
+    decodes to the same bytes (the signature would verify), but it is another token string."""
+    token = mint(rs, wall_clock)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    respelled = token[:-1] + alphabet[alphabet.index(token[-1]) | 1]
+    assert base64.urlsafe_b64decode(
+        respelled.rpartition(".")[2] + "=="
+    ) == base64.urlsafe_b64decode(token.rpartition(".")[2] + "==")
+    assert (await reject(verifier, respelled)).reason is Reason.TOKEN_MALFORMED
+    await verifier.verify(token, POLICY)
+
+
+@pytest.mark.parametrize(
+    ("data", "cheap"),
+    [
+        *(pytest.param(c * 64, True, id=f"64-{c.decode()}") for c in (b",", b":", b"[", b"{")),
+        *(pytest.param(c * 65, False, id=f"65-{c.decode()}") for c in (b",", b":", b"[", b"{")),
+        pytest.param(b",:[{" * 16, True, id="64-mixed"),
+        pytest.param(b",:[{" * 16 + b",", False, id="65-mixed"),
+    ],
+)
+def test_the_values_decoded_before_the_signature_are_bounded(data: bytes, cheap: bool) -> None:
+    from gateway.verifier import _cheap
+
+    assert _cheap(data) is cheap
+
+
+@pytest.mark.parametrize(("digits", "decoded"), [(64, True), (65, False)])
+def test_long_integers_are_decoded_only_after_the_signature(digits: int, decoded: bool) -> None:
+    text = _payload_text()[:-1] + b',"n":' + b"1" * digits + b"}"
+    assert (parse_token(_jws(b'{"alg":"RS256"}', _b64(text))).payload is not None) is decoded
+
+
+async def test_a_key_for_another_algorithm_is_refused(
+    rs: SigningKey, wall_clock: FakeClock
+) -> None:
+    class WrongAlg(CountingLookup):
+        async def get_key(self, issuer: IssuerConfig, kid: str | None, alg: str) -> PyJWK:
+            return PyJWK(rs.public_jwk(with_alg=False), algorithm="PS256")
+
+    rejection = await reject(Verifier(WrongAlg(rs), wall_clock), mint(rs, wall_clock))
+    assert rejection.reason is Reason.ALGORITHM_NOT_ALLOWED
+
+
+@pytest.mark.parametrize("error", [ValueError, TypeError])
+async def test_a_key_the_crypto_library_chokes_on_refuses_the_token(
+    error: type[Exception], rs: SigningKey, wall_clock: FakeClock
+) -> None:
+    class Choking:
+        @staticmethod
+        def verify(msg: bytes, key: Any, sig: bytes) -> bool:
+            raise error("unusable key")
+
+    class ChokingLookup(CountingLookup):
+        async def get_key(self, issuer: IssuerConfig, kid: str | None, alg: str) -> PyJWK:
+            key = PyJWK(rs.public_jwk(), algorithm="RS256")
+            key.Algorithm = Choking()  # type: ignore[assignment]
+            return key
+
+    rejection = await reject(Verifier(ChokingLookup(rs), wall_clock), mint(rs, wall_clock))
+    assert rejection.reason is Reason.SIGNATURE_INVALID
+
+
+async def test_a_failed_claim_check_challenges_with_the_routes_scopes(
+    rs: SigningKey, verifier: Verifier, wall_clock: FakeClock
+) -> None:
+    policy = AuthPolicy(
+        issuers=(TEST_ISSUER,),
+        audiences=None,
+        required_scopes=frozenset({"read"}),
+        claim_matchers=(ClaimMatcher(("tier",), MatchOp.EQUALS, ("gold",)),),
+    )
+    rejection = await reject(verifier, mint(rs, wall_clock, scope="read", tier="silver"), policy)
+    assert (rejection.reason, rejection.scope) == (Reason.INSUFFICIENT_SCOPE, "read")
+
+
+@pytest.mark.parametrize(("any_of", "which"), [(False, "all"), (True, "any")])
+async def test_explain_trace_names_every_check_passed(
+    any_of: bool, which: str, rs: SigningKey, verifier: Verifier, wall_clock: FakeClock
+) -> None:
+    """What ``gateway explain`` prints for an accepted token, one line per check, in order."""
+    policy = AuthPolicy(
+        issuers=(TEST_ISSUER,),
+        audiences=frozenset({"api"}),
+        required_claims=("sub",),
+        required_scopes=frozenset({"b", "a"}),
+        scopes_any_of=any_of,
+        claim_matchers=(ClaimMatcher(("tier",), MatchOp.EQUALS, ("gold",)),),
+    )
+    trace: list[str] = []
+    await verifier.verify(mint(rs, wall_clock, scope="a b", tier="gold"), policy, trace)
+    assert trace == [
+        "token parses as a JWS with a JSON header and payload",
+        "iss names issuer 'test', trusted on this route",
+        "alg RS256 is pinned for issuer 'test'",
+        "typ 'JWT' is accepted",
+        "key 'key-rs256' found in the issuer's key set",
+        "signature verifies",
+        "exp, nbf and iat are valid now (leeway 30s)",
+        "aud names an audience of this route",
+        "required claim 'sub' is present",
+        f"scopes grant {which} of: a b",
+        f"claim check holds: {policy.claim_matchers[0].describe()}",
+    ]
+
+
+def test_an_unencoded_payload_header_is_refused_even_without_crit() -> None:
+    with pytest.raises(Rejection) as caught:
+        parse_token(_jws(b'{"alg":"RS256","b64":true}'))
+    assert caught.value.reason is Reason.TOKEN_MALFORMED
