@@ -131,10 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error(kv(event="config_invalid", file=str(args.config), error=str(exc)))
         print(f"{args.config}: {exc}", file=sys.stderr)
         return 1
-    from .shadowing import find_shadows
-
-    for shadow in find_shadows(config):
-        log.warning(kv(event="policy_shadowing", problem=shadow.describe()))
+    log_policy_shadowing(config)
     if args.workers > 1:
         from .workers import run_workers
 
@@ -142,6 +139,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                            log_level=args.log_level, log_format=args.log_format)  # fmt: skip
     run_event_loop(serve(config, config_path=args.config, watch=args.watch_config))
     return 0
+
+
+def log_policy_shadowing(config: GatewayConfig) -> int:
+    """Warn at start-up, as ``check-config`` does, about each route a looser one shadows."""
+    from .shadowing import find_shadows
+
+    shadows = find_shadows(config)
+    for shadow in shadows:
+        log.warning(kv(event="policy_shadowing", problem=shadow.describe()))
+    return len(shadows)
 
 
 def run_event_loop(main: Coroutine[Any, Any, None]) -> None:

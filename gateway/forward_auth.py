@@ -29,7 +29,7 @@ from .config import GatewayConfig, header_key
 from .errors import Rejection
 from .gate import Gate
 from .metrics import GatewayMetrics
-from .middleware import rejection_response
+from .middleware import answer_rejection
 from .proxy import token_carriers
 from .reasons import Reason
 from .record import RECORD_KEY
@@ -127,7 +127,7 @@ class ForwardAuthHandler:
         # header (of every route, as proxy mode strips them) and, unless the route forwards
         # its token, the token's headers.  The ones an answer sets are taken out per request.
         owned = sorted(config.owned_headers)
-        self._removals: dict[str | None, tuple[str, ...]] = {
+        self._removals: dict[str, tuple[str, ...]] = {
             route.id: (*owned, *sorted(token_carriers(route).headers)) for route in config.routes
         }
 
@@ -153,10 +153,9 @@ class ForwardAuthHandler:
             record.method, record.target = method, target
             admitted = await self._gate.admit(method, target, host, request.headers, record)
         except Rejection as rejection:
-            record.reason = rejection.reason
-            record.detail = rejection.detail
+            # Answered here rather than by the middleware: the nginx copy of the body below.
             self._metrics.forward_auth_decision(caller.value, allowed=False)
-            response = rejection_response(rejection.reason, self._realm, rejection.scope)
+            response = answer_rejection(record, rejection, self._realm)
             if caller is Caller.NGINX:
                 assert isinstance(response.body, bytes)
                 response.headers[ERROR_BODY_HEADER] = response.body.decode()

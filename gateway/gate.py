@@ -61,8 +61,8 @@ class Gate:
         if not valid_host(host):
             # Only a host[:port] reaches host matching and X-Forwarded-Host.
             raise Rejection(Reason.REQUEST_REJECTED, "invalid Host")
-        path, sep, query = raw_target.partition("?")
-        path = self._table.check(path)
+        raw_path, sep, query = raw_target.partition("?")
+        path = self._table.check(raw_path)
         route = self._table.match(
             method, path, request_host(host) if self._table.uses_hosts else ""
         )
@@ -80,7 +80,9 @@ class Gate:
                     injected = await self._verify(route, found.token, record)
                 elif policy.mode is AuthMode.REQUIRED:
                     raise Rejection(Reason.TOKEN_MISSING, "no token")
-        return Admitted(route, injected, path + sep + query)
+        # Most paths carry no escape to decode: the target is then the one received, as is.
+        target = raw_target if path == raw_path else path + sep + query
+        return Admitted(route, injected, target)
 
     async def _verify(
         self, route: RouteConfig, token: str, record: RequestRecord

@@ -39,6 +39,14 @@ def rejection_response(reason: Reason, realm: str, scope: str | None = None) -> 
     return response
 
 
+def answer_rejection(record: RequestRecord, rejection: Rejection, realm: str) -> web.Response:
+    """Record why the request ends here and build its answer: the one way a rejection is
+    turned into a response, by the middleware and by the forward-auth handler alike."""
+    record.reason = rejection.reason
+    record.detail = rejection.detail
+    return rejection_response(rejection.reason, realm, rejection.scope)
+
+
 def create_observe_middleware(
     metrics: GatewayMetrics, realm: Callable[[], str], draining: Callable[[], bool]
 ) -> Middleware:
@@ -82,9 +90,7 @@ def create_observe_middleware(
         try:
             response = await handler(request)
         except Rejection as rejection:
-            record.reason = rejection.reason
-            record.detail = rejection.detail
-            response = rejection_response(rejection.reason, realm(), rejection.scope)
+            response = answer_rejection(record, rejection, realm())
         except web.HTTPException as exc:
             # aiohttp's own router refuses targets our catch-all cannot take
             # (`OPTIONS *`, `CONNECT host:port`): a bad request, not a server fault.

@@ -260,3 +260,14 @@ def test_check_config_warns_about_policy_shadowing_and_strict_makes_it_an_error(
 def test_shipped_configs_have_no_policy_shadowing(path):
     result = gateway_cli("check-config", "--strict", str(path))
     assert result.returncode == 0, result.stderr
+
+
+def test_gateway_run_logs_policy_shadowing_at_start(caplog):
+    from gateway import loads_config
+    from gateway.cli import log_policy_shadowing
+
+    caplog.set_level("WARNING", logger="gateway.cli")
+    assert log_policy_shadowing(loads_config(SHADOWED)) == 2
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert all(line.startswith("event=policy_shadowing problem=routes[0]") for line in lines)
