@@ -29,6 +29,16 @@ class Admission:
     def in_flight(self) -> int:
         return self._in_flight
 
+    def resize(self, limit: int, queue: int) -> None:
+        """New bounds (a reload): requests in flight keep counting against the new limit."""
+        self._limit = limit
+        self._queue = queue
+        while self._waiters and self._in_flight < self._limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self._in_flight += 1
+                waiter.set_result(None)
+
     async def __aenter__(self) -> None:
         if self._in_flight < self._limit and not self._waiters:
             self._in_flight += 1
@@ -55,7 +65,7 @@ class Admission:
         self._release()
 
     def _release(self) -> None:
-        while self._waiters:
+        while self._waiters and self._in_flight <= self._limit:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)  # hand the slot over; _in_flight is unchanged

@@ -28,8 +28,9 @@ from .jwks import JwksCache
 from .logs import kv
 from .metrics import GatewayMetrics
 from .middleware import create_observe_middleware
-from .proxy import Forwarder, create_upstream_session
+from .proxy import Forwarder, admissions_for
 from .token_cache import TokenCache
+from .upstream import UpstreamPools
 from .verifier import Verifier
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,8 @@ class Gateway:
         self.draining = False
         self._handler: GatewayHandler | ForwardAuthHandler | None = None
         self._jwks: JwksCache | None = None
-        self._upstream_session: aiohttp.ClientSession | None = None
+        self._upstream_pools: UpstreamPools | None = None
+        self._admissions = admissions_for(config)
         self._reload_lock = asyncio.Lock()
         # Survives reloads: every hit is re-checked against the route's current policy.
         self.token_cache = (
@@ -73,20 +75,23 @@ class Gateway:
         return self._jwks
 
     @property
-    def upstream_session(self) -> aiohttp.ClientSession:
-        assert self._upstream_session is not None, "the gateway has not started"
-        return self._upstream_session
+    def upstream_pools(self) -> UpstreamPools:
+        assert self._upstream_pools is not None, "the gateway has not started"
+        return self._upstream_pools
 
     def _build_handler(self, config: GatewayConfig) -> GatewayHandler | ForwardAuthHandler:
         verifier = Verifier(self.jwks, self.clock, self.token_cache)
         gate = Gate(config, verifier, self.metrics)
         if config.mode is GatewayMode.FORWARD_AUTH:
             return ForwardAuthHandler(config, gate, self.metrics)
-        return GatewayHandler(gate, Forwarder(config, self.upstream_session, self.metrics))
+        # Pools and admission bounds outlive the config: a reload never doubles either.
+        self._admissions = admissions_for(config, self._admissions)
+        forwarder = Forwarder(config, self.upstream_pools, self.metrics, self._admissions)
+        return GatewayHandler(gate, forwarder)
 
-    def start(self, jwks: JwksCache, upstream_session: aiohttp.ClientSession) -> None:
+    def start(self, jwks: JwksCache, upstream_pools: UpstreamPools) -> None:
         self._jwks = jwks
-        self._upstream_session = upstream_session
+        self._upstream_pools = upstream_pools
         self._handler = self._build_handler(self.config)
         jwks.start()
 
@@ -187,7 +192,7 @@ def create_app(
         jwks_session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=16), cookie_jar=aiohttp.DummyCookieJar()
         )
-        upstream_session = create_upstream_session(config)
+        upstream_pools = UpstreamPools(config.upstream_defaults.max_connections)
         fetcher = (
             document_fetcher(jwks_session)
             if document_fetcher is not None
@@ -195,12 +200,12 @@ def create_app(
         )
         jwks = JwksCache(config.issuers, fetcher, metrics, clock)
         app[JWKS_KEY] = jwks
-        gateway.start(jwks, upstream_session)
+        gateway.start(jwks, upstream_pools)
         try:
             yield
         finally:
             await jwks.close()
-            await upstream_session.close()
+            await upstream_pools.close()
             await jwks_session.close()
 
     app.cleanup_ctx.append(resources)

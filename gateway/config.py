@@ -40,6 +40,7 @@ DEFAULT_REALM: Final = "gateway"
 DEFAULT_CONNECT_TIMEOUT_S: Final = 2.0
 DEFAULT_UPSTREAM_TIMEOUT_S: Final = 30.0  # aiohttp's own default is 300 s total: far too long
 DEFAULT_MAX_CONNECTIONS: Final = 256  # per upstream host:port
+DEFAULT_POOL_TIMEOUT_S: Final = 5.0  # waiting for a free pooled upstream connection
 DEFAULT_LEEWAY_S: Final = 30.0
 MAX_LEEWAY_S: Final = 600.0  # clock skew tolerated on exp/nbf/iat (Envoy uses 60)
 DEFAULT_JWKS_CACHE_TTL_S: Final = 300.0  # used when the JWKS response names no lifetime
@@ -142,6 +143,7 @@ class UpstreamDefaults:
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     timeout_s: float = DEFAULT_UPSTREAM_TIMEOUT_S
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    pool_timeout_s: float = DEFAULT_POOL_TIMEOUT_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -559,7 +561,7 @@ def _read_limits(node: _Node) -> Limits:
 
 
 def _read_upstream_defaults(node: _Node) -> UpstreamDefaults:
-    node.mapping(frozenset({"connect_timeout_s", "timeout_s", "max_connections"}))
+    node.mapping(frozenset({"connect_timeout_s", "timeout_s", "max_connections", "pool_timeout_s"}))
     return UpstreamDefaults(
         connect_timeout_s=_opt(
             node, "connect_timeout_s", lambda n: n.number(), DEFAULT_CONNECT_TIMEOUT_S
@@ -568,6 +570,10 @@ def _read_upstream_defaults(node: _Node) -> UpstreamDefaults:
         max_connections=_opt(
             node, "max_connections", lambda n: n.integer(low=1, high=100_000),
             DEFAULT_MAX_CONNECTIONS,
+        ),
+        pool_timeout_s=_opt(
+            node, "pool_timeout_s", lambda n: n.number(),
+            DEFAULT_POOL_TIMEOUT_S,
         ),
     )  # fmt: skip
 

@@ -6,12 +6,11 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 import aiohttp
 from aiohttp import StreamReader, web
 from multidict import CIMultiDict
-from yarl import URL
 
 from .admission import Admission
 from .claims import headers_to_strip
@@ -22,6 +21,7 @@ from .config import (
     GatewayConfig,
     RouteConfig,
     TokenLocation,
+    Upstream,
     header_key,
 )
 from .errors import Rejection
@@ -30,29 +30,15 @@ from .metrics import GatewayMetrics
 from .reasons import Reason
 from .record import RECORD_KEY, REQUEST_ID_HEADER
 from .routing import valid_host
+from .upstream import ResponseHead, UpstreamClosed, UpstreamConnection, UpstreamPool, UpstreamPools
 
-_CHUNK = 64 * 1024
-# aiohttp adds these when absent; a proxy must not (an added Accept-Encoding
-# would let the upstream compress a response the client never asked to be compressed).
-_SKIP_AUTO_HEADERS = ("Accept-Encoding", "User-Agent", "Content-Type")
 _RESPONSE_HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
      "upgrade", "proxy-authenticate"}
 )  # fmt: skip
-
-
-def create_upstream_session(config: GatewayConfig) -> aiohttp.ClientSession:
-    """The one pooled, keep-alive client session every route's upstream traffic shares."""
-    defaults = config.upstream_defaults
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=defaults.max_connections)
-    return aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,  # bytes pass through as the upstream encoded them
-        cookie_jar=aiohttp.DummyCookieJar(),  # a proxy keeps no cookies between clients
-        # No session timeout: Forwarder passes its own on every request, so a reload's new
-        # timeouts apply without a new session.
-        skip_auto_headers=_SKIP_AUTO_HEADERS,
-    )
+# RFC 9110 §9.2.2: a request of these methods may be sent again when a pooled connection turns
+# out to have been closed by the upstream before it answered.
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +54,9 @@ _KEEP_ALL: Final = Carriers(frozenset(), frozenset(), frozenset())
 _AUTHORIZATION_ONLY: Final = Carriers(frozenset({"authorization"}), frozenset(), frozenset())
 
 
-# Never copied from the client: Host is the upstream's, Expect was already answered here.
-_PROXY_OWN: Final = frozenset({"host", "expect"})
+# Never copied from the client: Host is the upstream's, Expect was already answered here, and
+# the body's framing is the gateway's (it writes its own Content-Length or chunked coding).
+_PROXY_OWN: Final = frozenset({"host", "expect", "content-length", "transfer-encoding"})
 
 
 def token_carriers(route: RouteConfig) -> Carriers:
@@ -138,25 +125,51 @@ class _BodyMeter:
             yield chunk
 
 
+def _host_header(upstream: Upstream) -> str:
+    host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
+    default = 443 if upstream.scheme == "https" else 80
+    return host if upstream.port == default else f"{host}:{upstream.port}"
+
+
+def request_head(
+    method: str, target: str, host: str, headers: CIMultiDict[str], framing: str
+) -> bytes:
+    """The request head the upstream receives, written by the gateway byte for byte."""
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
+    lines.extend(f"{name}: {value}" for name, value in headers.items())
+    if framing:
+        lines.append(framing)
+    text = "\r\n".join(lines)
+    if text.count("\n") != len(lines) - 1 or text.count("\r") != len(lines) - 1:
+        # Parsed client headers and checked claim values cannot hold CR or LF; never send one.
+        raise Rejection(Reason.INTERNAL_ERROR, "line break in an upstream header")
+    return (text + "\r\n\r\n").encode("utf-8")
+
+
 class Forwarder:
     """Sends an admitted request upstream and streams the answer back."""
 
     def __init__(
-        self, config: GatewayConfig, session: aiohttp.ClientSession, metrics: GatewayMetrics
+        self,
+        config: GatewayConfig,
+        pools: UpstreamPools,
+        metrics: GatewayMetrics,
+        admissions: Mapping[str, Admission] | None = None,
     ) -> None:
-        self._session = session
+        self._pools = pools
         self._metrics = metrics
         defaults = config.upstream_defaults
-        # Per request, so a reload's new timeouts apply without a new session.
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=defaults.connect_timeout_s, sock_read=defaults.timeout_s
-        )
+        self._connect_timeout = defaults.connect_timeout_s
+        self._read_timeout = defaults.timeout_s
+        self._pool_timeout = defaults.pool_timeout_s
         self._carriers = {route.id: token_carriers(route) for route in config.routes}
-        self._body_gap_s = config.limits.client_body_timeout_s
-        self._admission = {
-            route.id: Admission(route.max_concurrent_requests, route.max_queued_requests)
+        self._hosts = {
+            route.id: _host_header(route.upstream)
             for route in config.routes
+            if route.upstream is not None
         }
+        self._body_gap_s = config.limits.client_body_timeout_s
+        self._admission = dict(admissions) if admissions is not None else admissions_for(config)
         self._owned = config.owned_headers
         # Per route: every name never copied upstream, so a request needs one set lookup
         # per header (a Connection header adds the names it lists).
@@ -171,8 +184,8 @@ class Forwarder:
     def upstream_headers(
         self, request: web.Request, route: RouteConfig, injected: Mapping[str, str]
     ) -> CIMultiDict[str]:
-        """The request headers as the upstream sees them: owned, hop-by-hop and forwarding headers
-        removed, verified claims injected, X-Forwarded-* set."""
+        """The request headers as the upstream sees them: owned, hop-by-hop, framing and
+        forwarding headers removed, verified claims injected, X-Forwarded-* set."""
         inbound = request.headers
         peer = request.remote
         trusted = self._trusts(peer)
@@ -227,28 +240,80 @@ class Forwarder:
                 query = _without_params(query, hidden.query)
             target = path + (sep + query if query else "")
         assert route.upstream is not None, "proxy mode routes always have an upstream"
-        url = URL(route.upstream.url + target, encoded=True)
         limit = route.max_body_bytes
         declared = request.content_length
         if limit and declared is not None and declared > limit:
             raise Rejection(Reason.PAYLOAD_TOO_LARGE, f"Content-Length {declared} over {limit}")
         meter: _BodyMeter | None = None
-        body: Any = None
+        chunked = False
+        framing = ""
+        if declared is not None:
+            framing = f"Content-Length: {declared}"
+        elif request.body_exists:
+            chunked = True
+            framing = "Transfer-Encoding: chunked"
         if request.body_exists:
             # Counted as it streams (chunked bodies have no length to check up front),
             # and watched for stalls.
             meter = _BodyMeter(request.content, limit, self._body_gap_s)
-            body = meter.chunks()
+        head = request_head(request.method, target, self._hosts[route.id], headers, framing)
+        pool = self._pools.pool(route.upstream)
         async with self._admission[route.id]:
             started = time.perf_counter()
+            conn, response = await self._exchange(request, pool, head, meter, chunked)
             try:
-                upstream = await self._session.request(
-                    request.method, url, headers=headers, data=body, allow_redirects=False,
-                    timeout=self._timeout,
-                )  # fmt: skip
+                self._metrics.observe_upstream(
+                    route.id, response.status, time.perf_counter() - started
+                )
+                return await self._relay(request, conn, response)
+            finally:
+                conn.finish()
+
+    async def _exchange(
+        self,
+        request: web.Request,
+        pool: UpstreamPool,
+        head: bytes,
+        meter: _BodyMeter | None,
+        chunked: bool,
+    ) -> tuple[UpstreamConnection, ResponseHead]:
+        """Send the request; the connection and response head.  A bodiless idempotent request
+        that finds its pooled connection closed before any answer is sent once more, on a new
+        connection; every other failure is a ``Rejection`` naming whose fault it was."""
+        method = request.method
+        retry = meter is None and method in _IDEMPOTENT
+        fresh = False
+        while True:
+            try:
+                conn = await pool.acquire(
+                    connect_timeout=self._connect_timeout,
+                    pool_timeout=self._pool_timeout,
+                    fresh=fresh,
+                )
+            except TimeoutError:
+                raise Rejection(Reason.UPSTREAM_TIMEOUT, "connect timeout") from None
+            except OSError as exc:
+                raise Rejection(Reason.UPSTREAM_UNAVAILABLE, type(exc).__name__) from None
+            try:
+                conn.begin(head, head_only=method == "HEAD")
+                if meter is not None:
+                    await self._upload(conn, meter, chunked)
+                return conn, await conn.read_head(self._read_timeout)
             except _BodyStopped as stop:
+                conn.spoiled = True
+                conn.finish()
                 raise Rejection(stop.reason, "request body stopped") from None
+            except UpstreamClosed as closed:
+                conn.finish()
+                if retry and not fresh and conn.reused and not closed.responded:
+                    fresh = True
+                    continue
+                if request.transport is None or request.transport.is_closing():
+                    raise Rejection(Reason.CLIENT_DISCONNECTED, closed.detail) from None
+                raise Rejection(Reason.UPSTREAM_UNAVAILABLE, closed.detail) from None
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                conn.spoiled = True
+                conn.finish()
                 if meter is not None and meter.stopped is not None:
                     raise Rejection(meter.stopped, "request body stopped") from None
                 if request.transport is None or request.transport.is_closing():
@@ -257,23 +322,35 @@ class Forwarder:
                 if isinstance(exc, TimeoutError):
                     raise Rejection(Reason.UPSTREAM_TIMEOUT, "no response in time") from None
                 raise Rejection(Reason.UPSTREAM_UNAVAILABLE, type(exc).__name__) from None
-            async with upstream:
-                self._metrics.observe_upstream(
-                    route.id, upstream.status, time.perf_counter() - started
-                )
-                return await self._relay(request, upstream)
+            except BaseException:
+                conn.spoiled = True
+                conn.finish()
+                raise
+
+    async def _upload(self, conn: UpstreamConnection, meter: _BodyMeter, chunked: bool) -> None:
+        async for chunk in meter.chunks():
+            conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+            await conn.drain(self._read_timeout)
+            if conn.answered:
+                # The upstream answered before taking the whole body (a 413, say): stop
+                # sending; the connection cannot carry another exchange.
+                conn.spoiled = True
+                return
+        if chunked:
+            conn.write(b"0\r\n\r\n")
 
     async def _relay(
-        self, request: web.Request, upstream: aiohttp.ClientResponse
+        self, request: web.Request, conn: UpstreamConnection, upstream: ResponseHead
     ) -> web.StreamResponse:
         connection = {
             token.strip().lower()
-            for value in upstream.headers.getall("Connection", [])
+            for name, value in upstream.headers
+            if name.lower() == "connection"
             for token in value.split(",")
         }
         headers: CIMultiDict[str] = CIMultiDict(
             (name, value)
-            for name, value in upstream.headers.items()
+            for name, value in upstream.headers
             if name.lower() not in _RESPONSE_HOP_BY_HOP and name.lower() not in connection
         )
         record = request[RECORD_KEY]
@@ -286,18 +363,40 @@ class Forwarder:
         # From here on the status line is sent: failures are logged and counted,
         # and the connection is closed so the client sees a cut stream, never a
         # complete-looking truncated body.
-        try:
-            async for chunk in upstream.content.iter_chunked(_CHUNK):
-                try:
-                    await response.write(chunk)
-                except ConnectionError:
-                    record.reason = Reason.CLIENT_DISCONNECTED
-                    return response
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            record.reason = Reason.UPSTREAM_ABORTED
-            record.detail = type(exc).__name__
-            if request.transport is not None:
-                request.transport.close()
-            return response
+        while True:
+            try:
+                chunk = await conn.read_body(self._read_timeout)
+            except (UpstreamClosed, TimeoutError) as exc:
+                record.reason = Reason.UPSTREAM_ABORTED
+                record.detail = type(exc).__name__
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+            if not chunk:
+                break
+            try:
+                await response.write(chunk)
+            except ConnectionError:
+                conn.spoiled = True
+                record.reason = Reason.CLIENT_DISCONNECTED
+                return response
         await response.write_eof()
         return response
+
+
+def admissions_for(
+    config: GatewayConfig, previous: Mapping[str, Admission] | None = None
+) -> dict[str, Admission]:
+    """Each route's admission bound; a route that keeps its id keeps its ``Admission`` (resized
+    to the new limits), so requests in flight across a reload still count against the bound."""
+    admissions: dict[str, Admission] = {}
+    for route in config.routes:
+        kept = previous.get(route.id) if previous is not None else None
+        if kept is not None:
+            kept.resize(route.max_concurrent_requests, route.max_queued_requests)
+            admissions[route.id] = kept
+        else:
+            admissions[route.id] = Admission(
+                route.max_concurrent_requests, route.max_queued_requests
+            )
+    return admissions

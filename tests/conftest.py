@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 import yaml
 from aiohttp import web
@@ -21,6 +20,7 @@ from gateway import create_admin_app, create_app, load_config, loads_config
 from gateway.app import GATEWAY_KEY, JWKS_KEY
 from gateway.config import GatewayConfig
 from gateway.jwks import JwksCache
+from gateway.upstream import UpstreamPools
 from tests.fakes import EchoUpstream, FakeClock, FakeIdP, SigningKey, generate_key, make_token
 
 ISSUER = "https://idp.test"
@@ -170,10 +170,8 @@ class RunningGateway:
         return runner
 
     @property
-    def upstream_connector(self) -> aiohttp.BaseConnector:
-        connector = self.app[GATEWAY_KEY].upstream_session.connector
-        assert connector is not None
-        return connector
+    def upstream_pools(self) -> UpstreamPools:
+        return self.app[GATEWAY_KEY].upstream_pools
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"

@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from gateway.upstream import UpstreamPools
 from tests.conftest import Edit
 from tests.integration.e2e_helpers import wait_until
 
@@ -263,20 +264,10 @@ def sockets_to(port: int) -> int:
     return count
 
 
-def acquired_connections(connector: aiohttp.BaseConnector) -> int:
-    """Connections the connector has handed out and not had back.
-
-    aiohttp has no public accessor for this; ``_acquired`` is the set it keeps (3.x).  It is
-    read only to name the culprit when the kernel-level count above says something leaked.
-    """
-    acquired = getattr(connector, "_acquired", None)
-    return len(acquired) if acquired is not None else 0
-
-
 @dataclass
 class LeakProbe:
     """Snapshot the tasks alive now; later, wait until no more tasks are alive than then and
-    the upstream client holds no more than ``pooled`` connections to ``upstream_port``."""
+    the upstream pools hold no more than ``pooled`` connections to ``upstream_port``."""
 
     tasks: set[asyncio.Task[Any]]
 
@@ -289,7 +280,7 @@ class LeakProbe:
 
     async def assert_clean(
         self,
-        connector: aiohttp.BaseConnector | None,
+        pools: UpstreamPools | None,
         upstream_port: int,
         *,
         pooled: int = 0,
@@ -304,9 +295,9 @@ class LeakProbe:
                 f"new since: {describe(self.new_tasks())}"
             ) from None
         await wait_until(
-            lambda: connector is None or acquired_connections(connector) == 0,
+            lambda: pools is None or pools.in_use == 0,
             within=within,
-            what="every upstream connection released to the connector",
+            what="every upstream connection released to its pool",
         )
         await wait_until(
             lambda: sockets_to(upstream_port) <= pooled,

@@ -8,8 +8,8 @@ not repeated; these add resets, garbage, leak checks and the cases those tests d
 Leak checks (``LeakProbe``): every asyncio task started during the scenario has ended, and the
 gateway's upstream client holds no connection to the upstream any more.  The second is read
 from the kernel (the process's sockets whose remote port is the upstream's, /proc/net/tcp +
-/proc/self/fd): public and independent of aiohttp's internals.  The connector's private
-``_acquired`` set is checked as well, to name the culprit if that count ever goes wrong.
+/proc/self/fd): public and independent of the pool's bookkeeping, which is checked as well
+(no connection still counted as in use), to name the culprit if that count ever goes wrong.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ async def test_refusing_upstream_is_502_and_leaks_nothing(serve):
     for _ in range(3):
         status, body = await get(gw, "/public/x")
         assert (status, reason(body)) == (502, "upstream_unavailable")
-    await probe.assert_clean(gw.upstream_connector, port)
+    await probe.assert_clean(gw.upstream_pools, port)
 
 
 async def test_upstream_reset_before_answering_is_502_and_leaks_nothing(serve, raw_upstreams):
@@ -121,7 +121,7 @@ async def test_upstream_reset_before_answering_is_502_and_leaks_nothing(serve, r
         assert response.status == 502
     assert raw.connections >= 2
     assert gw.metric("gateway_requests_total", route="public", reason="upstream_unavailable") == 2
-    await probe.assert_clean(gw.upstream_connector, raw.port)
+    await probe.assert_clean(gw.upstream_pools, raw.port)
 
 
 async def test_hanging_upstream_is_504_and_leaks_nothing(serve, sink):
@@ -133,7 +133,7 @@ async def test_hanging_upstream_is_504_and_leaks_nothing(serve, sink):
     # The gateway has given up on its side already ...
     await wait_until(lambda: sockets_to(port_of(url)) == 0, what="upstream socket closed")
     fake.gate("h").set()  # ... the upstream's handler, not ours, was still waiting
-    await probe.assert_clean(gw.upstream_connector, port_of(url))
+    await probe.assert_clean(gw.upstream_pools, port_of(url))
 
 
 async def test_slow_upstream_within_the_timeout_streams_the_whole_body(serve, sink):
@@ -148,7 +148,7 @@ async def test_slow_upstream_within_the_timeout_streams_the_whole_body(serve, si
     assert body == slow_body(8)
     assert loop.time() - started > 0.5
     assert gw.metric("gateway_requests_total", route="public", reason="ok") == 1
-    await probe.assert_clean(gw.upstream_connector, port_of(url))
+    await probe.assert_clean(gw.upstream_pools, port_of(url))
 
 
 async def test_invalid_http_from_upstream_is_502_and_leaks_nothing(serve, raw_upstreams):
@@ -160,7 +160,7 @@ async def test_invalid_http_from_upstream_is_502_and_leaks_nothing(serve, raw_up
     status, body = await get(gw, "/public/x")
     assert (status, reason(body)) == (502, "upstream_unavailable")
     assert gw.metric("gateway_requests_total", route="public", reason="internal_error") == 0
-    await probe.assert_clean(gw.upstream_connector, raw.port)
+    await probe.assert_clean(gw.upstream_pools, raw.port)
 
 
 async def test_upstream_reset_mid_response_cuts_the_client_stream(serve, raw_upstreams):
@@ -184,7 +184,7 @@ async def test_upstream_reset_mid_response_cuts_the_client_stream(serve, raw_ups
     assert bytes(received) == b"p" * len(received)
     assert gw.metric("gateway_requests_total", route="public", reason="upstream_aborted") == 1
     assert gw.metric("gateway_requests_total", route="public", reason="ok") == 0
-    await probe.assert_clean(gw.upstream_connector, raw.port)
+    await probe.assert_clean(gw.upstream_pools, raw.port)
 
 
 # --- clients that leave -------------------------------------------------------------------------
@@ -220,7 +220,7 @@ async def test_client_leaving_mid_upload_aborts_the_upstream_request(serve, sink
     assert outcome.error is not None, outcome
     assert outcome.received < MIB
     assert gw.metric("gateway_requests_total", route="public", reason="ok") == 0
-    await probe.assert_clean(gw.upstream_connector, port_of(url))
+    await probe.assert_clean(gw.upstream_pools, port_of(url))
 
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])

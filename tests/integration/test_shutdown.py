@@ -12,6 +12,7 @@ import aiohttp
 import gateway as gateway_package
 from gateway.app import GATEWAY_KEY
 from gateway.documents import HttpDocumentFetcher
+from gateway.upstream import UpstreamPools
 from tests.conftest import RunningGateway
 from tests.integration.authkit import refused
 from tests.integration.e2e_helpers import echoed_headers, wait_until
@@ -36,9 +37,8 @@ class JwksSessions:
         return HttpDocumentFetcher(session, self.clock)
 
 
-def upstream_session(gw: RunningGateway) -> aiohttp.ClientSession:
-    session: aiohttp.ClientSession = gw.app[GATEWAY_KEY].upstream_session
-    return session
+def upstream_pools(gw: RunningGateway) -> UpstreamPools:
+    return gw.app[GATEWAY_KEY].upstream_pools
 
 
 async def test_inflight_request_completes_during_graceful_shutdown(make_gateway, upstream, clock):
@@ -80,7 +80,7 @@ async def test_inflight_request_completes_during_graceful_shutdown(make_gateway,
     assert all(t.done() and t.cancelled() for t in refreshers)
     assert len(fetcher.sessions) == 1
     assert all(s.closed for s in fetcher.sessions)
-    assert upstream_session(gw).closed
+    assert upstream_pools(gw).closed
     assert gateway_tasks(asyncio.all_tasks()) == set()
     current = asyncio.current_task()
     await wait_until(
@@ -106,4 +106,4 @@ async def test_shutdown_cancels_a_hanging_jwks_fetch(make_gateway, idp, clock):
     await asyncio.wait_for(gw.shut_down(), 5)
     assert gateway_tasks(asyncio.all_tasks()) == set()
     assert all(s.closed for s in fetcher.sessions)
-    assert upstream_session(gw).closed
+    assert upstream_pools(gw).closed

@@ -28,9 +28,10 @@ from gateway.handler import GatewayHandler
 from gateway.keyset import build_key_set
 from gateway.metrics import UNMATCHED_ROUTE, GatewayMetrics
 from gateway.middleware import create_observe_middleware
-from gateway.proxy import Forwarder, create_upstream_session
+from gateway.proxy import Forwarder
 from gateway.reasons import Reason
 from gateway.record import RequestRecord
+from gateway.upstream import UpstreamPools
 from gateway.verifier import Verifier
 from tests.conftest import AUDIENCE, ISSUER, metric_value
 from tests.fakes import EchoUpstream, FakeClock, SigningKey
@@ -368,8 +369,8 @@ async def proxy(
     """The gate and a real forwarder behind the observe middleware, forwarding to the echo."""
     config = config_for(upstream.url)
     gate, metrics = build_gate(config, CollectorRegistry(), rsa_key, clock)
-    session = create_upstream_session(config)
-    handler = GatewayHandler(gate, Forwarder(config, session, metrics))
+    pools = UpstreamPools(config.upstream_defaults.max_connections)
+    handler = GatewayHandler(gate, Forwarder(config, pools, metrics))
     app = web.Application(
         middlewares=[create_observe_middleware(metrics, lambda: "gw", lambda: False)]
     )
@@ -379,10 +380,10 @@ async def proxy(
 
     app.router.add_route("*", "/{tail:.*}", dispatch)
 
-    async def close_session(app: web.Application) -> None:
-        await session.close()
+    async def close_pools(app: web.Application) -> None:
+        await pools.close()
 
-    app.on_cleanup.append(close_session)
+    app.on_cleanup.append(close_pools)
     client: TestClient = await aiohttp_client(app)
     return client
 

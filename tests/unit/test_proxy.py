@@ -31,11 +31,11 @@ from gateway.proxy import (
     _BodyStopped,
     _without_cookies,
     _without_params,
-    create_upstream_session,
     token_carriers,
 )
 from gateway.reasons import Reason
 from gateway.record import RECORD_KEY, RequestRecord
+from gateway.upstream import UpstreamPools
 
 UNTRUSTED = "203.0.113.9"
 TRUSTED = "10.0.0.5"  # inside trusted_proxies
@@ -110,9 +110,9 @@ ROUTES = {route.id: route for route in CONFIG.routes}
 
 @pytest.fixture
 async def forwarder() -> AsyncIterator[Forwarder]:
-    session = create_upstream_session(CONFIG)
-    yield Forwarder(CONFIG, session, GatewayMetrics(CollectorRegistry()))
-    await session.close()
+    pools = UpstreamPools(CONFIG.upstream_defaults.max_connections)
+    yield Forwarder(CONFIG, pools, GatewayMetrics(CollectorRegistry()))
+    await pools.close()
 
 
 def request_from(
