@@ -9,12 +9,14 @@ started with.  Key caches of issuers whose settings did not change survive.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
 from prometheus_client import CollectorRegistry
 
 from .clock import SYSTEM_CLOCK, Clock
@@ -28,7 +30,7 @@ from .jwks import JwksCache
 from .logs import kv
 from .metrics import GatewayMetrics
 from .middleware import create_observe_middleware
-from .proxy import Forwarder, admissions_for
+from .proxy import BARE_BODY_KEY, Forwarder, admissions_for
 from .token_cache import TokenCache
 from .upstream import UpstreamPools
 from .verifier import Verifier
@@ -36,6 +38,11 @@ from .verifier import Verifier
 log = logging.getLogger(__name__)
 
 DocumentFetcherFactory = Callable[[aiohttp.ClientSession], DocumentFetcher]
+
+
+def _tls_restart_settings(config: GatewayConfig) -> tuple[object, ...] | None:
+    tls = config.listen.tls
+    return None if tls is None else (tls.min_version, tls.client_ca_file, tls.client_cert)
 
 
 def _report_only_routes(config: GatewayConfig) -> list[str]:
@@ -99,7 +106,10 @@ class Gateway:
         """Swap in a validated config: new routes and policies at once, surviving key caches."""
         old = self.config
         for what, before, after in (
-            ("listen", old.listen, config.listen),
+            # A new certificate and key load without a restart (the listener's ServerTls).
+            ("listen", dataclasses.replace(old.listen, tls=None),
+             dataclasses.replace(config.listen, tls=None)),
+            ("listen.tls", _tls_restart_settings(old), _tls_restart_settings(config)),
             ("admin", old.admin, config.admin),
             ("upstream_defaults.max_connections", old.upstream_defaults.max_connections,
              config.upstream_defaults.max_connections),
@@ -215,5 +225,20 @@ def create_app(
         # The handler is read once: a reload mid-request does not change its config.
         return await gateway.handler(request)
 
-    app.router.add_route("*", "/{tail:.*}", dispatch)
+    async def defer_expectation(request: web.Request) -> None:
+        # aiohttp would answer ``Expect: 100-continue`` before any handler runs; the forwarder
+        # sends the 100 itself once the route's policy and body limit have passed.
+        return None
+
+    async def server_header(request: web.Request, response: web.StreamResponse) -> None:
+        # Runs after aiohttp filled in its defaults: the gateway's answers carry no Server
+        # header naming aiohttp and Python versions (an upstream's own Server is relayed), and
+        # a relayed body the upstream sent without a Content-Type gets none added.
+        if response.headers.get("Server") == SERVER_SOFTWARE:
+            del response.headers["Server"]
+        if request.get(BARE_BODY_KEY):
+            response.headers.popall("Content-Type", None)
+
+    app.on_response_prepare.append(server_header)
+    app.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=defer_expectation)
     return app

@@ -21,6 +21,7 @@ from .app import GATEWAY_KEY, Gateway, create_app
 from .config import GatewayConfig, load_config
 from .errors import ConfigError
 from .logs import kv, setup_logging
+from .tls import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,14 @@ async def watch_file(path: Path, on_change: Callable[[], Awaitable[object]]) -> 
             await on_change()
 
 
+async def watch_certificate(server_tls: ServerTls) -> None:
+    """Load the listener's certificate again whenever its file or key file changes."""
+    while True:
+        await asyncio.sleep(WATCH_INTERVAL_S)
+        if server_tls.changed():
+            server_tls.reload()
+
+
 async def serve(
     config: GatewayConfig,
     *,
@@ -228,10 +237,12 @@ async def serve(
     if admin_runner is not None:
         await admin_runner.setup()
     tasks: list[asyncio.Task[object]] = []
+    server_tls = ServerTls(config.listen.tls) if config.listen.tls is not None else None
     try:
         await web.TCPSite(
-            runner, config.listen.host, config.listen.port, reuse_port=worker or None
-        ).start()
+            runner, config.listen.host, config.listen.port, reuse_port=worker or None,
+            ssl_context=server_tls.context if server_tls is not None else None,
+        ).start()  # fmt: skip
         if admin_runner is not None:
             await web.TCPSite(admin_runner, config.admin.host, config.admin.port).start()
         log.info(kv(event="listening", proxy=f"{config.listen.host}:{config.listen.port}",
@@ -249,6 +260,9 @@ async def serve(
 
             async def reload() -> None:
                 await gateway.reload(path, count=not worker, base_dir=config_base_dir)
+                tls = gateway.config.listen.tls
+                if server_tls is not None and tls is not None:
+                    server_tls.reload(tls)
 
             loop.add_signal_handler(
                 signal.SIGHUP, lambda: tasks.append(asyncio.ensure_future(reload()))
@@ -257,6 +271,8 @@ async def serve(
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
             if watch:
                 tasks.append(asyncio.ensure_future(watch_file(path, reload)))
+        if server_tls is not None:
+            tasks.append(asyncio.ensure_future(watch_certificate(server_tls)))
         await stop.wait()
         # Readiness turns false first, so load balancers stop sending while we drain.
         gateway.draining = True

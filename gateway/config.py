@@ -18,6 +18,7 @@ import ipaddress
 import json
 import math
 import re
+import ssl
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,13 +120,32 @@ def header_key(name: str) -> str:
 
 
 # --- the frozen model -----------------------------------------------------------
+class ClientCertMode(enum.StrEnum):
+    """Whether the TLS listener asks clients for a certificate."""
+
+    OPTIONAL = "optional"  # verified against client_ca_file when sent; none is accepted
+    REQUIRED = "required"  # no verified certificate, no handshake
+
+
+@dataclass(frozen=True, slots=True)
+class ListenTls:
+    """The listener's certificate (re-read on SIGHUP and on change) and client certificates."""
+
+    cert_file: Path
+    key_file: Path
+    min_version: str = "1.2"
+    client_ca_file: Path | None = None
+    client_cert: ClientCertMode = ClientCertMode.OPTIONAL
+
+
 @dataclass(frozen=True, slots=True)
 class ListenConfig:
-    """Where the proxy listens and how long it drains on shutdown."""
+    """Where the proxy listens, whether with TLS, and how long it drains on shutdown."""
 
     host: str = DEFAULT_LISTEN_HOST
     port: int = DEFAULT_LISTEN_PORT
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+    tls: ListenTls | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +251,17 @@ class RouteMatch:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamTls:
+    """How the gateway checks an https upstream and proves itself to it (mTLS)."""
+
+    verify: bool = True  # the certificate chain and the name are checked
+    ca_file: Path | None = None  # trust these CAs instead of the system store
+    server_name: str | None = None  # the SNI and the name checked, if not the URL's host
+    cert_file: Path | None = None  # a client certificate (and its key) for mutual TLS
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Upstream:
     """An upstream origin: scheme, host and port only; the request path is forwarded as is."""
 
@@ -238,6 +269,7 @@ class Upstream:
     scheme: str
     host: str
     port: int
+    tls: UpstreamTls | None = None  # https only; None: verified against the system store
 
 
 class AuthMode(enum.StrEnum):
@@ -511,14 +543,53 @@ def _opt(node: _Node, key: str, read: Any, default: Any) -> Any:
 
 
 # --- sections -------------------------------------------------------------------
-def _read_listen(node: _Node) -> ListenConfig:
-    node.mapping(frozenset({"host", "port", "shutdown_timeout_s"}))
+_LISTEN_TLS_KEYS: Final = frozenset(
+    {"cert_file", "key_file", "min_version", "client_ca_file", "client_cert"}
+)
+
+
+def _read_tls_version(node: _Node) -> str:
+    # An unquoted 1.2 is a YAML float: the same answer as "1.2".
+    value = f"{node.value:.1f}" if isinstance(node.value, float) else node.value
+    return _Node(value, node.path).choice(["1.2", "1.3"])
+
+
+def _read_listen_tls(node: _Node, base_dir: Path | None) -> ListenTls:
+    node.mapping(_LISTEN_TLS_KEYS, frozenset({"cert_file", "key_file"}))
+    tls = ListenTls(
+        cert_file=_read_file_path(node.child("cert_file"), base_dir),
+        key_file=_read_file_path(node.child("key_file"), base_dir),
+        min_version=_opt(node, "min_version", _read_tls_version, "1.2"),
+        client_ca_file=_opt(node, "client_ca_file", lambda n: _read_file_path(n, base_dir), None),
+        client_cert=_opt(
+            node, "client_cert", lambda n: ClientCertMode(n.choice([m.value for m in ClientCertMode])),
+            ClientCertMode.OPTIONAL,
+        ),
+    )  # fmt: skip
+    if node.has("client_cert") and tls.client_ca_file is None:
+        raise node.child("client_ca_file").fail(
+            "missing", "the CA bundle that client certificates are verified against"
+        )
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
+            str(tls.cert_file), str(tls.key_file)
+        )
+    except ssl.SSLError:
+        raise node.child("cert_file").fail(
+            "the certificate and key do not load as a pair", "a PEM certificate chain and its key"
+        ) from None
+    return tls
+
+
+def _read_listen(node: _Node, base_dir: Path | None = None) -> ListenConfig:
+    node.mapping(frozenset({"host", "port", "shutdown_timeout_s", "tls"}))
     return ListenConfig(
         host=_opt(node, "host", lambda n: n.string(), DEFAULT_LISTEN_HOST),
         port=_opt(node, "port", lambda n: n.integer(low=0, high=65535), DEFAULT_LISTEN_PORT),
         shutdown_timeout_s=_opt(
             node, "shutdown_timeout_s", lambda n: n.number(), DEFAULT_SHUTDOWN_TIMEOUT_S
         ),
+        tls=_opt(node, "tls", lambda n: _read_listen_tls(n, base_dir), None),
     )
 
 
@@ -856,10 +927,59 @@ def _read_path(node: _Node) -> str:
     return path
 
 
-def _read_upstream(node: _Node) -> Upstream:
-    text, parts = _read_url(node, what="an http(s) origin URL", https_only=False, origin_only=True)
+_UPSTREAM_KEYS: Final = frozenset({"url", "tls"})
+_UPSTREAM_TLS_KEYS: Final = frozenset({"verify", "ca_file", "server_name", "cert_file", "key_file"})
+
+
+def _read_file_path(node: _Node, base_dir: Path | None) -> Path:
+    """A file that must exist and be readable at load (relative to the config file's folder)."""
+    path = Path(node.string(what="a file path"))
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    try:
+        path.read_bytes()
+    except OSError as exc:
+        raise node.fail(f"cannot read {str(path)!r}: {exc.strerror}", "a readable file") from None
+    return path
+
+
+def _read_upstream_tls(node: _Node, base_dir: Path | None) -> UpstreamTls:
+    node.mapping(_UPSTREAM_TLS_KEYS)
+    tls = UpstreamTls(
+        verify=_opt(node, "verify", lambda n: n.boolean(), True),
+        ca_file=_opt(node, "ca_file", lambda n: _read_file_path(n, base_dir), None),
+        server_name=_opt(node, "server_name", lambda n: n.string(what="a DNS name"), None),
+        cert_file=_opt(node, "cert_file", lambda n: _read_file_path(n, base_dir), None),
+        key_file=_opt(node, "key_file", lambda n: _read_file_path(n, base_dir), None),
+    )
+    if (tls.cert_file is None) != (tls.key_file is None):
+        missing = "key_file" if tls.key_file is None else "cert_file"
+        raise node.child(missing).fail("missing", "cert_file and key_file together (mutual TLS)")
+    if not tls.verify and (tls.ca_file is not None or tls.server_name is not None):
+        raise node.child("verify").fail(
+            "false with ca_file or server_name", "verify: true when a CA or name is given"
+        )
+    return tls
+
+
+def _read_upstream(node: _Node, base_dir: Path | None = None) -> Upstream:
+    """An origin URL, or a mapping of ``url`` and ``tls`` (CA, name, client certificate)."""
+    tls: UpstreamTls | None = None
+    url_node = node
+    if isinstance(node.value, dict):
+        node.mapping(_UPSTREAM_KEYS, frozenset({"url"}))
+        url_node = node.child("url")
+        if node.has("tls"):
+            tls = _read_upstream_tls(node.child("tls"), base_dir)
+    text, parts = _read_url(
+        url_node, what="an http(s) origin URL", https_only=False, origin_only=True
+    )
+    if tls is not None and parts.scheme != "https":
+        raise node.child("tls").fail("set for an http:// upstream", "an https:// url")
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    return Upstream(url=text.rstrip("/"), scheme=parts.scheme, host=parts.hostname, port=port)
+    return Upstream(
+        url=text.rstrip("/"), scheme=parts.scheme, host=parts.hostname, port=port, tls=tls
+    )
 
 
 _SCOPE_TOKEN: Final = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 scope-token
@@ -1055,7 +1175,11 @@ _ROUTE_KEYS: Final = frozenset(
 
 
 def _read_route(
-    node: _Node, issuers: Mapping[str, IssuerConfig], limits: Limits, mode: GatewayMode
+    node: _Node,
+    issuers: Mapping[str, IssuerConfig],
+    limits: Limits,
+    mode: GatewayMode,
+    base_dir: Path | None = None,
 ) -> RouteConfig:
     # In forward_auth mode the caller proxies: a route needs no upstream (one given is unused,
     # so one routes file can serve both modes).
@@ -1086,7 +1210,7 @@ def _read_route(
     return RouteConfig(
         id=route_id,
         match=match,
-        upstream=_opt(node, "upstream", _read_upstream, None),
+        upstream=_opt(node, "upstream", lambda n: _read_upstream(n, base_dir), None),
         auth=auth,
         claim_headers=claim_headers,
         rewrite=_opt(node, "rewrite", lambda n: _read_rewrite(n, match), None),
@@ -1162,7 +1286,7 @@ def parse_config(document: Any, base_dir: Path | None = None) -> GatewayConfig:
             "a non-empty list of the networks nginx, Envoy or Traefik call from",
         )
     for item in root.child("routes").seq(non_empty=True):
-        route = _read_route(item, issuers, limits, mode)
+        route = _read_route(item, issuers, limits, mode, base_dir)
         if route.id in seen:
             raise item.child("id").fail(
                 f"duplicate route id {route.id!r} (first at routes[{seen[route.id]}])",
@@ -1171,7 +1295,7 @@ def parse_config(document: Any, base_dir: Path | None = None) -> GatewayConfig:
         seen[route.id] = len(routes)
         routes.append(route)
     return GatewayConfig(
-        listen=_opt(root, "listen", _read_listen, ListenConfig()),
+        listen=_opt(root, "listen", lambda n: _read_listen(n, base_dir), ListenConfig()),
         admin=_opt(root, "admin", _read_admin, AdminConfig()),
         realm=_opt(
             root, "realm", lambda n: n.string(pattern=_REALM),

@@ -38,6 +38,9 @@ _RESPONSE_HOP_BY_HOP = frozenset(
 )  # fmt: skip
 # RFC 9110 §9.2.2: a request of these methods may be sent again when a pooled connection turns
 # out to have been closed by the upstream before it answered.
+# Set on a request whose upstream response has a body but no Content-Type: the app's
+# response-prepare hook then removes the one aiohttp adds (nothing the upstream did not send).
+BARE_BODY_KEY: Final = web.RequestKey("gateway_bare_body", bool)
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
@@ -256,6 +259,9 @@ class Forwarder:
             # Counted as it streams (chunked bodies have no length to check up front),
             # and watched for stalls.
             meter = _BodyMeter(request.content, limit, self._body_gap_s)
+        expect = request.headers.get("Expect")
+        if expect is not None and expect.lower() != "100-continue":
+            raise Rejection(Reason.REQUEST_REJECTED, "unsupported Expect")
         head = request_head(request.method, target, self._hosts[route.id], headers, framing)
         pool = self._pools.pool(route.upstream)
         async with self._admission[route.id]:
@@ -297,7 +303,7 @@ class Forwarder:
             try:
                 conn.begin(head, head_only=method == "HEAD")
                 if meter is not None:
-                    await self._upload(conn, meter, chunked)
+                    await self._upload(request, conn, meter, chunked)
                 return conn, await conn.read_head(self._read_timeout)
             except _BodyStopped as stop:
                 conn.spoiled = True
@@ -327,7 +333,14 @@ class Forwarder:
                 conn.finish()
                 raise
 
-    async def _upload(self, conn: UpstreamConnection, meter: _BodyMeter, chunked: bool) -> None:
+    async def _upload(
+        self, request: web.Request, conn: UpstreamConnection, meter: _BodyMeter, chunked: bool
+    ) -> None:
+        if request.version >= (1, 1) and "Expect" in request.headers:
+            # The client waits for this before sending the body: only now, with the policy
+            # passed and the declared length within the limit, is the body worth receiving.
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the response itself has not started
         async for chunk in meter.chunks():
             conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
             await conn.drain(self._read_timeout)
@@ -355,6 +368,8 @@ class Forwarder:
         )
         record = request[RECORD_KEY]
         headers[REQUEST_ID_HEADER] = record.request_id
+        if "Content-Type" not in headers:
+            request[BARE_BODY_KEY] = True
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason, headers=headers
         )

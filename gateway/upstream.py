@@ -24,9 +24,10 @@ from typing import Final, cast
 
 import httptools
 
-from .config import Upstream
+from .config import Upstream, UpstreamTls
 from .errors import Rejection
 from .reasons import Reason
+from .tls import client_tls_context
 
 # Reading pauses when this much response body waits for a slow client, and resumes below half.
 _HIGH_WATER: Final = 256 * 1024
@@ -318,7 +319,10 @@ class UpstreamPool:
         self.max_connections = max_connections
         self._ssl = ssl_context
         if origin.scheme == "https" and ssl_context is None:
-            self._ssl = ssl.create_default_context()
+            self._ssl = client_tls_context(origin.tls)
+        self._server_name = (
+            origin.tls.server_name if origin.tls is not None and origin.tls.server_name else None
+        ) or origin.host
         self._idle_s = idle_s
         self._idle: list[UpstreamConnection] = []
         self._open = 0  # connections open or being opened, idle ones included
@@ -434,7 +438,7 @@ class UpstreamPool:
                     origin.host,
                     origin.port,
                     ssl=self._ssl,
-                    server_hostname=origin.host if self._ssl is not None else None,
+                    server_hostname=self._server_name if self._ssl is not None else None,
                 )
         except BaseException:
             self._open -= 1
@@ -448,11 +452,12 @@ class UpstreamPools:
 
     def __init__(self, max_connections: int) -> None:
         self._max = max_connections
-        self._pools: dict[tuple[str, str, int], UpstreamPool] = {}
+        self._pools: dict[tuple[str, str, int, UpstreamTls | None], UpstreamPool] = {}
         self.closed = False
 
     def pool(self, origin: Upstream) -> UpstreamPool:
-        key = (origin.scheme, origin.host, origin.port)
+        # Routes naming one origin with the same TLS settings share its connections.
+        key = (origin.scheme, origin.host, origin.port, origin.tls)
         pool = self._pools.get(key)
         if pool is None:
             pool = self._pools[key] = UpstreamPool(origin, self._max)

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 
 from tests import conftest
+from tests.integration.authkit import RawConnection, send_raw
 from tests.integration.e2e_helpers import (
     MIB,
     ScriptedUpstream,
@@ -239,3 +240,91 @@ async def test_upstream_statuses_and_headers_pass_through_untouched(make_gateway
             == count
         )
     assert gw.metric("gateway_upstream_responses_total", route="api", code_class="2xx") == 0
+
+
+# --- Expect: 100-continue is the gateway's decision, after the route's policy ----------------------
+def expecting_head(path: str, length: int, port: int, *headers: tuple[str, str]) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Expect: 100-continue",
+             f"Content-Length: {length}", "Connection: close"]  # fmt: skip
+    lines += [f"{name}: {value}" for name, value in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def test_100_continue_is_sent_only_after_the_policy_passed(gateway, token):
+    body = b"hello world"
+    refused = await RawConnection.open(gateway.port)
+    try:
+        await refused.send(expecting_head("/api/upload", len(body), gateway.port))
+        answer = await refused.response()  # the first thing back is the refusal, not a 100
+        assert answer.status == 401
+        assert answer.json()["error"]["reason"] == "token_missing"
+    finally:
+        await refused.close()
+
+    admitted = await RawConnection.open(gateway.port)
+    try:
+        authorization = ("Authorization", f"Bearer {token()}")
+        await admitted.send(expecting_head("/api/upload", len(body), gateway.port, authorization))
+        interim = await asyncio.wait_for(admitted.reader.readuntil(b"\r\n\r\n"), 5)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        await admitted.send(body)
+        answer = await admitted.response(method="POST")
+        assert answer.status == 200
+        assert answer.json()["body_bytes"] == len(body)
+        assert "Expect" not in echoed_headers(answer.json())
+    finally:
+        await admitted.close()
+
+
+async def test_100_continue_is_not_sent_for_a_body_over_the_limit(make_gateway, token):
+    gw = await make_gateway(lambda doc: doc["routes"][0].update(max_body_bytes=10))
+    conn = await RawConnection.open(gw.port)
+    try:
+        authorization = ("Authorization", f"Bearer {token()}")
+        await conn.send(expecting_head("/api/upload", 11, gw.port, authorization))
+        answer = await conn.response()
+        assert answer.status == 413
+        assert answer.json()["error"]["reason"] == "payload_too_large"
+    finally:
+        await conn.close()
+
+
+async def test_an_unknown_expectation_is_refused(gateway):
+    answer = await send_raw(gateway.client, "POST", "/public/x", [("Expect", "magic")], body=b"x")
+    assert answer.status == 400
+    assert answer.json()["error"]["reason"] == "request_rejected"
+
+
+async def test_the_gateways_own_answers_name_no_software_version(gateway, upstream):
+    refused = await gateway.client.get("/api/x")
+    assert refused.status == 401
+    assert "Server" not in refused.headers
+    relayed = await gateway.client.get("/public/x")
+    assert relayed.status == 200
+    assert "aiohttp" not in relayed.headers.get("Server", "")
+
+
+async def test_a_bare_upstream_body_gets_no_content_type_added(make_gateway):
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+    raw = await asyncio.start_server(lambda r, w: _answer_once(r, w, answer), "127.0.0.1", 0)
+    port = raw.sockets[0].getsockname()[1]
+    try:
+        gw = await make_gateway(
+            lambda doc: doc["routes"][2].update(upstream=f"http://127.0.0.1:{port}")
+        )
+        response = await gw.client.get("/public/bare")
+        assert response.status == 200
+        assert await response.read() == b"hello"
+        assert "Content-Type" not in response.headers
+    finally:
+        raw.close()
+        await raw.wait_closed()
+
+
+async def _answer_once(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answer: bytes
+) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(answer)
+    await writer.drain()
+    writer.close()
