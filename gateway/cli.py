@@ -41,6 +41,14 @@ def _workers(value: str) -> int:
     return count
 
 
+def _header(value: str) -> tuple[str, str]:
+    """``explain --header 'Name: value'``."""
+    name, colon, text = value.partition(":")
+    if not colon or not name.strip() or name != name.strip():
+        raise argparse.ArgumentTypeError("expected 'Name: value'")
+    return name, text.strip()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
     parser.add_argument(
@@ -65,11 +73,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     owned.add_argument("--config", "-c", required=True, type=Path)
     explain = commands.add_parser(
-        "explain", help="show how a route would judge a token, check by check"
+        "explain", help="show what the gateway would do with a request to a route, check by check"
     )
     explain.add_argument("--config", "-c", required=True, type=Path)
     explain.add_argument("--route", "-r", required=True, help="the route id")
-    explain.add_argument("token", nargs="?", default=None, help="the token (default: read stdin)")
+    explain.add_argument(
+        "token",
+        nargs="?",
+        default=None,
+        help="the token, sent in the route's first token source (default: read stdin; '' for none)",
+    )
+    explain.add_argument("--method", "-X", help="the request method (default: one the route takes)")
+    explain.add_argument("--path", help="path and query (default: the route's path or prefix)")
+    explain.add_argument("--host", help="the Host header (default: one the route serves)")
+    explain.add_argument(
+        "--header", "-H", type=_header, action="append", default=[], metavar="'NAME: VALUE'",
+        help="another request header (repeatable), e.g. a second credential",
+    )  # fmt: skip
     demo = commands.add_parser(
         "demo", help="run a self-contained demo: identity provider, echo upstream and gateway"
     )
@@ -120,7 +140,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{args.config}: {exc}", file=sys.stderr)
             return 2
         setup_logging("WARNING")
-        return asyncio.run(explain(config, args.route, read_token(args.token), sys.stdout))
+        return asyncio.run(
+            explain(
+                config,
+                args.route,
+                read_token(args.token),
+                sys.stdout,
+                method=args.method,
+                path=args.path,
+                host=args.host,
+                headers=args.header,
+            )
+        )
     setup_logging(args.log_level, args.log_format)
     if args.command == "demo":
         from .demo import run_demo

@@ -61,6 +61,8 @@ DEFAULT_MAX_HEADER_BYTES: Final = 16384  # one header line; aiohttp's default is
 DEFAULT_MAX_HEADERS: Final = 100  # nginx and Envoy allow about this many
 DEFAULT_CLIENT_IDLE_TIMEOUT_S: Final = 30.0  # no complete request header for this long: closed
 DEFAULT_CLIENT_BODY_TIMEOUT_S: Final = 30.0  # longest gap between request-body chunks (408)
+DEFAULT_CLIENT_BODY_DEADLINE_S: Final = 300.0  # longest a whole request body may take (408)
+DEFAULT_CLIENT_WRITE_TIMEOUT_S: Final = 30.0  # longest a client may leave a response unread
 DEFAULT_MAX_BODY_BYTES: Final = 10 * 1024 * 1024  # per route unless the route says otherwise
 DEFAULT_MAX_CONCURRENT: Final = 1024  # requests in flight to one route's upstream
 DEFAULT_MAX_QUEUED: Final = 1024  # requests waiting for a slot; beyond that, 503
@@ -174,6 +176,8 @@ class Limits:
     max_headers: int = DEFAULT_MAX_HEADERS
     client_idle_timeout_s: float = DEFAULT_CLIENT_IDLE_TIMEOUT_S
     client_body_timeout_s: float = DEFAULT_CLIENT_BODY_TIMEOUT_S
+    client_body_deadline_s: float = DEFAULT_CLIENT_BODY_DEADLINE_S
+    client_write_timeout_s: float = DEFAULT_CLIENT_WRITE_TIMEOUT_S
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT
     max_queued_requests: int = DEFAULT_MAX_QUEUED
@@ -616,6 +620,12 @@ def _read_limits(node: _Node) -> Limits:
         ),
         client_body_timeout_s=_opt(
             node, "client_body_timeout_s", lambda n: n.number(), DEFAULT_CLIENT_BODY_TIMEOUT_S
+        ),
+        client_body_deadline_s=_opt(
+            node, "client_body_deadline_s", lambda n: n.number(), DEFAULT_CLIENT_BODY_DEADLINE_S
+        ),
+        client_write_timeout_s=_opt(
+            node, "client_write_timeout_s", lambda n: n.number(), DEFAULT_CLIENT_WRITE_TIMEOUT_S
         ),
         max_body_bytes=_opt(
             node, "max_body_bytes", lambda n: n.integer(low=0, high=2**62), DEFAULT_MAX_BODY_BYTES

@@ -99,22 +99,26 @@ class _BodyStopped(Exception):
 
 class _BodyMeter:
     """Streams a request body upstream, stopping it once it passes ``limit`` bytes (0: no
-    limit) or when the client sends nothing for ``gap_s`` (a stalled upload must not hold an
-    upstream connection and an admission slot for ever, like nginx's client_body_timeout)."""
+    limit), when the client sends nothing for ``gap_s``, or when the whole body takes longer
+    than ``deadline_s`` (a stalled or dripping upload must not hold an upstream connection and
+    an admission slot for ever: a byte every ``gap_s`` would defeat the gap alone)."""
 
-    __slots__ = ("_content", "_gap_s", "_limit", "stopped")
+    __slots__ = ("_content", "_deadline_s", "_gap_s", "_limit", "stopped")
 
-    def __init__(self, content: StreamReader, limit: int, gap_s: float) -> None:
+    def __init__(self, content: StreamReader, limit: int, gap_s: float, deadline_s: float) -> None:
         self._content = content
         self._limit = limit
         self._gap_s = gap_s
+        self._deadline_s = deadline_s
         self.stopped: Reason | None = None
 
     async def chunks(self) -> AsyncIterator[bytes]:
         seen = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._deadline_s
         while True:
             try:
-                async with asyncio.timeout(self._gap_s):
+                async with asyncio.timeout_at(min(loop.time() + self._gap_s, deadline)):
                     chunk = await self._content.readany()
             except TimeoutError:
                 self.stopped = Reason.CLIENT_TIMEOUT
@@ -172,6 +176,8 @@ class Forwarder:
             if route.upstream is not None
         }
         self._body_gap_s = config.limits.client_body_timeout_s
+        self._body_deadline_s = config.limits.client_body_deadline_s
+        self._write_timeout_s = config.limits.client_write_timeout_s
         self._admission = dict(admissions) if admissions is not None else admissions_for(config)
         self._owned = config.owned_headers
         # Per route: every name never copied upstream, so a request needs one set lookup
@@ -258,7 +264,7 @@ class Forwarder:
         if request.body_exists:
             # Counted as it streams (chunked bodies have no length to check up front),
             # and watched for stalls.
-            meter = _BodyMeter(request.content, limit, self._body_gap_s)
+            meter = _BodyMeter(request.content, limit, self._body_gap_s, self._body_deadline_s)
         expect = request.headers.get("Expect")
         if expect is not None and expect.lower() != "100-continue":
             raise Rejection(Reason.REQUEST_REJECTED, "unsupported Expect")
@@ -390,10 +396,21 @@ class Forwarder:
             if not chunk:
                 break
             try:
-                await response.write(chunk)
+                # A client that stops reading must not hold the upstream connection and the
+                # route's admission slot: the write (which waits while its buffer is full)
+                # gets a deadline, and the connection is closed when it passes.
+                async with asyncio.timeout(self._write_timeout_s):
+                    await response.write(chunk)
             except ConnectionError:
                 conn.spoiled = True
                 record.reason = Reason.CLIENT_DISCONNECTED
+                return response
+            except TimeoutError:
+                conn.spoiled = True
+                record.reason = Reason.CLIENT_TIMEOUT
+                record.detail = "client stopped reading"
+                if request.transport is not None:
+                    request.transport.abort()
                 return response
         await response.write_eof()
         return response

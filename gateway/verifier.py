@@ -251,56 +251,59 @@ class Verifier:
         self._clock = clock
         self._cache = cache
 
-    async def verify(
-        self, token: str, policy: AuthPolicy, trace: list[str] | None = None
-    ) -> VerifiedToken:
-        """Verify ``token`` for ``policy``; raise ``Rejection`` with the first failed check.
-
-        ``trace``, when given, receives one line per check passed (``gateway explain``).
-        """
+    async def verify(self, token: str, policy: AuthPolicy) -> VerifiedToken:
+        """Verify ``token`` for ``policy``; raise ``CheckFailed`` naming the first failed check."""
         cache = self._cache
-        if cache is not None and trace is None:
+        if cache is not None:
             hit = cache.get(token)
             if hit is not None and self._still_valid(hit, policy):
-                self._check_claims(hit.claims, hit.issuer, policy, None)
+                self._check_claims(hit.claims, hit.issuer, policy)
                 return hit
-        parsed = parse_token(token)
+        try:
+            parsed = parse_token(token)
+        except Rejection as rejection:
+            raise _failed(PARSE, rejection) from None
         header, payload = parsed.header, parsed.payload
-        if trace is not None:
-            trace.append("token parses as a JWS with a JSON header and payload")
 
         alg = header.get("alg")
         if not isinstance(alg, str) or not any(alg in i.algorithms for i in policy.issuers):
-            raise Rejection(Reason.ALGORITHM_NOT_ALLOWED, f"alg {str(alg)[:16]!r} not pinned")
-        issuer = _unverified_issuer(parsed, policy)
+            raise CheckFailed(
+                ALG, Reason.ALGORITHM_NOT_ALLOWED, f"alg {str(alg)[:16]!r} not pinned"
+            )
+        try:
+            issuer = _unverified_issuer(parsed, policy)
+        except Rejection as rejection:
+            raise _failed(ISS, rejection) from None
         if alg not in issuer.algorithms:
-            raise Rejection(Reason.ALGORITHM_NOT_ALLOWED, f"alg {alg} not pinned for {issuer.id}")
-        if trace is not None:
-            trace.append(f"iss names issuer '{issuer.id}', trusted on this route")
-            trace.append(f"alg {alg} is pinned for issuer '{issuer.id}'")
+            raise CheckFailed(
+                ISSUER_ALG, Reason.ALGORITHM_NOT_ALLOWED, f"alg {alg} not pinned for {issuer.id}"
+            )
         typ = header.get("typ")
         if not _typ_accepted(typ, issuer.typ):
-            raise Rejection(Reason.TOKEN_TYPE_INVALID, "typ not accepted")
+            raise CheckFailed(TYP, Reason.TOKEN_TYPE_INVALID, "typ not accepted")
         kid = header.get("kid")
-        key: PyJWK = await self._keys.get_key(issuer, kid, alg)
-        if trace is not None:
-            trace.append(f"typ {typ!r} is accepted")
-            trace.append(f"key {kid!r} found in the issuer's key set")
+        try:
+            key: PyJWK = await self._keys.get_key(issuer, kid, alg)
+        except Rejection as rejection:
+            raise _failed(KEY, rejection) from None
 
         # The key is bound to one algorithm; the header's alg must be that one.
         if key.algorithm_name != alg:
-            raise Rejection(Reason.ALGORITHM_NOT_ALLOWED, f"key is for {key.algorithm_name}")
+            raise CheckFailed(
+                KEY_ALG, Reason.ALGORITHM_NOT_ALLOWED, f"key is for {key.algorithm_name}"
+            )
         try:
             valid = key.Algorithm.verify(parsed.signing_input, key.key, parsed.signature)
         except (ValueError, TypeError):
             valid = False
         if not valid:
-            raise Rejection(Reason.SIGNATURE_INVALID, "signature does not verify")
-        if trace is not None:
-            trace.append("signature verifies")
+            raise CheckFailed(SIGNATURE, Reason.SIGNATURE_INVALID, "signature does not verify")
         if payload is None:
-            payload = parsed.decoded_payload()
-        exp = self._check_claims(payload, issuer, policy, trace)
+            try:
+                payload = parsed.decoded_payload()
+            except Rejection as rejection:
+                raise _failed(PAYLOAD, rejection) from None
+        exp = self._check_claims(payload, issuer, policy)
         verified = VerifiedToken(payload, issuer, kid, parsed.payload_segment, alg, key, typ)
         if cache is not None:
             cache.put(token, verified, exp, entry_weight(token, parsed.payload_json))
@@ -323,39 +326,29 @@ class Verifier:
         return self._keys.current_key(issuer, hit.kid, hit.alg) is hit.key
 
     def _check_claims(
-        self,
-        claims: Mapping[str, Any],
-        issuer: IssuerConfig,
-        policy: AuthPolicy,
-        trace: list[str] | None,
+        self, claims: Mapping[str, Any], issuer: IssuerConfig, policy: AuthPolicy
     ) -> float:
         """Check registered claims' types, time claims and the route's policy; return ``exp``."""
         _check_registered_types(claims)
         if claims.get("iss") != issuer.issuer:
-            raise Rejection(Reason.ISSUER_NOT_ALLOWED, "verified iss differs")
+            raise CheckFailed(SIGNED_ISS, Reason.ISSUER_NOT_ALLOWED, "verified iss differs")
         now = self._clock.time()
         leeway = issuer.leeway_s
         exp = _numeric_date(claims, "exp", required=True)
         assert exp is not None
         if exp <= now - leeway:
-            raise Rejection(Reason.TOKEN_EXPIRED, "exp passed")
+            raise CheckFailed(EXP, Reason.TOKEN_EXPIRED, "exp passed")
         nbf = _numeric_date(claims, "nbf", required=False)
         if nbf is not None and nbf > now + leeway:
-            raise Rejection(Reason.TOKEN_NOT_YET_VALID, "nbf in the future")
+            raise CheckFailed(NBF, Reason.TOKEN_NOT_YET_VALID, "nbf in the future")
         iat = _numeric_date(claims, "iat", required=False)
         if iat is not None and iat > now + leeway:
-            raise Rejection(Reason.TOKEN_NOT_YET_VALID, "iat in the future")
-        if trace is not None:
-            trace.append(f"exp, nbf and iat are valid now (leeway {leeway:g}s)")
+            raise CheckFailed(IAT, Reason.TOKEN_NOT_YET_VALID, "iat in the future")
         if policy.audiences is not None:
             _check_audience(claims.get("aud"), policy.audiences)
-            if trace is not None:
-                trace.append("aud names an audience of this route")
         for name in policy.required_claims:
             if claims.get(name) is None:
-                raise Rejection(Reason.CLAIM_MISSING, f"claim {name} missing")
-            if trace is not None:
-                trace.append(f"required claim {name!r} is present")
+                raise CheckFailed(_claim_check(name), Reason.CLAIM_MISSING, f"claim {name} missing")
         if policy.required_scopes:
             granted = _granted_scopes(claims)
             enough = (
@@ -364,21 +357,20 @@ class Verifier:
                 else policy.required_scopes <= granted
             )
             if not enough:
-                raise Rejection(
-                    Reason.INSUFFICIENT_SCOPE, "required scope not granted", scope=_scope(policy)
+                raise CheckFailed(
+                    _scopes_check(policy),
+                    Reason.INSUFFICIENT_SCOPE,
+                    "required scope not granted",
+                    scope=_scope(policy),
                 )
-            if trace is not None:
-                which = "any" if policy.scopes_any_of else "all"
-                trace.append(f"scopes grant {which} of: {_scope(policy)}")
         for matcher in policy.claim_matchers:
             if not claim_matches(matcher, claims):
-                raise Rejection(
+                raise CheckFailed(
+                    _matcher_check(matcher),
                     Reason.INSUFFICIENT_SCOPE,
                     f"claim check failed: {matcher.describe()}",
                     scope=_scope(policy),
                 )
-            if trace is not None:
-                trace.append(f"claim check holds: {matcher.describe()}")
         return exp
 
 
@@ -411,14 +403,16 @@ def _check_registered_types(claims: Mapping[str, Any]) -> None:
     for name in _STRING_CLAIMS:
         value = claims.get(name)
         if value is not None and not isinstance(value, str):
-            raise Rejection(Reason.CLAIM_INVALID, f"claim {name} is not a string")
+            raise CheckFailed(CLAIM_TYPES, Reason.CLAIM_INVALID, f"claim {name} is not a string")
     aud = claims.get("aud")
     if (
         aud is not None
         and not isinstance(aud, str)
         and not (isinstance(aud, list) and all(isinstance(v, str) for v in aud))
     ):
-        raise Rejection(Reason.CLAIM_INVALID, "claim aud is not a string or array of strings")
+        raise CheckFailed(
+            CLAIM_TYPES, Reason.CLAIM_INVALID, "claim aud is not a string or array of strings"
+        )
 
 
 def _scope(policy: AuthPolicy) -> str | None:
@@ -447,27 +441,29 @@ def _numeric_date(claims: Mapping[str, Any], name: str, *, required: bool) -> fl
     value = claims.get(name)
     if value is None:
         if required:
-            raise Rejection(Reason.CLAIM_MISSING, f"claim {name} missing")
+            raise CheckFailed(_TIME_CHECKS[name], Reason.CLAIM_MISSING, f"claim {name} missing")
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise Rejection(Reason.CLAIM_INVALID, f"claim {name} is not a NumericDate")
+        raise CheckFailed(
+            _TIME_CHECKS[name], Reason.CLAIM_INVALID, f"claim {name} is not a NumericDate"
+        )
     try:
         number = float(value)
     except OverflowError:
         number = math.inf
     # json.loads accepts NaN and Infinity; an infinite exp would never expire.
     if not math.isfinite(number):
-        raise Rejection(Reason.CLAIM_INVALID, f"claim {name} is not finite")
+        raise CheckFailed(_TIME_CHECKS[name], Reason.CLAIM_INVALID, f"claim {name} is not finite")
     return number
 
 
 def _check_audience(aud: Any, accepted: frozenset[str]) -> None:
     """``aud`` is a string or a list of strings; one of them must be accepted here."""
     if aud is None or aud == [] or aud == "":
-        raise Rejection(Reason.AUDIENCE_NOT_ALLOWED, "aud missing")
+        raise CheckFailed(AUD, Reason.AUDIENCE_NOT_ALLOWED, "aud missing")
     values = [aud] if isinstance(aud, str) else aud  # its type checked before
     if accepted.isdisjoint(values):
-        raise Rejection(Reason.AUDIENCE_NOT_ALLOWED, "aud not accepted")
+        raise CheckFailed(AUD, Reason.AUDIENCE_NOT_ALLOWED, "aud not accepted")
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -510,3 +506,119 @@ def _granted_scopes(claims: Mapping[str, Any]) -> frozenset[str]:
         elif isinstance(value, list):
             granted.update(v for v in value if isinstance(v, str))
     return frozenset(granted)
+
+
+# --- the check table ------------------------------------------------------------------------------
+# The steps of ``Verifier.verify`` are named, in the order it runs them, by ``Check`` entries
+# (``checks(policy)`` lists those a route's policy runs), and every refusal is a ``CheckFailed``
+# naming the entry that refused.  ``gateway explain`` reads which checks passed and which failed
+# from that alone: nothing in ``verify`` records its progress, so a token that passes costs
+# nothing for being explainable.
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One named step of ``Verifier.verify``.
+
+    ``holds`` says what passing it established; it may name the token's ``{alg}``, ``{kid}``,
+    ``{typ}``, ``{issuer}`` and ``{leeway}``, filled in by ``says`` from ``token_facts``.
+    """
+
+    name: str
+    holds: str
+
+    def says(self, facts: Mapping[str, str]) -> str:
+        """``holds`` with the token's facts filled in (``?`` for one not known)."""
+        return self.holds.format_map(_Facts(facts))
+
+
+class _Facts(dict[str, str]):
+    def __missing__(self, key: str) -> str:
+        return "?"
+
+
+class CheckFailed(Rejection):
+    """A ``Rejection`` by one of the verifier's checks; ``check`` is the entry that refused."""
+
+    def __init__(
+        self, check: Check, reason: Reason, detail: str = "", *, scope: str | None = None
+    ) -> None:
+        super().__init__(reason, detail, scope=scope)
+        self.check = check
+
+
+def _failed(check: Check, rejection: Rejection) -> CheckFailed:
+    """``rejection`` (raised by a function that is one step) as that step's refusal."""
+    return CheckFailed(check, rejection.reason, rejection.detail, scope=rejection.scope)
+
+
+# The checks of every token, in the order ``verify`` runs them; ``checks`` adds the policy's.
+PARSE: Final = Check("parse", "token parses as a JWS with a JSON header and payload")
+ALG: Final = Check("alg", "alg {alg} is pinned by an issuer of this route")
+ISS: Final = Check("iss", "iss names issuer '{issuer}', trusted on this route")
+ISSUER_ALG: Final = Check("issuer alg", "alg {alg} is pinned for issuer '{issuer}'")
+TYP: Final = Check("typ", "typ {typ} is accepted")
+KEY: Final = Check("key", "key {kid} found in the issuer's key set")
+KEY_ALG: Final = Check("key alg", "the key is bound to alg {alg}")
+SIGNATURE: Final = Check("signature", "signature verifies")
+PAYLOAD: Final = Check("payload", "the signed payload is a JSON object")
+CLAIM_TYPES: Final = Check("claim types", "iss, sub and jti are strings, aud a string or strings")
+SIGNED_ISS: Final = Check("signed iss", "the signed iss still names issuer '{issuer}'")
+EXP: Final = Check("exp", "exp is a number and has not passed (leeway {leeway}s)")
+NBF: Final = Check("nbf", "nbf, if present, is a number and has come (leeway {leeway}s)")
+IAT: Final = Check("iat", "iat, if present, is a number and not in the future (leeway {leeway}s)")
+AUD: Final = Check("aud", "aud names an audience of this route")
+TOKEN_CHECKS: Final = (
+    PARSE, ALG, ISS, ISSUER_ALG, TYP, KEY, KEY_ALG, SIGNATURE, PAYLOAD,
+    CLAIM_TYPES, SIGNED_ISS, EXP, NBF, IAT,
+)  # fmt: skip
+_TIME_CHECKS: Final = {"exp": EXP, "nbf": NBF, "iat": IAT}
+
+
+def _literal(text: str) -> str:
+    """Configured text inside ``Check.holds``: braces kept as they are."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def _claim_check(name: str) -> Check:
+    return Check("required claim", _literal(f"{name!r} is present"))
+
+
+def _scopes_check(policy: AuthPolicy) -> Check:
+    which = "any" if policy.scopes_any_of else "all"
+    return Check("scopes", _literal(f"the token grants {which} of: {_scope(policy)}"))
+
+
+def _matcher_check(matcher: ClaimMatcher) -> Check:
+    return Check("claim check", _literal(f"{matcher.describe()} holds"))
+
+
+def checks(policy: AuthPolicy) -> tuple[Check, ...]:
+    """The checks ``Verifier.verify`` runs on a token for ``policy``, in the order it runs them."""
+    return (
+        *TOKEN_CHECKS,
+        *((AUD,) if policy.audiences is not None else ()),
+        *(_claim_check(name) for name in policy.required_claims),
+        *((_scopes_check(policy),) if policy.required_scopes else ()),
+        *(_matcher_check(matcher) for matcher in policy.claim_matchers),
+    )
+
+
+def token_facts(token: str, policy: AuthPolicy) -> dict[str, str]:
+    """What the passed checks of ``checks(policy)`` name: the token's ``alg``, ``kid`` and ``typ``,
+    and the issuer its ``iss`` chooses, with that issuer's leeway (read by the same steps as
+    ``verify``; for ``gateway explain``, never on the request path)."""
+    facts: dict[str, str] = {}
+    try:
+        parsed = parse_token(token)
+    except Rejection:
+        return facts
+    facts.update(
+        alg=str(parsed.header.get("alg")),
+        kid=repr(parsed.header.get("kid")),
+        typ=repr(parsed.header.get("typ")),
+    )
+    try:
+        issuer = _unverified_issuer(parsed, policy)
+    except Rejection:
+        return facts
+    facts.update(issuer=issuer.id, leeway=f"{issuer.leeway_s:g}")
+    return facts

@@ -20,6 +20,7 @@ ENVOY_YAML = FORWARD_AUTH / "envoy.yaml"
 GATEWAY_YAML = FORWARD_AUTH / "gateway.yaml"
 
 HCM = "envoy.filters.network.http_connection_manager"
+HEADER_NAME_GUARD = "envoy.filters.http.lua"
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
 ROUTER = "envoy.filters.http.router"
 # What the gateway's forward-auth endpoint for Envoy expects (gateway/forward_auth.py).
@@ -173,7 +174,8 @@ def test_every_request_is_checked_before_it_is_routed_upstream() -> None:
     envoy = _envoy()
     hcm = _hcm(envoy)
     names = [f["name"] for f in hcm["http_filters"]]
-    assert names == [EXT_AUTHZ, ROUTER]
+    # The header-name guard runs first (it only refuses), then the check, then routing.
+    assert names == [HEADER_NAME_GUARD, EXT_AUTHZ, ROUTER]
     (virtual_host,) = hcm["route_config"]["virtual_hosts"]
     assert virtual_host["domains"] == ["*"]
     clusters = _clusters(envoy)

@@ -2,7 +2,7 @@
 config, the ingress-nginx manifests validate against the Kubernetes schemas, and every caller
 config (ingress-nginx annotations, nginx.conf) overwrites exactly the headers the gateway owns.
 
-A real nginx runs the shipped nginx.conf in tests/integration/test_forward_auth_nginx.py.
+A real nginx runs the shipped nginx.conf in tests/integration/test_forward_auth_callers.py.
 """
 
 from __future__ import annotations

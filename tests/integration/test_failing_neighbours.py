@@ -321,6 +321,63 @@ async def test_client_stalling_mid_body_does_not_hold_its_slot_forever(serve, si
         await conn.close()
 
 
+async def test_client_dripping_a_body_is_cut_at_the_body_deadline(serve, sink):
+    _, url = sink
+    # A byte every 0.1 s never trips the 0.5 s gap timer; only the deadline on the whole body
+    # stops it.
+    gw = await serve(
+        point_routes_at(url),
+        set_limits(client_body_timeout_s=0.5, client_body_deadline_s=0.6),
+        set_upstream_defaults(timeout_s=5),
+    )
+    conn = await RawConnection.open(gw.port)
+
+    async def drip() -> None:
+        for _ in range(100):  # 10 s at most: far past the deadline
+            await conn.send(b"d")
+            await asyncio.sleep(0.1)
+
+    dripping = asyncio.ensure_future(drip())
+    try:
+        await conn.send(UPLOAD_HEADS["content-length"])
+        reply = await conn.response(within=4)
+        assert reply.status == 408
+        assert json.loads(reply.body)["error"]["reason"] == "client_timeout"
+        assert not dripping.done()  # answered while the client was still dripping
+    finally:
+        dripping.cancel()
+        await conn.close()
+    assert gw.metric("gateway_requests_total", route="public", reason="client_timeout") == 1
+
+
+async def test_client_that_stops_reading_frees_its_slot_and_upstream_connection(serve, upstream):
+    upstream.mode = "download"
+    upstream.download_bytes = 256 * MIB  # far more than the kernel buffers on the way hold
+    gw = await serve(
+        set_limits(max_concurrent_requests=1, max_queued_requests=0, client_write_timeout_s=0.3)
+    )
+    conn = await RawConnection.open(gw.port)
+    try:
+        await conn.send(b"GET /public/file HTTP/1.1\r\nHost: gateway.test\r\n\r\n")
+        await conn.reader.readuntil(b"\r\n\r\n")  # the head arrived; the body is never read
+
+        async def admitted() -> bool:
+            upstream.download_bytes = 10
+            status, _ = await get(gw, "/public/next")
+            return status == 200
+
+        await wait_until(admitted, within=5, what="the non-reading client's slot freed")
+        _, _ = await conn.closed_by_server(within=5)  # the gateway cut the stalled response
+    finally:
+        await conn.close()
+    assert gw.metric("gateway_requests_total", route="public", reason="client_timeout") == 1
+    # The cut response's upstream connection was closed, not pooled (its body was unfinished);
+    # only the follow-up request's connection stays pooled (the echo upstream, in this process,
+    # keeps a task for it, so tasks are not counted here).
+    await wait_until(lambda: gw.upstream_pools.in_use == 0, what="no connection left in use")
+    await wait_until(lambda: sockets_to(port_of(upstream.url)) <= 1, what="one pooled socket")
+
+
 # --- an identity provider that goes bad ---------------------------------------------------------
 HUGE = 10 * MIB
 

@@ -1,7 +1,7 @@
 """Forward-auth mode through the gateway's own HTTP surface: each caller's dialect, the decision,
 the headers that keep a client's identity headers from the upstream, and the refusals.
 
-The real nginx and Envoy in front of it are in test_forward_auth_nginx.py and _envoy.py.
+The real nginx, Envoy and Traefik in front of it are in test_forward_auth_callers.py.
 """
 
 from __future__ import annotations

@@ -548,14 +548,14 @@ async def drain(meter: _BodyMeter) -> list[bytes]:
 )
 async def test_a_body_within_the_limit_streams_whole(size: int, limit: int) -> None:
     data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
-    meter = _BodyMeter(body(data), limit, gap_s=5)
+    meter = _BodyMeter(body(data), limit, gap_s=5, deadline_s=60)
     assert b"".join(await drain(meter)) == data
     assert meter.stopped is None
 
 
 async def test_a_body_past_the_limit_stops_before_the_excess_is_sent() -> None:
     stream = body(eof=False)
-    meter = _BodyMeter(stream, 100, gap_s=5)
+    meter = _BodyMeter(stream, 100, gap_s=5, deadline_s=60)
     sent: list[bytes] = []
     chunks = meter.chunks()
     stream.feed_data(b"a" * 60)
@@ -570,7 +570,7 @@ async def test_a_body_past_the_limit_stops_before_the_excess_is_sent() -> None:
 
 async def test_a_stalled_body_stops_after_the_gap() -> None:
     stream = body(b"start", eof=False)
-    meter = _BodyMeter(stream, 0, gap_s=0.05)
+    meter = _BodyMeter(stream, 0, gap_s=0.05, deadline_s=60)
     chunks = meter.chunks()
     assert await anext(chunks) == b"start"
     with pytest.raises(_BodyStopped) as caught:
@@ -581,7 +581,7 @@ async def test_a_stalled_body_stops_after_the_gap() -> None:
 
 async def test_the_gap_bounds_each_wait_not_the_whole_upload() -> None:
     stream = body(eof=False)
-    meter = _BodyMeter(stream, 0, gap_s=0.25)
+    meter = _BodyMeter(stream, 0, gap_s=0.25, deadline_s=60)
 
     async def trickle() -> None:
         for _ in range(10):  # ~0.5 s in all, twice the gap
@@ -593,6 +593,26 @@ async def test_the_gap_bounds_each_wait_not_the_whole_upload() -> None:
     assert b"".join(await drain(meter)) == b"x" * 10
     await feeder
     assert meter.stopped is None
+
+
+async def test_the_deadline_bounds_the_whole_upload_however_steadily_it_drips() -> None:
+    stream = body(eof=False)
+    meter = _BodyMeter(stream, 0, gap_s=0.25, deadline_s=0.2)
+
+    async def trickle() -> None:
+        for _ in range(40):  # a byte every 0.05 s: never a gap, 2 s in all
+            await asyncio.sleep(0.05)
+            stream.feed_data(b"x")
+        stream.feed_eof()
+
+    feeder = asyncio.create_task(trickle())
+    try:
+        with pytest.raises(_BodyStopped) as caught:
+            await asyncio.wait_for(drain(meter), 5)
+        assert caught.value.reason is Reason.CLIENT_TIMEOUT
+        assert not feeder.done()  # cut while still dripping, not at the end
+    finally:
+        feeder.cancel()
 
 
 async def test_a_declared_length_over_the_limit_is_refused_before_the_upstream(

@@ -15,7 +15,14 @@ from jwt import PyJWK
 from gateway.config import AuthPolicy, ClaimMatcher, IssuerConfig, MatchOp
 from gateway.errors import Rejection
 from gateway.reasons import Reason
-from gateway.verifier import VerifiedToken, Verifier, parse_token
+from gateway.verifier import (
+    CheckFailed,
+    VerifiedToken,
+    Verifier,
+    checks,
+    parse_token,
+    token_facts,
+)
 from tests.fakes import FakeClock, SigningKey, generate_key, make_token
 
 WALL = 1_700_000_000.0
@@ -1199,15 +1206,19 @@ async def test_a_refused_token_is_not_cached(
     assert len(ring.calls) == 2
 
 
-async def test_explain_runs_every_check_even_for_a_cached_token(
+async def test_a_cache_hit_refused_by_the_route_names_the_check_that_refused(
     rs: SigningKey, ring: KeyRing, cached: Verifier, wall_clock: FakeClock
 ) -> None:
-    token = mint(rs, wall_clock)
+    token = mint(rs, wall_clock, scope="orders:read")
     await cached.verify(token, POLICY)
-    trace: list[str] = []
-    await cached.verify(token, POLICY, trace)
-    assert "signature verifies" in trace
-    assert len(ring.calls) == 2
+    rejection = await reject(cached, token, SCOPED)
+    assert isinstance(rejection, CheckFailed)
+    assert rejection.check == checks(SCOPED)[-1]
+    assert (rejection.check.name, rejection.check.says({})) == (
+        "scopes",
+        "the token grants all of: orders:write",
+    )
+    assert len(ring.calls) == 1  # judged from the cache: the same checks, no second verify
 
 
 # --- what the checks themselves decide ------------------------------------------------------------
@@ -1290,34 +1301,174 @@ async def test_a_failed_claim_check_challenges_with_the_routes_scopes(
     assert (rejection.reason, rejection.scope) == (Reason.INSUFFICIENT_SCOPE, "read")
 
 
+# --- the check table: what verify runs, in order, and names when it refuses ----------------------
+FULL = AuthPolicy(
+    issuers=(TEST_ISSUER, OTHER_ISSUER),
+    audiences=frozenset({"api"}),
+    required_claims=("sub", "email"),
+    required_scopes=frozenset({"read"}),
+    claim_matchers=(ClaimMatcher(("tier",), MatchOp.EQUALS, ("gold",)),),
+)
+FULL_CLAIMS: dict[str, Any] = {"email": "a@x", "scope": "read", "tier": "gold"}
+
+
 @pytest.mark.parametrize(("any_of", "which"), [(False, "all"), (True, "any")])
-async def test_explain_trace_names_every_check_passed(
+async def test_the_check_table_lists_a_policys_checks_in_order(
     any_of: bool, which: str, rs: SigningKey, verifier: Verifier, wall_clock: FakeClock
 ) -> None:
     """What ``gateway explain`` prints for an accepted token, one line per check, in order."""
-    policy = AuthPolicy(
-        issuers=(TEST_ISSUER,),
-        audiences=frozenset({"api"}),
-        required_claims=("sub",),
-        required_scopes=frozenset({"b", "a"}),
-        scopes_any_of=any_of,
-        claim_matchers=(ClaimMatcher(("tier",), MatchOp.EQUALS, ("gold",)),),
-    )
-    trace: list[str] = []
-    await verifier.verify(mint(rs, wall_clock, scope="a b", tier="gold"), policy, trace)
-    assert trace == [
-        "token parses as a JWS with a JSON header and payload",
-        "iss names issuer 'test', trusted on this route",
-        "alg RS256 is pinned for issuer 'test'",
-        "typ 'JWT' is accepted",
-        "key 'key-rs256' found in the issuer's key set",
-        "signature verifies",
-        "exp, nbf and iat are valid now (leeway 30s)",
-        "aud names an audience of this route",
-        "required claim 'sub' is present",
-        f"scopes grant {which} of: a b",
-        f"claim check holds: {policy.claim_matchers[0].describe()}",
+    policy = dataclasses.replace(FULL, scopes_any_of=any_of)
+    token = mint(rs, wall_clock, **FULL_CLAIMS)
+    await verifier.verify(token, policy)
+    facts = token_facts(token, policy)
+    assert [(check.name, check.says(facts)) for check in checks(policy)] == [
+        ("parse", "token parses as a JWS with a JSON header and payload"),
+        ("alg", "alg RS256 is pinned by an issuer of this route"),
+        ("iss", "iss names issuer 'test', trusted on this route"),
+        ("issuer alg", "alg RS256 is pinned for issuer 'test'"),
+        ("typ", "typ 'JWT' is accepted"),
+        ("key", "key 'key-rs256' found in the issuer's key set"),
+        ("key alg", "the key is bound to alg RS256"),
+        ("signature", "signature verifies"),
+        ("payload", "the signed payload is a JSON object"),
+        ("claim types", "iss, sub and jti are strings, aud a string or strings"),
+        ("signed iss", "the signed iss still names issuer 'test'"),
+        ("exp", "exp is a number and has not passed (leeway 30s)"),
+        ("nbf", "nbf, if present, is a number and has come (leeway 30s)"),
+        ("iat", "iat, if present, is a number and not in the future (leeway 30s)"),
+        ("aud", "aud names an audience of this route"),
+        ("required claim", "'sub' is present"),
+        ("required claim", "'email' is present"),
+        ("scopes", f"the token grants {which} of: read"),
+        ("claim check", "tier equals gold holds"),
     ]
+
+
+def test_a_policy_runs_only_the_checks_it_configures() -> None:
+    names = [check.name for check in checks(dataclasses.replace(POLICY, audiences=None))]
+    assert names[-1] == "iat"
+    assert "aud" not in names
+    assert "scopes" not in names
+
+
+def test_configured_text_in_a_check_is_shown_as_it_is() -> None:
+    policy = dataclasses.replace(
+        POLICY,
+        required_claims=("{alg}",),
+        claim_matchers=(ClaimMatcher(("x",), MatchOp.EQUALS, ("{kid}",)),),
+    )
+    *_, claim, matcher = checks(policy)
+    assert claim.says({"alg": "RS256"}) == "'{alg}' is present"
+    assert matcher.says({"kid": "k"}) == "x equals {kid} holds"
+
+
+def test_token_facts_of_a_token_that_does_not_parse_are_unknown() -> None:
+    assert token_facts("abc", POLICY) == {}
+    assert (
+        checks(POLICY)[2].says(token_facts("abc", POLICY))
+        == "iss names issuer '?', trusted on this route"
+    )
+
+
+class _WrongAlg(CountingLookup):
+    """A key set that answers every kid with a key bound to PS256."""
+
+    async def get_key(self, issuer: IssuerConfig, kid: str | None, alg: str) -> PyJWK:
+        return PyJWK(self._keys["key-rs256"].public_jwk(with_alg=False), algorithm="PS256")
+
+
+def _swapped_payload(rs: SigningKey, clock: FakeClock) -> str:
+    head, _, sig = mint(rs, clock, **FULL_CLAIMS).split(".")
+    return f"{head}.{mint(rs, clock, sub='mallory').split('.')[1]}.{sig}"
+
+
+# One token per check of FULL's table, in the table's order: it passes every check before.
+REFUSED_BY: list[tuple[str, Any]] = [
+    ("parse", lambda rs, ps, clock: "abc"),
+    ("alg", lambda rs, ps, clock: _jws(b'{"alg":"HS256","kid":"key-rs256"}')),
+    ("iss", lambda rs, ps, clock: mint(rs, clock, iss="https://evil.test")),
+    ("issuer alg", lambda rs, ps, clock: mint(ps, clock)),
+    ("typ", lambda rs, ps, clock: mint(rs, clock, headers={"typ": "JWE"})),
+    ("key", lambda rs, ps, clock: mint(rs, clock, headers={"kid": "nope"})),
+    ("key alg", lambda rs, ps, clock: mint(rs, clock)),
+    ("signature", lambda rs, ps, clock: _swapped_payload(rs, clock)),
+    (
+        "payload",
+        lambda rs, ps, clock: _signed_text(rs, _payload_text(**HEAVY)[:-1] + b',"sub":"bob"}'),
+    ),
+    ("claim types", lambda rs, ps, clock: mint(rs, clock, sub=12345)),
+    (
+        "signed iss",
+        lambda rs, ps, clock: _signed_text(
+            rs, json.dumps({"act": {"iss": ISS}, "iss": OTHER_ISS, **HEAVY}).encode()
+        ),
+    ),
+    ("exp", lambda rs, ps, clock: mint(rs, clock, iat=NOW - 7200, exp=NOW - 3600)),
+    ("nbf", lambda rs, ps, clock: mint(rs, clock, nbf=NOW + 3600)),
+    ("iat", lambda rs, ps, clock: mint(rs, clock, iat=NOW + 3600, exp=NOW + 7200)),
+    ("aud", lambda rs, ps, clock: mint(rs, clock, **FULL_CLAIMS, aud="other")),
+    ("required claim", lambda rs, ps, clock: mint(rs, clock, omit=("sub",), **FULL_CLAIMS)),
+    ("required claim", lambda rs, ps, clock: mint(rs, clock, **{**FULL_CLAIMS, "email": None})),
+    ("scopes", lambda rs, ps, clock: mint(rs, clock, **{**FULL_CLAIMS, "scope": "write"})),
+    ("claim check", lambda rs, ps, clock: mint(rs, clock, **{**FULL_CLAIMS, "tier": "silver"})),
+]
+
+
+def test_every_check_of_the_table_has_a_token_it_refuses() -> None:
+    assert [name for name, _ in REFUSED_BY] == [check.name for check in checks(FULL)]
+
+
+@pytest.mark.parametrize(
+    ("position", "make"),
+    [pytest.param(i, make, id=f"{i:02}-{name}") for i, (name, make) in enumerate(REFUSED_BY)],
+)
+async def test_a_refusal_names_the_check_that_refused(
+    position: int,
+    make: Any,
+    rs: SigningKey,
+    ps: SigningKey,
+    lookup: CountingLookup,
+    wall_clock: FakeClock,
+) -> None:
+    keys = _WrongAlg(rs) if REFUSED_BY[position][0] == "key alg" else lookup
+    rejection = await reject(Verifier(keys, wall_clock), make(rs, ps, wall_clock), FULL)
+    assert isinstance(rejection, CheckFailed)
+    assert rejection.check == checks(FULL)[position]
+
+
+async def test_verify_runs_the_claim_checks_in_the_tables_order(
+    rs: SigningKey, verifier: Verifier, wall_clock: FakeClock
+) -> None:
+    """A token failing every claim check is refused by the first; fixing each in turn in the
+    table's order uncovers the next, until it passes."""
+    wrong: dict[str, Any] = {
+        "exp": NOW - 3600, "nbf": NOW + 3600, "iat": NOW + 3600, "aud": "other", "sub": None,
+        "email": None, "scope": "write", "tier": "silver",
+    }  # fmt: skip
+    right: list[dict[str, Any]] = [
+        {"exp": NOW + 7200}, {"nbf": NOW}, {"iat": NOW}, {"aud": "api"}, {"sub": "alice"},
+        {"email": "a@x"}, {"scope": "read"}, {"tier": "gold"},
+    ]  # fmt: skip
+    refused_by = []
+    for fix in right:
+        rejection = await reject(verifier, mint(rs, wall_clock, **wrong), FULL)
+        assert isinstance(rejection, CheckFailed)
+        refused_by.append(rejection.check)
+        wrong.update(fix)
+    await verifier.verify(mint(rs, wall_clock, **wrong), FULL)
+    assert refused_by == list(checks(FULL)[-len(right) :])
+
+
+async def test_a_key_lookup_refusal_is_the_key_check(
+    rs: SigningKey, verifier: Verifier, wall_clock: FakeClock
+) -> None:
+    rejection = await reject(verifier, mint(rs, wall_clock, headers={"kid": "nope"}))
+    assert isinstance(rejection, CheckFailed)
+    assert (rejection.check.name, rejection.reason, rejection.detail) == (
+        "key",
+        Reason.KEY_NOT_FOUND,
+        "unknown kid",
+    )
 
 
 def test_an_unencoded_payload_header_is_refused_even_without_crit() -> None:
