@@ -347,16 +347,35 @@ class Forwarder:
             # passed and the declared length within the limit, is the body worth receiving.
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.writer.output_size = 0  # the response itself has not started
-        async for chunk in meter.chunks():
-            conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-            await conn.drain(self._read_timeout)
-            if conn.answered:
-                # The upstream answered before taking the whole body (a 413, say): stop
-                # sending; the connection cannot carry another exchange.
-                conn.spoiled = True
+        # The upstream may answer before taking the whole body (a 413, say), also while this
+        # task waits for the client's next chunk: the answer interrupts that wait, the upload
+        # stops, and the connection cannot carry another exchange.
+        task = asyncio.current_task()
+        assert task is not None
+        interrupted = False
+
+        def interrupt() -> None:
+            nonlocal interrupted
+            interrupted = True
+            task.cancel()
+
+        conn.on_answer = interrupt
+        try:
+            async for chunk in meter.chunks():
+                conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                await conn.drain(self._read_timeout)
+                if conn.answered:
+                    break
+            else:
+                if chunked:
+                    conn.write(b"0\r\n\r\n")
                 return
-        if chunked:
-            conn.write(b"0\r\n\r\n")
+        except asyncio.CancelledError:
+            if not interrupted or task.uncancel() > 0:
+                raise  # a real cancellation (the client left, or shutdown)
+        finally:
+            conn.on_answer = None
+        conn.spoiled = True
 
     async def _relay(
         self, request: web.Request, conn: UpstreamConnection, upstream: ResponseHead

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, cast
 
@@ -80,6 +81,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._writing_paused = False
         self.responded = False  # a response byte arrived in this exchange
         self.spoiled = False  # the request was not sent whole: the framing is lost
+        self.on_answer: Callable[[], None] | None = None  # called once the response head is in
         self.reused = False  # the connection carried an exchange before this one
         self.idle_since = 0.0
 
@@ -146,6 +148,9 @@ class UpstreamConnection(asyncio.Protocol):
             self._parser.should_keep_alive(),
         )
         self._head = head
+        self._wake_drain()  # an upload waiting for the upstream to read stops: it answered
+        if self.on_answer is not None:
+            self.on_answer()
         if self._head_only or status in (204, 304):
             self._complete = True
         else:
@@ -208,7 +213,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     async def drain(self, wait_s: float) -> None:
         """Wait until the upstream has taken what was written (at most ``wait_s`` seconds)."""
-        while self._writing_paused and self._failure is None:
+        while self._writing_paused and self._failure is None and self._head is None:
             self._drain_waiter = self._loop.create_future()
             try:
                 async with asyncio.timeout(wait_s):
@@ -360,14 +365,17 @@ class UpstreamPool:
             async with asyncio.timeout(pool_timeout):
                 handed = await waiter
         except TimeoutError:
-            raise Rejection(
-                Reason.UPSTREAM_OVERLOADED, "no upstream connection free in time"
-            ) from None
+            if not waiter.done() or waiter.cancelled():
+                self._forget(waiter)
+                raise Rejection(
+                    Reason.UPSTREAM_OVERLOADED, "no upstream connection free in time"
+                ) from None
+            handed = waiter.result()  # handed over in the very turn the wait ran out: use it
         except BaseException:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-            elif waiter.done() and not waiter.cancelled():
-                self._pass_on(waiter.result())  # handed over just as we were cancelled
+            if waiter.done() and not waiter.cancelled():
+                self._give_back(waiter.result())  # handed over just as we were cancelled
+            else:
+                self._forget(waiter)
             raise
         if handed is not None:
             return handed
@@ -411,6 +419,16 @@ class UpstreamPool:
                 return conn
             conn.close()  # too old to trust; lost() frees its slot
         return None
+
+    def _forget(self, waiter: asyncio.Future[UpstreamConnection | None]) -> None:
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+
+    def _give_back(self, handed: UpstreamConnection | None) -> None:
+        """Return what a waiter was handed but will not use: a connection, or a counted slot."""
+        if handed is None:
+            self._open -= 1
+        self._pass_on(handed)
 
     def _close_one_idle(self) -> None:
         if self._idle:

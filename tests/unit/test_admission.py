@@ -151,3 +151,83 @@ async def test_a_waiter_cancelled_before_a_release_skips_it_gives_back_no_slot()
     assert admission.in_flight == 0
     with pytest.raises(asyncio.CancelledError):
         await cancelled
+
+
+# --- resize (a reload's new limits) ---------------------------------------------------------
+async def test_raising_the_limit_admits_queued_waiters_at_once_in_order() -> None:
+    admission = Admission(limit=1, queue=3)
+    release = asyncio.Event()
+    entered: list[str] = []
+    tasks = [asyncio.create_task(_hold(admission, entered, n, release)) for n in "abcd"]
+    await _settle()
+    assert entered == ["a"]
+    admission.resize(3, 3)  # no request left: the new room goes to the oldest waiters
+    await _settle()
+    assert entered == ["a", "b", "c"]
+    assert admission.in_flight == 3
+    release.set()
+    await asyncio.gather(*tasks)
+    assert entered == ["a", "b", "c", "d"]
+    assert admission.in_flight == 0
+
+
+async def test_raising_the_limit_skips_a_waiter_that_already_left() -> None:
+    admission = Admission(limit=1, queue=3)
+    release = asyncio.Event()
+    entered: list[str] = []
+    holder = asyncio.create_task(_hold(admission, entered, "holder", release))
+    await _settle()
+    leaver = asyncio.create_task(_hold(admission, entered, "leaver", release))
+    stayer = asyncio.create_task(_hold(admission, entered, "stayer", release))
+    await _settle()
+    leaver.cancel()  # its waiter is cancelled; its task has not run yet...
+    admission.resize(2, 3)  # ...when the new room is handed out: it goes to "stayer"
+    await _settle()
+    assert entered == ["holder", "stayer"]
+    assert admission.in_flight == 2
+    release.set()
+    await asyncio.gather(holder, stayer)
+    assert admission.in_flight == 0
+    with pytest.raises(asyncio.CancelledError):
+        await leaver
+
+
+async def test_lowering_the_limit_lets_in_flight_finish_and_admits_none_beyond_it() -> None:
+    admission = Admission(limit=3, queue=3)
+    gates = {name: asyncio.Event() for name in ("a", "b", "c", "late")}
+    entered: list[str] = []
+    first = [asyncio.create_task(_hold(admission, entered, n, gates[n])) for n in "abc"]
+    await _settle()
+    assert admission.in_flight == 3
+    admission.resize(1, 3)
+    assert admission.in_flight == 3  # nobody is thrown out
+    late = asyncio.create_task(_hold(admission, entered, "late", gates["late"]))
+    await _settle()
+    assert entered == ["a", "b", "c"]  # over the new limit: it waits
+    for name, in_flight in (("a", 2), ("b", 1)):
+        gates[name].set()
+        await _settle()
+        assert entered == ["a", "b", "c"]  # still at or over the limit: nothing admitted
+        assert admission.in_flight == in_flight
+    gates["c"].set()  # the last of the old requests leaves: now there is room for one
+    await _settle()
+    assert entered == ["a", "b", "c", "late"]
+    assert admission.in_flight == 1
+    gates["late"].set()
+    await asyncio.gather(*first, late)
+    assert admission.in_flight == 0
+
+
+async def test_lowering_the_queue_to_zero_refuses_newcomers_at_once() -> None:
+    admission = Admission(limit=1, queue=5)
+
+    async def enter() -> None:
+        async with admission:
+            pass
+
+    async with admission:
+        admission.resize(1, 0)
+        with pytest.raises(Rejection) as caught:
+            await asyncio.wait_for(enter(), 1)  # refused, not queued
+        assert caught.value.reason is Reason.UPSTREAM_OVERLOADED
+    assert admission.in_flight == 0

@@ -1103,3 +1103,33 @@ def test_same_key_in_different_mappings_is_not_a_duplicate() -> None:
     assert [r.id for r in config.routes] == ["admin", "public"]
     assert config.routes[0].auth is not None
     assert config.routes[1].auth is None
+
+
+# --- upstream_defaults.pool_timeout_s ------------------------------------------------
+def test_pool_timeout_defaults_to_five_seconds_and_can_be_set() -> None:
+    assert load(MINIMAL).upstream_defaults.pool_timeout_s == 5.0
+    config = load(BASE, setter("upstream_defaults", "pool_timeout_s", value=0.25))
+    assert config.upstream_defaults.pool_timeout_s == 0.25
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        pytest.param(
+            0, "upstream_defaults.pool_timeout_s: got 0; expected a number > 0", id="zero"
+        ),
+        pytest.param(
+            -1, "upstream_defaults.pool_timeout_s: got -1; expected a number > 0", id="negative"
+        ),
+        pytest.param(
+            "x",
+            "upstream_defaults.pool_timeout_s: got 'x'; expected a number of seconds",
+            id="text",
+        ),
+    ],
+)
+def test_pool_timeout_must_be_a_positive_number_of_seconds(value: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(BASE, setter("upstream_defaults", "pool_timeout_s", value=value))
+    assert str(caught.value) == message
+    assert caught.value.path == "upstream_defaults.pool_timeout_s"

@@ -1,0 +1,753 @@
+"""The upstream hop's own HTTP/1.1 client, seen from outside: keep-alive reuse, the connection
+bound and its bounded wait, a stale pooled connection, HEAD, interim responses, close-delimited
+bodies, a request head with nothing added, an upstream that answers before the body is in,
+route bounds across reloads, and upstream timeouts as reasons.
+
+Every upstream here is a raw ``asyncio.start_server`` on 127.0.0.1 (``RawUpstream``) driven by a
+script: it reads each request off the wire and writes the exact bytes the test chose, so what
+the gateway sent and how many connections it opened are read on the upstream's side.  The
+gateway is served as ``gateway run`` serves it.  Nothing mocks the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from multidict import CIMultiDictProxy
+
+from gateway import loads_config
+from gateway.app import GATEWAY_KEY
+from gateway.upstream import UpstreamPool
+from tests.conftest import Edit, GatewayFactory, RunningGateway, base_config
+from tests.fakes import EchoUpstream, FakeIdP
+from tests.integration.authkit import RawConnection
+from tests.integration.e2e_helpers import MIB, free_port, wait_until
+from tests.integration.hardening_kit import (
+    RawUpstream,
+    closing_session,
+    point_routes_at,
+    read_request_head,
+    set_limits,
+    set_route,
+    set_upstream_defaults,
+)
+
+HELLO = b"hello"
+CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=15)  # a gateway that hangs fails the test, not CI
+
+
+# --- a scripted raw upstream ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Seen:
+    """One request as the upstream read it off the wire."""
+
+    method: str
+    target: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    connection: int  # 1 for the upstream's first accepted connection, 2 for the next...
+    order: int  # 0 for the first request on its connection, 1 for the next...
+
+    def values(self, name: str) -> list[str]:
+        return [value for key, value in self.headers if key.lower() == name.lower()]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Bytes the upstream writes as is; ``close``: it closes the connection afterwards."""
+
+    data: bytes
+    close: bool = False
+
+
+Answer = Callable[[Seen], Awaitable[Reply | None]]  # None: close without answering
+
+
+def response(
+    body: bytes = HELLO,
+    *,
+    status: str = "200 OK",
+    headers: tuple[str, ...] = (),
+    version: str = "HTTP/1.1",
+) -> bytes:
+    lines = [f"{version} {status}", f"Content-Length: {len(body)}", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def parse_head(head: bytes) -> tuple[str, str, list[tuple[str, str]]]:
+    request_line, *lines = head.decode("latin-1").split("\r\n")
+    method, target, _ = request_line.split(" ", 2)
+    headers = []
+    for line in lines:
+        if line:
+            name, _, value = line.partition(":")
+            headers.append((name, value.strip()))
+    return method, target, headers
+
+
+async def read_chunked(reader: asyncio.StreamReader) -> bytes:
+    body = bytearray()
+    for _ in range(100_000):
+        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+        if size == 0:
+            assert await reader.readuntil(b"\r\n") == b"\r\n", "no trailers expected"
+            return bytes(body)
+        body += await reader.readexactly(size)
+        assert await reader.readexactly(2) == b"\r\n"
+    raise AssertionError("too many chunks")
+
+
+async def read_body(reader: asyncio.StreamReader, headers: list[tuple[str, str]]) -> bytes:
+    framing = {name.lower(): value for name, value in headers}
+    if "content-length" in framing:
+        return await reader.readexactly(int(framing["content-length"]))
+    if framing.get("transfer-encoding", "").lower() == "chunked":
+        return await read_chunked(reader)
+    return b""
+
+
+class ScriptedUpstream:
+    """On each connection, reads requests one after another (head and body) and writes what
+    ``answer`` returns for each; every request is recorded in ``seen``."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+        self.seen: list[Seen] = []
+        self.raw = RawUpstream(self._serve)
+        self._writers: list[asyncio.StreamWriter] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.url = ""
+
+    @property
+    def connections(self) -> int:
+        return self.raw.connections
+
+    async def start(self) -> str:
+        self.url = await self.raw.start()
+        return self.url
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        number = self.raw.connections
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.append(writer)
+        for order in range(1000):
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            except asyncio.IncompleteReadError:
+                writer.close()  # the gateway closed its side
+                return
+            method, target, headers = parse_head(head)
+            body = await asyncio.wait_for(read_body(reader, headers), 10)
+            seen = Seen(method, target, headers, body, number, order)
+            self.seen.append(seen)
+            reply = await self.answer(seen)
+            if reply is None:
+                writer.close()
+                return
+            writer.write(reply.data)
+            await writer.drain()
+            if reply.close:
+                writer.close()
+                return
+
+    async def close(self) -> None:
+        for writer in self._writers:
+            writer.transport.abort()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
+        await self.raw.close()
+
+
+async def always_hello(seen: Seen) -> Reply:
+    return Reply(response())
+
+
+class Hold:
+    """An answer that keeps requests whose path contains ``/hold`` until ``release`` is set;
+    every other request is answered at once."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+        self.held = 0
+
+    async def __call__(self, seen: Seen) -> Reply:
+        if "/hold" in seen.target:
+            self.held += 1
+            self.entered.set()
+            await asyncio.wait_for(self.release.wait(), 10)
+        return Reply(response())
+
+    async def wait_entered(self) -> None:
+        await asyncio.wait_for(self.entered.wait(), 5)
+
+
+UpstreamFactory = Callable[[Answer], Awaitable[ScriptedUpstream]]
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[UpstreamFactory]:
+    started: list[ScriptedUpstream] = []
+
+    async def start(answer: Answer) -> ScriptedUpstream:
+        upstream = ScriptedUpstream(answer)
+        started.append(upstream)
+        await upstream.start()
+        return upstream
+
+    yield start
+    for upstream in started:
+        await upstream.close()
+
+
+@pytest.fixture
+def serve(make_gateway: GatewayFactory) -> GatewayFactory:
+    """Gateways (no admin app) on the base config changed by ``edits``, served as ``gateway run``."""
+    return functools.partial(make_gateway, served=True, admin=False)
+
+
+def add_public_route(route_id: str, prefix: str) -> Edit:
+    """A public route; put it before ``point_routes_at`` so that it names the same upstream."""
+
+    def edit(document: dict[str, Any]) -> None:
+        document["routes"].append(
+            {
+                "id": route_id,
+                "match": {"path_prefix": prefix},
+                "upstream": "http://x",
+                "auth": "none",
+            }
+        )
+
+    return edit
+
+
+# --- the client side -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Got:
+    status: int
+    body: bytes
+    headers: CIMultiDictProxy[str]
+
+    @property
+    def reason(self) -> str:
+        """The reason of a gateway rejection; for anything else, what the body was."""
+        try:
+            value = json.loads(self.body)["error"]["reason"]
+        except (ValueError, KeyError, TypeError):
+            return f"not a rejection: {self.body[:60]!r}"
+        assert isinstance(value, str)
+        return value
+
+
+async def call(gw: RunningGateway, path: str, method: str = "GET", **kwargs: Any) -> Got:
+    """One request on a connection of its own (so client keep-alive plays no part)."""
+    async with (
+        closing_session() as session,
+        session.request(method, gw.url(path), timeout=CLIENT_TIMEOUT, **kwargs) as answer,
+    ):
+        return Got(answer.status, await answer.read(), answer.headers)
+
+
+def only_pool(gw: RunningGateway) -> UpstreamPool:
+    pools = gw.upstream_pools.pools()
+    assert len(pools) == 1, pools
+    return pools[0]
+
+
+# --- 1. reuse ------------------------------------------------------------------------------------
+async def test_sequential_requests_share_one_upstream_connection(serve, scripted):
+    upstream = await scripted(always_hello)
+    gw = await serve(point_routes_at(upstream.url))
+    for index in range(5):
+        got = await call(gw, f"/public/{index}")
+        assert (got.status, got.body) == (200, HELLO)
+    assert upstream.connections == 1
+    assert [(s.connection, s.order) for s in upstream.seen] == [(1, n) for n in range(5)]
+
+
+async def test_a_response_saying_connection_close_is_not_reused(serve, scripted):
+    # The upstream says close but leaves the socket open: only the gateway can honour it.
+    async def answer(seen: Seen) -> Reply:
+        return Reply(response(headers=("Connection: close",)))
+
+    upstream = await scripted(answer)
+    gw = await serve(point_routes_at(upstream.url))
+    for index in range(3):
+        got = await call(gw, f"/public/{index}")
+        assert (got.status, got.body) == (200, HELLO)
+    assert upstream.connections == 3
+    assert [s.order for s in upstream.seen] == [0, 0, 0]
+    await wait_until(lambda: only_pool(gw).open == 0, what="no upstream connection kept")
+
+
+# --- 2. the connection bound and the pool wait ---------------------------------------------------
+async def test_a_full_pool_refuses_another_route_after_pool_timeout_instead_of_hanging(
+    serve, scripted
+):
+    hold = Hold()
+    upstream = await scripted(hold)
+    gw = await serve(
+        add_public_route("other", "/other"),
+        point_routes_at(upstream.url),
+        set_upstream_defaults(max_connections=1, pool_timeout_s=0.2),
+    )
+    first = asyncio.create_task(call(gw, "/public/hold"))
+    try:
+        await hold.wait_entered()
+        started = time.monotonic()
+        got = await call(gw, "/other/x")
+        waited = time.monotonic() - started
+        assert (got.status, got.reason) == (503, "upstream_overloaded")
+        assert 0.15 <= waited < 2.0, waited  # about pool_timeout_s: a bounded wait, not a hang
+        assert upstream.connections == 1  # the bound held: no second connection was opened
+    finally:
+        hold.release.set()
+    assert (await first).status == 200
+    for _ in range(2):  # and once the first is done, requests flow again
+        got = await call(gw, "/other/x")
+        assert (got.status, got.body) == (200, HELLO)
+    assert upstream.connections == 1
+
+
+async def test_waiters_get_the_connection_as_it_is_released(serve, scripted):
+    hold = Hold()
+    upstream = await scripted(hold)
+    gw = await serve(
+        point_routes_at(upstream.url),
+        set_upstream_defaults(max_connections=1, pool_timeout_s=5),
+    )
+    first = asyncio.create_task(call(gw, "/public/hold"))
+    await hold.wait_entered()
+    others = [asyncio.create_task(call(gw, f"/public/{n}")) for n in range(2)]
+    await wait_until(lambda: only_pool(gw).waiting == 2, what="two requests wait for the pool")
+    started = time.monotonic()
+    hold.release.set()
+    results = await asyncio.wait_for(asyncio.gather(first, *others), 10)
+    assert [(got.status, got.body) for got in results] == [(200, HELLO)] * 3
+    assert time.monotonic() - started < 2.5  # handed over, not refused after pool_timeout_s
+    assert upstream.connections == 1
+    assert sorted(s.order for s in upstream.seen) == [0, 1, 2]
+
+
+# --- 3. a pooled connection the upstream closed ----------------------------------------------------
+async def first_only(seen: Seen) -> Reply | None:
+    """Answers the first request on each connection; closes the connection on the second."""
+    return Reply(response()) if seen.order == 0 else None
+
+
+async def test_a_get_on_a_pooled_connection_closed_unanswered_is_retried_on_a_new_one(
+    serve, scripted
+):
+    upstream = await scripted(first_only)
+    gw = await serve(point_routes_at(upstream.url))
+    assert (await call(gw, "/public/a")).status == 200
+    got = await call(gw, "/public/b")
+    assert (got.status, got.body) == (200, HELLO)
+    assert [(s.target, s.connection) for s in upstream.seen] == [
+        ("/public/a", 1),
+        ("/public/b", 1),  # the pooled connection: closed without an answer
+        ("/public/b", 2),  # sent once more, on a fresh connection
+    ]
+
+
+async def test_a_post_on_a_pooled_connection_closed_unanswered_is_502_and_sent_once(
+    serve, scripted
+):
+    upstream = await scripted(first_only)
+    gw = await serve(point_routes_at(upstream.url))
+    assert (await call(gw, "/public/a")).status == 200
+    got = await call(gw, "/public/b", "POST", data=b"pay once")
+    assert (got.status, got.reason) == (502, "upstream_unavailable")
+    posts = [s for s in upstream.seen if s.method == "POST"]
+    assert [(s.body, s.connection) for s in posts] == [(b"pay once", 1)]
+    assert upstream.connections == 1
+
+
+# --- 4. HEAD -------------------------------------------------------------------------------------
+async def test_head_answer_has_the_length_but_no_body_and_the_connection_is_reused(serve, scripted):
+    async def answer(seen: Seen) -> Reply:
+        if seen.method == "HEAD":  # the length a GET would have, and no body
+            return Reply(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nContent-Type: text/plain\r\n\r\n"
+            )
+        return Reply(response(b"g" * 1000, headers=("Content-Type: text/plain",)))
+
+    upstream = await scripted(answer)
+    gw = await serve(point_routes_at(upstream.url))
+    client = await RawConnection.open(gw.port)
+    try:
+        await client.send(b"HEAD /public/x HTTP/1.1\r\nHost: gw.test\r\n\r\n")
+        head = await client.response(method="HEAD", within=2)
+        assert (head.status, head.headers.get("Content-Length"), head.body) == (200, "1000", b"")
+        # The next answer on the same client connection parses: no stray bytes after the HEAD.
+        await client.send(b"GET /public/x HTTP/1.1\r\nHost: gw.test\r\n\r\n")
+        got = await client.response(within=2)
+        assert (got.status, got.body) == (200, b"g" * 1000)
+    finally:
+        await client.close()
+    assert [(s.method, s.connection) for s in upstream.seen] == [("HEAD", 1), ("GET", 1)]
+    assert upstream.connections == 1
+
+
+# --- 5. interim responses --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "interim",
+    [
+        pytest.param(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n", id="103"
+        ),
+        pytest.param(b"HTTP/1.1 100 Continue\r\n\r\n", id="100"),
+        pytest.param(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.js>\r\n\r\n",
+            id="100-then-103",
+        ),
+    ],
+)
+async def test_interim_responses_are_skipped_and_the_final_one_relayed(serve, scripted, interim):
+    async def answer(seen: Seen) -> Reply:
+        return Reply(interim + response(headers=("Content-Type: text/plain", "X-Final: yes")))
+
+    upstream = await scripted(answer)
+    gw = await serve(point_routes_at(upstream.url))
+    for _ in range(2):
+        got = await call(gw, "/public/x")
+        assert (got.status, got.body, got.headers.get("X-Final")) == (200, HELLO, "yes")
+        assert "Link" not in got.headers  # the interim response's headers are not the final's
+    assert upstream.connections == 1  # and the connection stays good for the next exchange
+
+
+# --- 6. a body delimited by the connection's close -----------------------------------------------
+async def test_a_close_delimited_body_arrives_whole_and_the_connection_is_not_pooled(
+    serve, scripted
+):
+    body = bytes(range(256)) * 1024  # 256 KiB: several reads, past the reading high-water mark
+
+    async def answer(seen: Seen) -> Reply:
+        return Reply(
+            b"HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\n\r\n" + body, True
+        )
+
+    upstream = await scripted(answer)
+    gw = await serve(point_routes_at(upstream.url))
+    for _ in range(2):
+        got = await call(gw, "/public/x")
+        assert (got.status, len(got.body), got.body == body) == (200, len(body), True)
+    assert upstream.connections == 2
+    pool = only_pool(gw)
+    await wait_until(lambda: (pool.open, pool.idle) == (0, 0), what="nothing pooled")
+
+
+# --- 7. nothing added to the request ---------------------------------------------------------------
+async def raw_exchange(gw: RunningGateway, data: bytes) -> int:
+    client = await RawConnection.open(gw.port)
+    try:
+        await client.send(data)
+        return (await client.response(within=5)).status
+    finally:
+        await client.close()
+
+
+def names(seen: Seen) -> list[str]:
+    return sorted(name.lower() for name, _ in seen.headers)
+
+
+FORWARDING = ["x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-request-id"]
+
+
+async def test_a_bare_get_reaches_the_upstream_with_only_host_and_forwarding_headers(
+    serve, scripted
+):
+    upstream = await scripted(always_hello)
+    gw = await serve(point_routes_at(upstream.url))
+    assert await raw_exchange(gw, b"GET /public/x HTTP/1.1\r\nHost: gw.test\r\n\r\n") == 200
+    (seen,) = upstream.seen
+    # Compared as sorted names: the order the gateway writes them in does not matter.
+    assert names(seen) == sorted(["host", *FORWARDING])
+    assert seen.values("Host") == [f"127.0.0.1:{upstream.raw.port}"]
+    assert seen.values("X-Forwarded-Host") == ["gw.test"]
+    assert (seen.method, seen.target, seen.body) == ("GET", "/public/x", b"")
+
+
+async def test_a_post_with_content_length_arrives_with_exactly_one_content_length(serve, scripted):
+    upstream = await scripted(always_hello)
+    gw = await serve(point_routes_at(upstream.url))
+    request = b"POST /public/x HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 7\r\n\r\npayload"
+    assert await raw_exchange(gw, request) == 200
+    (seen,) = upstream.seen
+    assert names(seen) == sorted(["host", "content-length", *FORWARDING])
+    assert seen.values("Content-Length") == ["7"]
+    assert seen.body == b"payload"
+
+
+async def test_a_chunked_post_arrives_chunked_with_the_same_bytes(serve, scripted):
+    upstream = await scripted(always_hello)
+    gw = await serve(point_routes_at(upstream.url))
+    request = (
+        b"POST /public/x HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n7\r\n, world\r\n0\r\n\r\n"
+    )
+    assert await raw_exchange(gw, request) == 200
+    (seen,) = upstream.seen
+    assert names(seen) == sorted(["host", "transfer-encoding", *FORWARDING])
+    assert seen.values("Transfer-Encoding") == ["chunked"]
+    assert seen.body == b"hello, world"
+
+
+# --- 8. an upstream that answers before taking the body ------------------------------------------
+TOO_LARGE = b"too large"
+
+
+class EarlyAnswer:
+    """Reads the head of a POST, answers 413 (after ``latency`` seconds: how long it takes to
+    decide) and reads nothing more of that connection; a GET is answered normally."""
+
+    def __init__(self) -> None:
+        self.latency = 0.0
+        self.raw = RawUpstream(self._serve)
+        self.methods: list[tuple[str, int]] = []
+        self._writers: list[asyncio.StreamWriter] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        number = self.raw.connections
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.append(writer)
+        for _ in range(100):
+            try:
+                head = await read_request_head(reader)
+            except asyncio.IncompleteReadError:
+                writer.close()
+                return
+            method, _, headers = parse_head(head)
+            self.methods.append((method, number))
+            if method == "POST":
+                if self.latency:
+                    await asyncio.sleep(self.latency)  # the upstream's own latency
+                writer.write(response(TOO_LARGE, status="413 Content Too Large"))
+                await writer.drain()
+                # Never read the body; wait for the gateway to drop the connection.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(writer.wait_closed(), 10)
+                return
+            await read_body(reader, headers)
+            writer.write(response())
+            await writer.drain()
+
+    async def close(self) -> None:
+        for writer in self._writers:
+            writer.transport.abort()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
+        await self.raw.close()
+
+
+async def pieces(total: int, size: int = 64 * 1024) -> AsyncIterator[bytes]:
+    for _ in range(total // size):
+        yield b"u" * size
+
+
+@pytest.fixture
+async def early() -> AsyncIterator[EarlyAnswer]:
+    upstream = EarlyAnswer()
+    yield upstream
+    await upstream.close()
+
+
+async def test_an_upstream_answering_before_the_body_is_relayed_and_not_reused(serve, early):
+    url = await early.raw.start()
+    gw = await serve(point_routes_at(url), set_upstream_defaults(timeout_s=5))
+    started = time.monotonic()
+    got = await call(
+        gw, "/public/upload", "POST", data=pieces(2 * MIB), headers={"Content-Length": str(2 * MIB)}
+    )
+    assert (got.status, got.body) == (413, TOO_LARGE)  # the upstream's answer, as it sent it
+    assert time.monotonic() - started < 3  # at once, not after timeout_s
+    got = await call(gw, "/public/next")
+    assert (got.status, got.body) == (200, HELLO)
+    assert early.methods == [("POST", 1), ("GET", 2)]  # the next request: a new connection
+
+
+async def test_an_early_answer_reaches_a_client_still_holding_back_its_body(serve, early):
+    """The client sends the head and 64 KiB of a 2 MiB body, then waits: the upstream's 413
+    reaches it without the gateway waiting for the rest (nor for client_body_timeout_s)."""
+    url = await early.raw.start()
+    gw = await serve(
+        point_routes_at(url),
+        set_upstream_defaults(timeout_s=5),
+        set_limits(client_body_timeout_s=3),
+    )
+    client = await RawConnection.open(gw.port)
+    try:
+        await client.send(
+            b"POST /public/upload HTTP/1.1\r\nHost: gw.test\r\n"
+            + f"Content-Length: {2 * MIB}\r\n\r\n".encode()
+            + b"u" * (64 * 1024)
+        )
+        got = await client.response(within=1.5)
+        assert (got.status, got.body) == (413, TOO_LARGE)
+    finally:
+        await client.close()
+
+
+async def test_an_answer_given_after_the_upload_stalled_is_relayed(serve, early):
+    """The upstream reads none of a 32 MiB body and answers 413 half a second later, when every
+    buffer between them is full and the gateway waits for it to take more."""
+    early.latency = 0.5
+    url = await early.raw.start()
+    gw = await serve(
+        point_routes_at(url),
+        set_upstream_defaults(timeout_s=3),
+        set_route("public", max_body_bytes=64 * MIB),
+    )
+    started = time.monotonic()
+    got = await call(
+        gw,
+        "/public/upload",
+        "POST",
+        data=pieces(32 * MIB),
+        headers={"Content-Length": str(32 * MIB)},
+    )
+    assert (got.status, got.body) == (413, TOO_LARGE)
+    assert time.monotonic() - started < 2.5  # not after timeout_s
+
+
+# --- 9. route bounds across reloads ----------------------------------------------------------------
+def reloaded(idp: FakeIdP, echo: EchoUpstream, *edits: Edit) -> Any:
+    document = base_config(idp, echo)
+    for edit in edits:
+        edit(document)
+    return loads_config(yaml.safe_dump(document))
+
+
+async def test_a_reload_keeps_the_in_flight_bound_of_an_unchanged_route(
+    serve, scripted, idp, upstream
+):
+    hold = Hold()
+    raw = await scripted(hold)
+    bound = (
+        point_routes_at(raw.url),
+        set_route("public", max_concurrent_requests=1, max_queued_requests=0),
+    )
+    gw = await serve(*bound)
+    first = asyncio.create_task(call(gw, "/public/hold"))
+    try:
+        await hold.wait_entered()
+        # An unrelated change: one route more.  "public" keeps its id and its limits.
+        gw.app[GATEWAY_KEY].apply(
+            reloaded(idp, upstream, add_public_route("other", "/other"), *bound)
+        )
+        got = await call(gw, "/public/x")
+        assert (got.status, got.reason) == (503, "upstream_overloaded")
+        assert (await call(gw, "/other/x")).status == 200  # the reload did take effect
+    finally:
+        hold.release.set()
+    assert (await first).status == 200
+    assert (await call(gw, "/public/x")).status == 200
+    assert hold.held == 1
+
+
+async def test_a_reload_raising_the_bound_admits_a_second_request_at_once(
+    serve, scripted, idp, upstream
+):
+    hold = Hold()
+    raw = await scripted(hold)
+    gw = await serve(
+        point_routes_at(raw.url),
+        set_route("public", max_concurrent_requests=1, max_queued_requests=0),
+    )
+    first = asyncio.create_task(call(gw, "/public/hold"))
+    try:
+        await hold.wait_entered()
+        assert (await call(gw, "/public/x")).status == 503
+        gw.app[GATEWAY_KEY].apply(
+            reloaded(
+                idp,
+                upstream,
+                point_routes_at(raw.url),
+                set_route("public", max_concurrent_requests=2, max_queued_requests=0),
+            )
+        )
+        got = await call(gw, "/public/x")
+        assert (got.status, got.body) == (200, HELLO)
+        assert not first.done()  # admitted beside the first, which is still in flight
+    finally:
+        hold.release.set()
+    assert (await first).status == 200
+
+
+# --- 10. upstream failures as reasons --------------------------------------------------------------
+async def test_a_response_head_later_than_timeout_s_is_504(serve, scripted):
+    hold = Hold()
+    raw = await scripted(hold)
+    gw = await serve(point_routes_at(raw.url), set_upstream_defaults(timeout_s=0.3))
+    try:
+        started = time.monotonic()
+        got = await call(gw, "/public/hold")
+        assert (got.status, got.reason) == (504, "upstream_timeout")
+        assert time.monotonic() - started < 2.5
+    finally:
+        hold.release.set()
+
+
+async def test_a_refused_connection_is_502(serve):
+    gw = await serve(point_routes_at(f"http://127.0.0.1:{free_port()}"))
+    got = await call(gw, "/public/x")
+    assert (got.status, got.reason) == (502, "upstream_unavailable")
+
+
+@contextlib.contextmanager
+def unaccepting_listener() -> Any:
+    """A loopback port whose accept queue is full (backlog 0, one connection never accepted):
+    the kernel drops further SYNs, so a connect there neither succeeds nor fails."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        filler.settimeout(2)
+        filler.connect(("127.0.0.1", port))
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        probe.settimeout(0.3)
+        try:
+            probe.connect(("127.0.0.1", port))
+        except TimeoutError:
+            pass
+        else:
+            pytest.skip("this kernel accepts past a full backlog: no connect timeout to provoke")
+        finally:
+            probe.close()
+        yield port
+    finally:
+        filler.close()
+        listener.close()
+
+
+async def test_a_connect_not_completed_in_connect_timeout_s_is_504(serve):
+    with unaccepting_listener() as port:
+        gw = await serve(
+            point_routes_at(f"http://127.0.0.1:{port}"),
+            set_upstream_defaults(connect_timeout_s=0.2),
+        )
+        started = time.monotonic()
+        got = await call(gw, "/public/x")
+        assert (got.status, got.reason) == (504, "upstream_timeout")
+        assert time.monotonic() - started < 2
+        pool = only_pool(gw)
+        assert (pool.open, pool.waiting) == (0, 0)  # the slot of the failed connect came back
