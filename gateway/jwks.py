@@ -297,7 +297,7 @@ class JwksCache:
             elif entry.completed != seen and not entry.failures:
                 return True  # a fetch succeeded meanwhile
             elif entry.failures:
-                if entry.next_retry_at > deadline:
+                if entry.next_retry_at >= deadline:  # no time would be left to wait for it
                     return entry.completed != seen
                 if now < entry.next_retry_at:
                     # The refresher starts the retry then too; whoever wakes first starts it.

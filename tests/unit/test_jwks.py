@@ -1,4 +1,5 @@
-"""The per-issuer key cache against a real fake IdP on loopback, and key hygiene in build_key_set.
+"""The per-issuer key cache against a real fake IdP on loopback (which keys of a set are usable:
+``test_keyset.py``).
 
 Time that the cache reasons about (TTL, cooldown, backoff, refresh schedule) is moved with
 ``FakeClock.advance``; the only real waiting is for loopback I/O, bounded by ``eventually``.
@@ -7,7 +8,6 @@ Time that the cache reasons about (TTL, cooldown, backoff, refresh schedule) is 
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import json
 import socket
@@ -18,16 +18,13 @@ import aiohttp
 import jwt
 import pytest
 from aiohttp import web
-from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt import PyJWK
-from jwt.algorithms import RSAAlgorithm
 from prometheus_client import CollectorRegistry
 
 from gateway.config import IssuerConfig
 from gateway.documents import HttpDocumentFetcher
-from gateway.errors import JwksFetchError, Rejection
+from gateway.errors import Rejection
 from gateway.jwks import RETRY_INITIAL_S, JwksCache
-from gateway.keyset import KeySet, build_key_set
 from gateway.metrics import GatewayMetrics
 from gateway.reasons import Reason
 from tests.conftest import ALL_ALGORITHMS, ISSUER
@@ -106,6 +103,10 @@ class Harness:
         return self.metric("gateway_jwks_kid_misses_total")
 
     @property
+    def ready_gauge(self) -> float | None:
+        return self.registry.get_sample_value("gateway_ready")
+
+    @property
     def state(self) -> dict[str, Any]:
         """The /readyz view of the issuer: keys, ready, stale, failures."""
         status = self.cache.status()["test"]
@@ -135,12 +136,19 @@ async def make_cache(
 ) -> AsyncIterator[MakeCache]:
     caches: list[JwksCache] = []
 
-    def make(jwks_uri: str | None = None, *, discovery: bool = False, **overrides: Any) -> Harness:
+    def make(
+        jwks_uri: str | None = None,
+        *,
+        discovery: bool = False,
+        multiprocess: bool = False,
+        **overrides: Any,
+    ) -> Harness:
         issuer = make_issuer(jwks_uri or idp.jwks_uri, **overrides)
         if discovery:  # no jwks_uri: found through the IdP's discovery document
             issuer = dataclasses.replace(issuer, issuer=idp.issuer, jwks_uri=None)
         registry = CollectorRegistry()
-        metrics = GatewayMetrics(registry, (), [issuer.id])
+        # multiprocess: as in a --workers child, the cache's ticker publishes the key gauges.
+        metrics = GatewayMetrics(registry, (), [issuer.id], multiprocess=multiprocess)
         fetcher = HttpDocumentFetcher(http_session, clock)
         cache = JwksCache({issuer.id: issuer}, fetcher, metrics, clock)
         caches.append(cache)
@@ -170,6 +178,7 @@ async def test_first_get_key_fetches_once_and_serves_every_published_key(
     assert h.metric("gateway_jwks_last_success_timestamp_seconds") == clock.time()
     assert h.cache.ready()
     assert h.state == {"keys": len(signing_keys), "ready": True, "stale": False, "failures": 0}
+    assert h.cache.status()["test"]["source"] == "jwks_uri"
 
 
 async def test_ttl_expiry_refetches(make_cache: MakeCache, idp: FakeIdP, clock: FakeClock) -> None:
@@ -487,6 +496,37 @@ async def test_failed_rediscovery_keeps_the_known_jwks_uri(
     assert (idp.discovery_hits, idp.hits) == (2, 2)
 
 
+async def test_validators_are_sent_only_to_the_jwks_uri_they_came_from(
+    make_cache: MakeCache,
+    idp: FakeIdP,
+    clock: FakeClock,
+    rs: SigningKey,
+    aiohttp_server: Any,
+    signing_keys: dict[str, SigningKey],
+) -> None:
+    # Two JWKS URLs serving the same keys, so the same ETag: a 304 from the new one to the old
+    # one's ETag would hide that the new one was never fetched.
+    moved = FakeIdP(etags=True, headers={"Cache-Control": "max-age=60"})
+    moved.publish(*signing_keys.values())
+    moved.jwks_uri = str((await aiohttp_server(moved.app())).make_url("/jwks.json"))
+    idp.etags, idp.headers = True, {"Cache-Control": "max-age=60"}
+    idp.last_modified = _LAST_MODIFIED
+    h = make_cache(discovery=True, jwks_cache_min_ttl_s=60)
+    await h.key(rs.kid)
+    assert idp.validators == [(None, None)]
+    idp.discovery = {"issuer": idp.issuer, "jwks_uri": moved.jwks_uri}
+    clock.advance(60)  # discovery and keys expire together; rediscovery names the new URL
+    await h.key(rs.kid)
+    await eventually(lambda: h.fetches("success") == 2)
+    assert moved.validators == [(None, None)]
+    # From then on the new URL's own validators are sent to it.
+    clock.advance(60)
+    await h.key(rs.kid)
+    await eventually(lambda: h.fetches("not_modified") == 1)
+    assert moved.validators == [(None, None), (moved.etag(), None)]
+    assert idp.hits == 1
+
+
 @pytest.mark.parametrize(
     "document",
     [
@@ -519,6 +559,7 @@ async def test_static_key_set_is_never_fetched(
     static = json.dumps({"keys": [rs.public_jwk()]})
     h = make_cache(static_jwks=static, jwks_uri="https://unused.invalid/jwks.json")
     assert h.cache.ready()
+    assert h.cache.status()["test"]["source"] == "static"
     h.cache.start()
     await asyncio.wait_for(h.cache.settled(), 1)
     assert verifies(await h.key(rs.kid), rs)
@@ -534,9 +575,11 @@ async def test_start_fetches_and_becomes_ready(make_cache: MakeCache, idp: FakeI
     h = make_cache()
     assert not h.cache.ready()
     assert h.state == {"keys": 0, "ready": False, "stale": False, "failures": 0}
+    assert h.ready_gauge == 0  # computed at scrape time
     h.cache.start()
     await asyncio.wait_for(h.cache.settled(), 2)
     assert h.cache.ready()
+    assert h.ready_gauge == 1
     assert idp.hits == 1
     await h.key("key-rs256")
     assert idp.hits == 1
@@ -636,6 +679,72 @@ async def test_close_of_a_healthy_cache_stops_refreshing(
     assert idp.hits == 1
 
 
+async def test_a_short_lifetime_is_refreshed_half_way_through(
+    make_cache: MakeCache, idp: FakeIdP, clock: FakeClock
+) -> None:
+    idp.headers = {"Cache-Control": "max-age=40"}  # refresh-ahead (30 s) is over half of it
+    h = make_cache(jwks_cache_min_ttl_s=10)
+    h.cache.start()
+    await asyncio.wait_for(h.cache.settled(), 2)
+    await settle()
+    clock.advance(10)  # 30 s ahead of expiry: too soon for a 40 s lifetime
+    await settle()
+    clock.advance(9)
+    await settle()
+    assert idp.hits == 1
+    clock.advance(1)  # half-way
+    await eventually(lambda: h.fetches("success") == 2)
+    await settle()
+    assert idp.hits == 2
+
+
+async def test_with_workers_the_ticker_publishes_the_key_gauges_and_close_stops_it(
+    make_cache: MakeCache, rs: SigningKey
+) -> None:
+    static = json.dumps({"keys": [rs.public_jwk()]})
+    h = make_cache(
+        static_jwks=static, jwks_uri="https://unused.invalid/jwks.json", multiprocess=True
+    )
+    # Per-process gauges cannot be computed at scrape time: nothing is published yet.
+    assert h.registry.get_sample_value("gateway_jwks_keys", {"issuer": "test"}) is None
+    assert h.ready_gauge == 0
+    h.cache.start()
+    await settle()  # the ticker publishes at once, then every second
+    assert h.metric("gateway_jwks_keys") == 1
+    assert h.metric("gateway_jwks_stale") == 0
+    assert h.ready_gauge == 1
+    assert {t.get_coro().__qualname__ for t in cache_tasks()} == {"JwksCache._tick"}  # type: ignore[union-attr]
+    await asyncio.wait_for(h.cache.close(), 1)
+    assert cache_tasks() == []
+
+
+async def test_reconfigure_starts_a_changed_issuer_afresh_and_stops_the_old_schedule(
+    make_cache: MakeCache, idp: FakeIdP, clock: FakeClock
+) -> None:
+    h = make_cache()
+    longer = dataclasses.replace(h.issuer, jwks_cache_ttl_s=2 * TTL)
+    h.cache.reconfigure({"test": longer})  # before start(): nothing is fetched
+    await settle()
+    assert idp.hits == 0
+    h.cache.reconfigure({"test": h.issuer})
+    h.cache.start()
+    await asyncio.wait_for(h.cache.settled(), 2)
+    await settle()
+    assert idp.hits == 1
+
+    h.cache.reconfigure({"test": longer})  # changed while running: fetched at once, no request
+    await eventually(lambda: h.fetches("success") == 2)
+    assert h.cache.ready()
+    await settle()
+    clock.advance(TTL - AHEAD)  # the replaced issuer's refresh time: its refresher is gone
+    await settle()
+    assert idp.hits == 2
+    clock.advance(TTL)  # the new one refreshes ahead of its own 600 s
+    await eventually(lambda: h.fetches("success") == 3)
+    await settle()
+    assert idp.hits == 3
+
+
 async def test_backoff_is_capped(
     make_cache: MakeCache, idp: FakeIdP, clock: FakeClock, rs: SigningKey
 ) -> None:
@@ -664,228 +773,6 @@ async def test_one_malformed_key_in_the_published_set_does_not_break_fetching(
     assert verifies(await h.key(rs.kid), rs)
 
 
-# --- key hygiene: build_key_set --------------------------------------------------------------------
-HYGIENE = make_issuer(
-    "https://idp.test/jwks.json", algorithms=frozenset({"RS256", "ES256", "EdDSA"})
-)
-
-
-@pytest.fixture(scope="module")
-def rsa_1024_jwk() -> dict[str, Any]:
-    # Deliberately breakable: the cache must refuse it.
-    private = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505
-    jwk: dict[str, Any] = RSAAlgorithm.to_jwk(private.public_key(), as_dict=True)
-    return {**jwk, "kid": "bad", "alg": "RS256", "use": "sig"}
-
-
-def build(document: Any, issuer: IssuerConfig = HYGIENE) -> KeySet:
-    return build_key_set(document, issuer.id, issuer.algorithms)
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _bad_jwk(case: str, keys: dict[str, SigningKey], short: dict[str, Any]) -> Any:
-    rs, es, ed, ps = keys["RS256"], keys["ES256"], keys["EdDSA"], keys["PS256"]
-    return {
-        "use-enc": rs.public_jwk(kid="bad", use="enc"),
-        "key-ops-encrypt": rs.public_jwk(kid="bad", key_ops=["encrypt"]),
-        "key-ops-not-a-list": rs.public_jwk(kid="bad", key_ops="verify"),
-        "oct-hmac": {
-            "kty": "oct",
-            "k": _b64(b"s" * 32),
-            "kid": "bad",
-            "alg": "HS256",
-            "use": "sig",
-        },
-        "oct-without-alg": {"kty": "oct", "k": _b64(b"s" * 32), "kid": "bad"},
-        "alg-not-pinned-by-issuer": ps.public_jwk(kid="bad"),
-        "rsa-declaring-es256": rs.public_jwk(kid="bad", alg="ES256"),
-        "ec-declaring-rs256": es.public_jwk(kid="bad", alg="RS256"),
-        "okp-declaring-es256": ed.public_jwk(kid="bad", alg="ES256"),
-        "rsa-1024-bits": short,
-        "garbage-n": rs.public_jwk(kid="bad", n="AAAA"),
-        "n-not-a-string": rs.public_jwk(kid="bad", n=12345),
-        "ec-wrong-curve-coords": es.public_jwk(kid="bad", crv="P-384"),
-        "ec-unknown-curve": es.public_jwk(kid="bad", crv="secp256k1"),
-        "okp-x25519": ed.public_jwk(kid="bad", crv="X25519"),
-        "unknown-kty": rs.public_jwk(kid="bad", kty="RSA-PSS"),
-        "kty-missing": {k: v for k, v in rs.public_jwk(kid="bad").items() if k != "kty"},
-        "kid-not-a-string": rs.public_jwk(kid=7),
-        "not-an-object": "bad",
-    }[case]
-
-
-BAD_CASES = [
-    "use-enc",
-    "key-ops-encrypt",
-    "key-ops-not-a-list",
-    "oct-hmac",
-    "oct-without-alg",
-    "alg-not-pinned-by-issuer",
-    "rsa-declaring-es256",
-    "ec-declaring-rs256",
-    "okp-declaring-es256",
-    "rsa-1024-bits",
-    "garbage-n",
-    "n-not-a-string",
-    "ec-wrong-curve-coords",
-    "ec-unknown-curve",
-    "okp-x25519",
-    "unknown-kty",
-    "kty-missing",
-    "kid-not-a-string",
-    "not-an-object",
-]
-
-
-@pytest.mark.parametrize("case", BAD_CASES)
-def test_unusable_key_is_skipped_without_poisoning_the_others(
-    case: str, signing_keys: dict[str, SigningKey], rsa_1024_jwk: dict[str, Any]
-) -> None:
-    rs, es = signing_keys["RS256"], signing_keys["ES256"]
-    bad = _bad_jwk(case, signing_keys, rsa_1024_jwk)
-    key_set = build({"keys": [rs.public_jwk(), bad, es.public_jwk()]})
-    assert key_set.size == 2
-    for alg in sorted(HYGIENE.algorithms | {"PS256", "HS256"}):
-        assert key_set.lookup("bad", alg) is Reason.KEY_NOT_FOUND
-    # The bad key is not a kid-less candidate either.
-    assert key_set.lookup(None, "HS256") is Reason.KEY_NOT_FOUND
-    assert verifies(_found(key_set, rs.kid, "RS256"), rs)
-    assert verifies(_found(key_set, es.kid, "ES256"), es)
-
-
-def _found(key_set: KeySet, kid: str | None, alg: str) -> PyJWK:
-    found = key_set.lookup(kid, alg)
-    assert isinstance(found, PyJWK), found
-    return found
-
-
-@pytest.mark.parametrize("case", ["use-enc", "oct-hmac", "rsa-1024-bits", "garbage-n"])
-def test_a_set_of_only_unusable_keys_is_an_invalid_fetch(
-    case: str, signing_keys: dict[str, SigningKey], rsa_1024_jwk: dict[str, Any]
-) -> None:
-    with pytest.raises(JwksFetchError) as caught:
-        build({"keys": [_bad_jwk(case, signing_keys, rsa_1024_jwk)]})
-    assert caught.value.result == "invalid"
-
-
-@pytest.mark.parametrize(
-    "document",
-    [
-        pytest.param({"keys": []}, id="empty-keys"),
-        pytest.param({}, id="no-keys-member"),
-        pytest.param({"keys": {"kid": "x"}}, id="keys-not-a-list"),
-        pytest.param([], id="top-level-list"),
-        pytest.param("keys", id="top-level-string"),
-        pytest.param(None, id="null"),
-    ],
-)
-def test_malformed_documents_are_invalid(document: Any) -> None:
-    with pytest.raises(JwksFetchError) as caught:
-        build(document)
-    assert caught.value.result == "invalid"
-
-
-def test_rsa_key_without_alg_serves_every_pinned_rsa_alg(
-    signing_keys: dict[str, SigningKey],
-) -> None:
-    rs = signing_keys["RS256"]
-    issuer = make_issuer("https://idp.test/j", algorithms=frozenset({"RS256", "PS256", "ES256"}))
-    key_set = build({"keys": [rs.public_jwk(with_alg=False)]}, issuer)
-    assert _found(key_set, rs.kid, "RS256").algorithm_name == "RS256"
-    assert _found(key_set, rs.kid, "PS256").algorithm_name == "PS256"
-    assert key_set.lookup(rs.kid, "RS384") is Reason.ALGORITHM_NOT_ALLOWED  # not pinned
-    assert key_set.lookup(rs.kid, "ES256") is Reason.ALGORITHM_NOT_ALLOWED  # wrong kty
-    assert key_set.size == 1
-
-
-def test_key_declaring_alg_serves_only_that_alg(signing_keys: dict[str, SigningKey]) -> None:
-    rs = signing_keys["RS256"]
-    issuer = make_issuer("https://idp.test/j", algorithms=frozenset({"RS256", "PS256"}))
-    key_set = build({"keys": [rs.public_jwk()]}, issuer)
-    assert _found(key_set, rs.kid, "RS256").algorithm_name == "RS256"
-    assert key_set.lookup(rs.kid, "PS256") is Reason.ALGORITHM_NOT_ALLOWED
-
-
-def test_duplicate_kid_keeps_the_first_key(signing_keys: dict[str, SigningKey]) -> None:
-    rs = signing_keys["RS256"]
-    twin = generate_key("RS256", rs.kid)
-    key_set = build({"keys": [rs.public_jwk(), twin.public_jwk()]})
-    assert key_set.size == 1
-    found = _found(key_set, rs.kid, "RS256")
-    assert verifies(found, rs)
-    assert not verifies(found, twin)
-
-
-def test_same_kid_on_different_key_types_serves_both(signing_keys: dict[str, SigningKey]) -> None:
-    rs, es = signing_keys["RS256"], signing_keys["ES256"]
-    key_set = build({"keys": [rs.public_jwk(kid="shared"), es.public_jwk(kid="shared")]})
-    assert key_set.size == 2
-    assert verifies(_found(key_set, "shared", "RS256"), rs)
-    assert verifies(_found(key_set, "shared", "ES256"), es)
-
-
-@pytest.mark.parametrize(
-    ("published", "alg", "expected"),
-    [
-        pytest.param(["rs-nokid"], "RS256", "rs", id="one-kidless-key"),
-        pytest.param(["rs-nokid"], "ES256", None, id="kidless-wrong-alg"),
-        pytest.param(["rs-nokid", "es"], "ES256", "es", id="one-kid-key-fits"),
-        pytest.param(["rs-nokid", "es"], "RS256", "rs", id="one-kidless-fits-among-others"),
-        pytest.param(["rs-nokid", "rs2"], "RS256", None, id="two-fit-kidless-and-kid"),
-        pytest.param(["rs-nokid", "rs2-nokid"], "RS256", None, id="two-kidless-fit"),
-        pytest.param(["rs", "rs2"], "RS256", None, id="two-kid-keys-fit"),
-    ],
-)
-def test_kidless_token_uses_a_key_only_when_exactly_one_fits(
-    published: list[str], alg: str, expected: str | None, signing_keys: dict[str, SigningKey]
-) -> None:
-    rs, es = signing_keys["RS256"], signing_keys["ES256"]
-    rs2 = _second_rsa()
-    jwks = {
-        "rs": rs.public_jwk(),
-        "rs-nokid": {k: v for k, v in rs.public_jwk().items() if k != "kid"},
-        "rs2": rs2.public_jwk(),
-        "rs2-nokid": {k: v for k, v in rs2.public_jwk().items() if k != "kid"},
-        "es": es.public_jwk(),
-    }
-    key_set = build({"keys": [jwks[name] for name in published]})
-    found = key_set.lookup(None, alg)
-    if expected is None:
-        assert found is Reason.KEY_NOT_FOUND
-    else:
-        assert isinstance(found, PyJWK)
-        assert verifies(found, {"rs": rs, "es": es}[expected])
-
-
-def test_kid_bearing_token_never_falls_back_to_a_kidless_key(
-    signing_keys: dict[str, SigningKey],
-) -> None:
-    rs = signing_keys["RS256"]
-    nokid = {k: v for k, v in rs.public_jwk().items() if k != "kid"}
-    key_set = build({"keys": [nokid]})
-    assert key_set.lookup("anything", "RS256") is Reason.KEY_NOT_FOUND
-
-
-_SECOND_RSA: list[SigningKey] = []
-
-
-def _second_rsa() -> SigningKey:
-    if not _SECOND_RSA:
-        _SECOND_RSA.append(generate_key("RS256", "rs2"))
-    return _SECOND_RSA[0]
-
-
-@pytest.mark.parametrize("alg", [["RS256"], {"RS256": 1}, 256], ids=["list", "object", "number"])
-def test_key_with_non_string_alg_is_skipped(alg: Any, signing_keys: dict[str, SigningKey]) -> None:
-    rs = signing_keys["RS256"]
-    key_set = build({"keys": [rs.public_jwk(), rs.public_jwk(kid="odd", alg=alg)]})
-    assert key_set.size == 1
-    assert verifies(_found(key_set, rs.kid, "RS256"), rs)
-
-
 async def test_reconfigure_keeps_unchanged_issuers_and_forgets_removed_ones(
     make_cache: MakeCache, idp: FakeIdP
 ) -> None:
@@ -902,75 +789,12 @@ async def test_reconfigure_keeps_unchanged_issuers_and_forgets_removed_ones(
     assert await h.reject("key-rs256") is Reason.JWKS_UNAVAILABLE
 
 
-# --- private key material: never used ---------------------------------------------------------
-def private_jwk(signer: SigningKey, **extra: Any) -> dict[str, Any]:
-    return FakeIdP.private_jwk(signer, **extra)
-
-
-_OTH = [{"r": _b64(b"\x03" * 64), "d": _b64(b"\x05" * 64), "t": _b64(b"\x07" * 64)}]
-
-
-def _private_case(case: str, keys: dict[str, SigningKey]) -> dict[str, Any]:
-    rs, es, ed = keys["RS256"], keys["ES256"], keys["EdDSA"]
-    if case == "rsa-private-key":
-        return private_jwk(rs, kid="bad")
-    if case == "ec-private-key":
-        return private_jwk(es, kid="bad")
-    if case == "okp-private-key":
-        return private_jwk(ed, kid="bad")
-    member = case.removeprefix("public-rsa-with-")
-    value: Any = _OTH if member == "oth" else _b64(b"\x01" * 32)
-    return rs.public_jwk(kid="bad", **{member: value})
-
-
-PRIVATE_CASES = [
-    "rsa-private-key",
-    "ec-private-key",
-    "okp-private-key",
-    *(f"public-rsa-with-{m}" for m in ("d", "p", "q", "dp", "dq", "qi", "k", "oth")),
-]
-
-
-@pytest.mark.parametrize("case", PRIVATE_CASES)
-def test_key_with_private_members_is_dropped_and_reported(
-    case: str, signing_keys: dict[str, SigningKey], caplog: pytest.LogCaptureFixture
-) -> None:
-    rs, es = signing_keys["RS256"], signing_keys["ES256"]
-    dropped: list[int] = []
-    key_set = build_key_set(
-        {"keys": [rs.public_jwk(), _private_case(case, signing_keys), es.public_jwk()]},
-        HYGIENE.id,
-        HYGIENE.algorithms,
-        on_private=lambda: dropped.append(1),
-    )
-    assert key_set.size == 2
-    for alg in sorted(HYGIENE.algorithms):
-        assert key_set.lookup("bad", alg) is Reason.KEY_NOT_FOUND
-    assert dropped == [1]
-    assert "why=private_key_material" in caplog.text
-    assert verifies(_found(key_set, rs.kid, "RS256"), rs)
-
-
-def test_a_set_of_only_private_keys_is_an_invalid_fetch(
-    signing_keys: dict[str, SigningKey],
-) -> None:
-    dropped: list[int] = []
-    with pytest.raises(JwksFetchError) as caught:
-        build_key_set(
-            {"keys": [private_jwk(signing_keys["RS256"]), private_jwk(signing_keys["ES256"])]},
-            HYGIENE.id,
-            HYGIENE.algorithms,
-            on_private=lambda: dropped.append(1),
-        )
-    assert caught.value.result == "invalid"
-    assert dropped == [1, 1]
-
-
+# --- private key material: dropped on every fetch (which keys: test_keyset.py) --------------
 async def test_published_private_key_is_counted_per_fetch_and_never_served(
     make_cache: MakeCache, idp: FakeIdP, clock: FakeClock, signing_keys: dict[str, SigningKey]
 ) -> None:
     rs, es = signing_keys["RS256"], signing_keys["ES256"]
-    idp.keys = [rs.public_jwk(), private_jwk(es)]
+    idp.keys = [rs.public_jwk(), FakeIdP.private_jwk(es)]
     h = make_cache()
     assert h.metric("gateway_jwks_private_keys_dropped_total") == 0  # pre-created
     assert verifies(await h.key(rs.kid), rs)
@@ -1130,6 +954,82 @@ async def test_unknown_kid_gives_up_when_the_awaited_retry_fails(
     assert (idp.hits, h.state["failures"]) == (3, 2)
 
 
+async def test_unknown_kid_does_not_wait_for_a_retry_due_exactly_when_its_budget_ends(
+    make_cache: MakeCache,
+    idp: FakeIdP,
+    clock: FakeClock,
+    signing_keys: dict[str, SigningKey],
+) -> None:
+    h = make_cache(jwks_fetch_timeout_s=RETRY_INITIAL_S)
+    await _fail_refresh(h, idp, clock)  # the retry is due RETRY_INITIAL_S from now
+    new = _publish_new(idp, signing_keys)
+    # Sleeping until the retry would leave nothing of the budget to wait for its answer.
+    assert await asyncio.wait_for(h.reject(new.kid, "ES256"), 1) is Reason.KEY_NOT_FOUND
+    assert idp.hits == 2
+    clock.advance(RETRY_INITIAL_S)  # the refresher's retry brings the key for the next request
+    await eventually(lambda: h.fetches("success") == 2)
+    assert verifies(await h.key(new.kid, "ES256"), new)
+
+
+async def test_unknown_kid_whose_refetch_fails_waits_for_the_retry_within_the_budget(
+    make_cache: MakeCache,
+    idp: FakeIdP,
+    clock: FakeClock,
+    rs: SigningKey,
+    signing_keys: dict[str, SigningKey],
+) -> None:
+    h = make_cache(jwks_fetch_timeout_s=2)
+    await h.key(rs.kid)
+    idp.mode = "error"
+    clock.advance(COOLDOWN)
+    new = generate_key("ES256", "new")
+    waiting = asyncio.create_task(h.key(new.kid, "ES256"))
+    await eventually(lambda: h.fetches("http_error") == 1)  # its refetch failed: retry in 1 s
+    await settle()
+    assert not waiting.done(), "gave up although the retry is due within the 2 s budget"
+    idp.publish(*signing_keys.values(), new)
+    idp.mode = "ok"
+    clock.advance(RETRY_INITIAL_S)
+    assert verifies(await asyncio.wait_for(waiting, 2), new)
+    assert idp.hits == 3
+
+
+async def test_unknown_kid_that_outslept_its_budget_does_not_wait_for_the_retry(
+    make_cache: MakeCache, idp: FakeIdP, clock: FakeClock, rs: SigningKey
+) -> None:
+    h = make_cache(jwks_fetch_timeout_s=30)
+    await h.key(rs.kid)
+    idp.mode = "error"
+    clock.advance(COOLDOWN)
+    waiting = asyncio.create_task(h.reject("unknown"))
+    await eventually(lambda: h.fetches("http_error") == 1)  # retry in 1 s: within the 30 s
+    await settle()
+    assert not waiting.done()
+    idp.mode = "hang"
+    clock.advance(31)  # woken late: the budget is spent by the time the retry is due
+    # The retry is started for the cache's sake, but this request does not wait for it (the
+    # hanging answer would take the fetch's 30 s).
+    assert await asyncio.wait_for(waiting, 0.5) is Reason.KEY_NOT_FOUND
+    await eventually(lambda: idp.hits == 3)
+
+
+async def test_a_set_that_expires_while_an_unknown_kid_waits_answers_key_not_found(
+    make_cache: MakeCache, idp: FakeIdP, clock: FakeClock, rs: SigningKey
+) -> None:
+    h = make_cache(jwks_fetch_timeout_s=2, jwks_max_stale_s=0)
+    await h.key(rs.kid)
+    idp.mode = "error"
+    clock.advance(TTL - RETRY_INITIAL_S / 2)  # fresh for half the first backoff more
+    waiting = asyncio.create_task(h.reject("unknown"))
+    await eventually(lambda: h.fetches("http_error") == 1)
+    await settle()
+    assert not waiting.done()
+    clock.advance(RETRY_INITIAL_S)  # past expiry, no stale grace; the retry fails too
+    assert await asyncio.wait_for(waiting, 2) is Reason.KEY_NOT_FOUND
+    assert (idp.hits, h.state["ready"]) == (3, False)
+    assert await h.reject(rs.kid) is Reason.JWKS_UNAVAILABLE
+
+
 # --- conditional refresh ----------------------------------------------------------------------
 _LAST_MODIFIED = "Sun, 06 Nov 1994 08:49:37 GMT"
 
@@ -1195,6 +1095,7 @@ async def test_304_takes_its_own_lifetime_else_the_stored_one(
     await h.key(rs.kid)
     await eventually(lambda: h.fetches("not_modified") == 1)
     clock.advance(119)
+    assert not h.state["stale"]
     await h.key(rs.kid)
     assert idp.hits == 2
     idp.headers = {"Cache-Control": "max-age=600"}  # a 304 that updates the lifetime
@@ -1202,8 +1103,27 @@ async def test_304_takes_its_own_lifetime_else_the_stored_one(
     await h.key(rs.kid)
     await eventually(lambda: h.fetches("not_modified") == 2)
     clock.advance(599)
+    assert not h.state["stale"]
     await h.key(rs.kid)
     assert idp.hits == 3
+    clock.advance(1)
+    assert h.state["stale"]
+
+
+async def test_a_full_answer_without_a_lifetime_drops_the_previous_answers_lifetime(
+    make_cache: MakeCache, idp: FakeIdP, clock: FakeClock, rs: SigningKey
+) -> None:
+    idp.headers = {"Cache-Control": "max-age=120"}
+    h = make_cache(jwks_cache_min_ttl_s=60, jwks_cache_max_ttl_s=3600)
+    await h.key(rs.kid)
+    idp.headers = {}  # no validators either: the refresh is answered in full, without a lifetime
+    clock.advance(120)
+    await h.key(rs.kid)
+    await eventually(lambda: h.fetches("success") == 2)
+    clock.advance(TTL - 1)  # the configured TTL now, not the 120 s of the answer before
+    assert not h.state["stale"]
+    clock.advance(1)
+    assert h.state["stale"]
 
 
 async def test_304_to_an_unconditional_request_is_a_failed_fetch(

@@ -7,6 +7,7 @@ fetches documents is tested in ``test_jwks.py``.
 
 from __future__ import annotations
 
+import base64
 import logging
 from typing import Any
 
@@ -62,6 +63,18 @@ def ed448_jwk() -> dict[str, Any]:
     public = ed448.Ed448PrivateKey.generate().public_key()
     jwk: dict[str, Any] = OKPAlgorithm.to_jwk(public, as_dict=True)
     return {**jwk, "kid": "ed448", "use": "sig"}
+
+
+@pytest.fixture(scope="module")
+def rsa_1024_jwk() -> dict[str, Any]:
+    # Deliberately breakable: it must be refused.
+    private = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505
+    jwk: dict[str, Any] = RSAAlgorithm.to_jwk(private.public_key(), as_dict=True)
+    return {**jwk, "kid": "bad", "alg": "RS256", "use": "sig"}
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 # --- which algorithms a key serves -----------------------------------------------------------------
@@ -131,12 +144,36 @@ def test_a_known_kid_with_another_alg_is_not_an_unknown_key(
     assert key_set.lookup("nobody", "RS256") is Reason.KEY_NOT_FOUND
 
 
+def test_an_rsa_key_without_alg_is_bound_to_each_pinned_rsa_alg_and_no_other(
+    signing_keys: dict[str, SigningKey],
+) -> None:
+    rs = signing_keys["RS256"]
+    key_set = build([rs.public_jwk(with_alg=False)], frozenset({"RS256", "PS256", "ES256"}))
+    assert found(key_set, rs.kid, "RS256").algorithm_name == "RS256"
+    assert found(key_set, rs.kid, "PS256").algorithm_name == "PS256"
+    assert key_set.lookup(rs.kid, "RS384") is Reason.ALGORITHM_NOT_ALLOWED  # fits, not pinned
+    assert key_set.lookup(rs.kid, "ES256") is Reason.ALGORITHM_NOT_ALLOWED  # pinned, wrong kty
+    assert key_set.size == 1
+
+
+def test_the_same_kid_on_different_key_types_serves_both(
+    signing_keys: dict[str, SigningKey],
+) -> None:
+    rs, es = signing_keys["RS256"], signing_keys["ES256"]
+    key_set = build([rs.public_jwk(kid="shared"), es.public_jwk(kid="shared")])
+    assert key_set.size == 2
+    assert verifies(found(key_set, "shared", "RS256"), rs)
+    assert verifies(found(key_set, "shared", "ES256"), es)
+
+
 @pytest.mark.parametrize(
     ("published", "expected"),
     [
         pytest.param(["rs-nokid"], "rs", id="the-one-kidless-key"),
         pytest.param(["rs"], "rs", id="the-one-key-with-a-kid"),
         pytest.param(["rs-nokid", "es-nokid"], "rs", id="the-one-that-fits-the-alg"),
+        pytest.param(["rs-nokid", "es"], "rs", id="the-kidless-one-that-fits-among-kid-keys"),
+        pytest.param(["es-nokid", "rs"], "rs", id="the-kid-key-that-fits-among-kidless-ones"),
         pytest.param(["rs-nokid", "ps"], None, id="kidless-and-kid-both-fit"),
         pytest.param(["rs-nokid", "ps-nokid"], None, id="two-kidless-fit"),
         pytest.param(["rs", "ps"], None, id="two-with-kids-fit"),
@@ -153,6 +190,7 @@ def test_a_kidless_token_gets_a_key_only_when_exactly_one_fits(
         "ps": ps.public_jwk(with_alg=False),
         "ps-nokid": without(ps.public_jwk(with_alg=False), "kid"),
         "es-nokid": without(es.public_jwk(), "kid"),
+        "es": es.public_jwk(),
     }
     key_set = build([jwks[name] for name in published])
     if expected is None:
@@ -193,6 +231,8 @@ SKIPS = [
     ),
     pytest.param(lambda k: k.public_jwk(kty="oct"), "unsupported_kty_or_crv", id="oct"),
     pytest.param(lambda k: k.public_jwk(alg=256), "alg_not_a_string", id="alg-a-number"),
+    pytest.param(lambda k: k.public_jwk(alg=["RS256"]), "alg_not_a_string", id="alg-a-list"),
+    pytest.param(lambda k: k.public_jwk(alg={"RS256": 1}), "alg_not_a_string", id="alg-an-object"),
     pytest.param(lambda k: k.public_jwk(alg="ES256"), "alg_does_not_fit_kty", id="alg-misfit"),
     pytest.param(lambda k: k.public_jwk(n="AAAA"), "unloadable", id="garbage-modulus"),
 ]
@@ -305,16 +345,25 @@ def test_a_private_key_is_not_a_candidate_for_a_kidless_token(
     assert verifies(found(key_set, None, "ES256"), es)
 
 
+_OTH = [{"r": b64(b"\x03" * 64), "d": b64(b"\x05" * 64), "t": b64(b"\x07" * 64)}]
+
+
+@pytest.mark.parametrize("member", PRIVATE_MEMBERS)
 def test_a_public_key_with_a_single_private_member_is_dropped(
-    signing_keys: dict[str, SigningKey],
+    signing_keys: dict[str, SigningKey], caplog: pytest.LogCaptureFixture, member: str
 ) -> None:
     rs, es = signing_keys["RS256"], signing_keys["ES256"]
     reported: list[int] = []
+    value: Any = _OTH if member == "oth" else b64(b"\x01" * 32)
+    caplog.set_level(logging.WARNING, logger="gateway.keyset")
     key_set = build(
-        [rs.public_jwk(k="c2VjcmV0"), es.public_jwk()], on_private=lambda: reported.append(1)
+        [rs.public_jwk(**{member: value}), es.public_jwk()], on_private=lambda: reported.append(1)
     )
     assert served(key_set, rs.kid) == set()
+    assert key_set.size == 1
+    assert verifies(found(key_set, es.kid, "ES256"), es)
     assert reported == [1]
+    assert f"why=private_key_material members={member}" in caplog.text
 
 
 # --- documents that yield no key set --------------------------------------------------------------------
@@ -336,26 +385,111 @@ def test_a_document_without_a_keys_list_is_an_invalid_fetch(document: Any) -> No
 
 
 @pytest.mark.parametrize(
-    "keys",
+    ("keys", "private"),
     [
-        pytest.param([], id="empty"),
-        pytest.param(["junk", {"kty": "oct", "k": "c2VjcmV0", "alg": "HS256"}], id="only-unusable"),
-        pytest.param(["private"], id="only-private"),
-        pytest.param(["wrong-alg"], id="only-keys-for-other-algorithms"),
+        pytest.param([], 0, id="empty"),
+        # An HMAC key's "k" is private material: reported like any private key.
+        pytest.param(
+            ["junk", {"kty": "oct", "k": "c2VjcmV0", "alg": "HS256"}], 1, id="only-unusable"
+        ),
+        pytest.param(["private-rs", "private-es"], 2, id="only-private"),
+        pytest.param(["wrong-alg"], 0, id="only-keys-for-other-algorithms"),
+        pytest.param(["encryption"], 0, id="only-an-encryption-key"),
+        pytest.param(["short"], 0, id="only-a-short-rsa-key"),
+        pytest.param(["garbage-n"], 0, id="only-an-unloadable-key"),
     ],
 )
 def test_a_set_without_a_usable_key_is_an_invalid_fetch(
-    signing_keys: dict[str, SigningKey], keys: list[Any]
+    signing_keys: dict[str, SigningKey],
+    rsa_1024_jwk: dict[str, Any],
+    keys: list[Any],
+    private: int,
 ) -> None:
-    rs = signing_keys["RS256"]
-    named = {"private": FakeIdP.private_jwk(rs), "wrong-alg": rs.public_jwk()}
+    rs, es = signing_keys["RS256"], signing_keys["ES256"]
+    named = {
+        "private-rs": FakeIdP.private_jwk(rs),
+        "private-es": FakeIdP.private_jwk(es),
+        "wrong-alg": rs.public_jwk(),
+        "encryption": es.public_jwk(use="enc"),
+        "short": without(rsa_1024_jwk, "alg"),
+        "garbage-n": without(rs.public_jwk(n="AAAA"), "alg"),
+    }
     document = [named.get(k, k) if isinstance(k, str) else k for k in keys]
+    reported: list[int] = []
     with pytest.raises(JwksFetchError) as caught:
-        build(document, frozenset({"ES256"}), on_private=lambda: None)
+        build(document, frozenset({"ES256", "PS256"}), on_private=lambda: reported.append(1))
     assert (caught.value.result, caught.value.detail) == ("invalid", "no usable signing key")
+    assert len(reported) == private  # each private key reported on its own
 
 
 # --- more than one key: each judged on its own, the first of a kid kept ------------------------
+HYGIENE_ALGS = frozenset({"RS256", "ES256", "EdDSA"})
+
+
+def unusable_jwk(case: str, keys: dict[str, SigningKey], short: dict[str, Any]) -> Any:
+    rs, es, ed, ps = keys["RS256"], keys["ES256"], keys["EdDSA"], keys["PS256"]
+    return {
+        "use-enc": rs.public_jwk(kid="bad", use="enc"),
+        "key-ops-encrypt": rs.public_jwk(kid="bad", key_ops=["encrypt"]),
+        "key-ops-not-a-list": rs.public_jwk(kid="bad", key_ops="verify"),
+        "oct-hmac": {"kty": "oct", "k": b64(b"s" * 32), "kid": "bad", "alg": "HS256", "use": "sig"},
+        "oct-without-alg": {"kty": "oct", "k": b64(b"s" * 32), "kid": "bad"},
+        "alg-not-pinned-by-issuer": ps.public_jwk(kid="bad"),
+        "rsa-declaring-es256": rs.public_jwk(kid="bad", alg="ES256"),
+        "ec-declaring-rs256": es.public_jwk(kid="bad", alg="RS256"),
+        "okp-declaring-es256": ed.public_jwk(kid="bad", alg="ES256"),
+        "rsa-1024-bits": short,
+        "garbage-n": rs.public_jwk(kid="bad", n="AAAA"),
+        "n-not-a-string": rs.public_jwk(kid="bad", n=12345),
+        "ec-wrong-curve-coords": es.public_jwk(kid="bad", crv="P-384"),
+        "ec-unknown-curve": es.public_jwk(kid="bad", crv="secp256k1"),
+        "okp-x25519": ed.public_jwk(kid="bad", crv="X25519"),
+        "unknown-kty": rs.public_jwk(kid="bad", kty="RSA-PSS"),
+        "kty-missing": without(rs.public_jwk(kid="bad"), "kty"),
+        "kid-not-a-string": rs.public_jwk(kid=7),
+        "not-an-object": "bad",
+    }[case]
+
+
+UNUSABLE = [
+    "use-enc",
+    "key-ops-encrypt",
+    "key-ops-not-a-list",
+    "oct-hmac",
+    "oct-without-alg",
+    "alg-not-pinned-by-issuer",
+    "rsa-declaring-es256",
+    "ec-declaring-rs256",
+    "okp-declaring-es256",
+    "rsa-1024-bits",
+    "garbage-n",
+    "n-not-a-string",
+    "ec-wrong-curve-coords",
+    "ec-unknown-curve",
+    "okp-x25519",
+    "unknown-kty",
+    "kty-missing",
+    "kid-not-a-string",
+    "not-an-object",
+]
+
+
+@pytest.mark.parametrize("case", UNUSABLE)
+def test_an_unusable_key_between_usable_ones_is_skipped_without_poisoning_them(
+    case: str, signing_keys: dict[str, SigningKey], rsa_1024_jwk: dict[str, Any]
+) -> None:
+    rs, es = signing_keys["RS256"], signing_keys["ES256"]
+    bad = unusable_jwk(case, signing_keys, rsa_1024_jwk)
+    key_set = build([rs.public_jwk(), bad, es.public_jwk()], HYGIENE_ALGS)
+    assert key_set.size == 2
+    for alg in sorted(HYGIENE_ALGS | {"PS256", "HS256"}):
+        assert key_set.lookup("bad", alg) is Reason.KEY_NOT_FOUND
+    # The bad key is not a kid-less candidate either.
+    assert key_set.lookup(None, "HS256") is Reason.KEY_NOT_FOUND
+    assert verifies(found(key_set, rs.kid, "RS256"), rs)
+    assert verifies(found(key_set, es.kid, "ES256"), es)
+
+
 def test_an_unusable_key_does_not_hide_the_keys_after_it(
     signing_keys: dict[str, SigningKey],
 ) -> None:
