@@ -1475,3 +1475,31 @@ def test_an_unencoded_payload_header_is_refused_even_without_crit() -> None:
     with pytest.raises(Rejection) as caught:
         parse_token(_jws(b'{"alg":"RS256","b64":true}'))
     assert caught.value.reason is Reason.TOKEN_MALFORMED
+
+
+# --- a claim check's refusal names that check, whichever way the claim is wrong ------------------
+@pytest.mark.parametrize(
+    ("claims", "check", "reason"),
+    [
+        pytest.param({"aud": 123}, "claim types", Reason.CLAIM_INVALID, id="aud-not-a-string"),
+        pytest.param({"exp": None}, "exp", Reason.CLAIM_MISSING, id="exp-missing"),
+        pytest.param({"exp": "soon"}, "exp", Reason.CLAIM_INVALID, id="exp-not-a-number"),
+        pytest.param({"exp": float("inf")}, "exp", Reason.CLAIM_INVALID, id="exp-infinite"),
+        pytest.param({"nbf": "now"}, "nbf", Reason.CLAIM_INVALID, id="nbf-not-a-number"),
+        pytest.param({"iat": float("nan")}, "iat", Reason.CLAIM_INVALID, id="iat-not-finite"),
+        pytest.param({"aud": None}, "aud", Reason.AUDIENCE_NOT_ALLOWED, id="aud-missing"),
+    ],
+)
+async def test_a_claim_refusal_names_its_check(
+    claims: dict[str, Any],
+    check: str,
+    reason: Reason,
+    rs: SigningKey,
+    verifier: Verifier,
+) -> None:
+    payload = {"iss": ISS, "aud": "api", "sub": "alice", "exp": NOW + 3600, **claims}
+    token = sign_raw(rs, {name: value for name, value in payload.items() if value is not None})
+    rejection = await reject(verifier, token)
+    assert isinstance(rejection, CheckFailed)
+    expected = next(c for c in checks(POLICY) if c.name == check)
+    assert (rejection.check, rejection.reason) == (expected, reason)
