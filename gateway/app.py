@@ -30,7 +30,7 @@ from .jwks import JwksCache
 from .logs import kv
 from .metrics import GatewayMetrics
 from .middleware import create_observe_middleware
-from .proxy import BARE_BODY_KEY, Forwarder, admissions_for
+from .proxy import UNSENT_KEY, Forwarder, admissions_for
 from .token_cache import TokenCache
 from .upstream import UpstreamPools
 from .verifier import Verifier
@@ -231,13 +231,16 @@ def create_app(
         return None
 
     async def server_header(request: web.Request, response: web.StreamResponse) -> None:
-        # Runs after aiohttp filled in its defaults: the gateway's answers carry no Server
-        # header naming aiohttp and Python versions (an upstream's own Server is relayed), and
-        # a relayed body the upstream sent without a Content-Type gets none added.
-        if response.headers.get("Server") == SERVER_SOFTWARE:
-            del response.headers["Server"]
-        if request.get(BARE_BODY_KEY):
-            response.headers.popall("Content-Type", None)
+        # Runs after aiohttp filled in its defaults: the gateway's own answers carry no Server
+        # header naming aiohttp and Python versions, and a relayed response gets none of
+        # Content-Type, Server or Date that its upstream did not send (its own are relayed).
+        unsent = request.get(UNSENT_KEY)
+        if unsent is None:  # the gateway's own answer
+            if response.headers.get("Server") == SERVER_SOFTWARE:
+                del response.headers["Server"]
+            return
+        for name in unsent:
+            response.headers.popall(name, None)
 
     app.on_response_prepare.append(server_header)
     app.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=defer_expectation)

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from .admin import create_admin_app
 from .app import GATEWAY_KEY, Gateway, create_app
-from .config import GatewayConfig, load_config
+from .config import GatewayConfig, file_signature, load_config
 from .errors import ConfigError
 from .logs import kv, setup_logging
 from .tls import ServerTls
@@ -206,15 +206,6 @@ def tune_garbage_collector() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
-
-
-def file_signature(path: Path) -> tuple[int, int] | None:
-    """What changes when a file is rewritten or its symlink swapped (Kubernetes ConfigMaps)."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return (stat.st_mtime_ns, stat.st_size)
 
 
 async def watch_file(path: Path, on_change: Callable[[], Awaitable[object]]) -> None:

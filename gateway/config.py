@@ -736,9 +736,7 @@ def _read_static_jwks(
     """A static key set (``jwks_file`` or inline ``jwks``), checked for usable keys at load."""
     if node.has("jwks_file"):
         where = node.child("jwks_file")
-        path = Path(where.string(what="a path to a JWKS JSON file"))
-        if not path.is_absolute() and base_dir is not None:
-            path = base_dir / path
+        path = _config_path(where, base_dir, "a path to a JWKS JSON file")
         try:
             document = json.loads(path.read_text(encoding="utf-8"))
         except OSError as exc:
@@ -941,11 +939,25 @@ _UPSTREAM_KEYS: Final = frozenset({"url", "tls"})
 _UPSTREAM_TLS_KEYS: Final = frozenset({"verify", "ca_file", "server_name", "cert_file", "key_file"})
 
 
+def file_signature(path: Path) -> tuple[int, int] | None:
+    """What changes when a file is rewritten or its symlink swapped (Kubernetes ConfigMaps and
+    Secrets): the config file itself and the certificate files it names are watched by it."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_mtime_ns, stat.st_size)
+
+
+def _config_path(node: _Node, base_dir: Path | None, what: str) -> Path:
+    """A path given in the config, relative to the config file's folder unless absolute."""
+    path = Path(node.string(what=what))
+    return base_dir / path if not path.is_absolute() and base_dir is not None else path
+
+
 def _read_file_path(node: _Node, base_dir: Path | None) -> Path:
     """A file that must exist and be readable at load (relative to the config file's folder)."""
-    path = Path(node.string(what="a file path"))
-    if not path.is_absolute() and base_dir is not None:
-        path = base_dir / path
+    path = _config_path(node, base_dir, "a file path")
     try:
         path.read_bytes()
     except OSError as exc:

@@ -36,11 +36,13 @@ _RESPONSE_HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
      "upgrade", "proxy-authenticate"}
 )  # fmt: skip
+# Headers aiohttp's server fills in when a response lacks them.  On a relayed response the
+# names the upstream did not send are set here, and the app's response-prepare hook removes
+# them again: the client gets what the upstream said, nothing added.
+DEFAULTED_HEADERS: Final = frozenset({"Content-Type", "Server", "Date"})
+UNSENT_KEY: Final = web.RequestKey("gateway_unsent_headers", frozenset)
 # RFC 9110 §9.2.2: a request of these methods may be sent again when a pooled connection turns
 # out to have been closed by the upstream before it answered.
-# Set on a request whose upstream response has a body but no Content-Type: the app's
-# response-prepare hook then removes the one aiohttp adds (nothing the upstream did not send).
-BARE_BODY_KEY: Final = web.RequestKey("gateway_bare_body", bool)
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
@@ -393,8 +395,7 @@ class Forwarder:
         )
         record = request[RECORD_KEY]
         headers[REQUEST_ID_HEADER] = record.request_id
-        if "Content-Type" not in headers:
-            request[BARE_BODY_KEY] = True
+        request[UNSENT_KEY] = frozenset(n for n in DEFAULTED_HEADERS if n not in headers)
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason, headers=headers
         )

@@ -10,23 +10,13 @@ from __future__ import annotations
 
 import logging
 import ssl
-from pathlib import Path
 
-from .config import ClientCertMode, ListenTls, UpstreamTls
+from .config import ClientCertMode, ListenTls, UpstreamTls, file_signature
 from .logs import kv
 
 log = logging.getLogger(__name__)
 
 _TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
-
-
-def file_signature(path: Path) -> tuple[int, int] | None:
-    """(mtime in ns, size) of ``path``, or None when it cannot be read."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return stat.st_mtime_ns, stat.st_size
 
 
 class ServerTls:
@@ -71,13 +61,6 @@ class ServerTls:
         self._signature = signature
         log.info(kv(event="tls_reload", result="success", file=str(settings.cert_file)))
         return True
-
-
-def client_certificate(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> bytes | None:
-    """The DER of the client certificate the listener verified on this connection, if any."""
-    if ssl_object is None:
-        return None
-    return ssl_object.getpeercert(binary_form=True)
 
 
 def client_tls_context(tls: UpstreamTls | None) -> ssl.SSLContext:
