@@ -16,7 +16,6 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
-from aiohttp.http import SERVER_SOFTWARE
 from prometheus_client import CollectorRegistry
 
 from .clock import SYSTEM_CLOCK, Clock
@@ -29,8 +28,9 @@ from .handler import GatewayHandler
 from .jwks import JwksCache
 from .logs import kv
 from .metrics import GatewayMetrics
-from .middleware import create_observe_middleware
-from .proxy import UNSENT_KEY, Forwarder, admissions_for
+from .middleware import Observer, rejection_response
+from .proxy import Forwarder, admissions_for
+from .server import GatewayRunner, HttpServer
 from .token_cache import TokenCache
 from .upstream import UpstreamPools
 from .verifier import Verifier
@@ -177,22 +177,9 @@ def create_app(
     if config.mode is GatewayMode.FORWARD_AUTH:
         metrics.add_forward_auth_callers(c.value for c in Caller)
     gateway = Gateway(config, metrics, clock)
-    app = web.Application(
-        middlewares=[
-            create_observe_middleware(
-                metrics, lambda: gateway.config.realm, lambda: gateway.draining
-            )
-        ],
-        handler_args={
-            "max_field_size": config.limits.max_header_bytes,
-            "max_line_size": config.limits.max_header_bytes,
-            "max_headers": config.limits.max_headers,
-            # aiohttp closes a connection that has not delivered a complete request
-            # header within this time, at its start or between requests: it is both
-            # the idle keep-alive timeout and the slow-header (slowloris) timeout.
-            "keepalive_timeout": config.limits.client_idle_timeout_s,
-        },
-    )
+    # The app is the lifecycle container (start-up and clean-up, shared keys); the proxy
+    # listener is the gateway's own HttpServer (``gateway_runner``), not aiohttp's.
+    app = web.Application()
     app[GATEWAY_KEY] = gateway
     app[METRICS_KEY] = metrics
 
@@ -220,28 +207,27 @@ def create_app(
 
     app.cleanup_ctx.append(resources)
 
-    async def dispatch(request: web.Request) -> web.StreamResponse:
-        # Policy routing is ours (RouteTable), so aiohttp's router has one catch-all.
-        # The handler is read once: a reload mid-request does not change its config.
-        return await gateway.handler(request)
-
-    async def defer_expectation(request: web.Request) -> None:
-        # aiohttp would answer ``Expect: 100-continue`` before any handler runs; the forwarder
-        # sends the 100 itself once the route's policy and body limit have passed.
-        return None
-
-    async def server_header(request: web.Request, response: web.StreamResponse) -> None:
-        # Runs after aiohttp filled in its defaults: the gateway's own answers carry no Server
-        # header naming aiohttp and Python versions, and a relayed response gets none of
-        # Content-Type, Server or Date that its upstream did not send (its own are relayed).
-        unsent = request.get(UNSENT_KEY)
-        if unsent is None:  # the gateway's own answer
-            if response.headers.get("Server") == SERVER_SOFTWARE:
-                del response.headers["Server"]
-            return
-        for name in unsent:
-            response.headers.popall(name, None)
-
-    app.on_response_prepare.append(server_header)
-    app.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=defer_expectation)
     return app
+
+
+def http_server(app: web.Application) -> HttpServer:
+    """The proxy listener's protocol factory for ``app``: every request observed, then handled
+    by the gateway's current handler (a reload swaps it between requests)."""
+    gateway = app[GATEWAY_KEY]
+    observer = Observer(
+        gateway.metrics,
+        lambda: gateway.handler,
+        lambda: gateway.config.realm,
+        lambda: gateway.draining,
+    )
+    return HttpServer(
+        observer,
+        lambda: gateway.config.limits,
+        gateway.metrics,
+        lambda reason: rejection_response(reason, gateway.config.realm),
+    )
+
+
+def gateway_runner(app: web.Application, **kwargs: object) -> GatewayRunner:
+    """The runner that starts ``app`` and serves its proxy listener (``web.TCPSite`` on it)."""
+    return GatewayRunner(app, lambda: http_server(app), **kwargs)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any, Final
 
-from .config import FORWARDED_HEADERS, HOP_BY_HOP_HEADERS, ClaimHeader, RouteConfig, header_key
+from .config import ClaimHeader, RouteConfig
 from .errors import Rejection
 from .reasons import Reason
 from .verifier import VerifiedToken, lookup_claim
@@ -25,14 +25,6 @@ _JSON_UNSAFE: Final = re.compile("[\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 # that honours quoted-strings would join items), not empty (RFC 9110 §5.6.1 recipients drop
 # empty elements), no surrounding whitespace.
 _CSV_UNSAFE: Final = re.compile('[,"]')
-
-
-def headers_to_strip(owned: frozenset[str], connection_values: Iterable[str]) -> frozenset[str]:
-    """Names (as ``header_key`` spells them) to drop from a request: owned claim headers,
-    hop-by-hop ones and those named in its ``Connection`` header (RFC 9110 §7.6.1)."""
-    named = {header_key(token.strip()) for value in connection_values for token in value.split(",")}
-    named.discard("")
-    return owned | HOP_BY_HOP_HEADERS | FORWARDED_HEADERS | named
 
 
 def render_claim(value: Any, fmt: str = "csv") -> str | None:

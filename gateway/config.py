@@ -29,6 +29,16 @@ from urllib.parse import urlsplit
 import yaml
 
 from .errors import ConfigError, JwksFetchError
+from .headers import (
+    AUTH_OUTCOME_HEADER,
+    CLIENT_ORIGIN_HEADERS,
+    FORWARDED_HEADERS,
+    FORWARDED_PREFIX,
+    HOP_BY_HOP_HEADERS,
+    METHOD_OVERRIDE_HEADERS,
+    RESERVED_HEADERS,
+    header_key,
+)
 from .keyset import build_key_set, private_members
 
 # --- defaults -----------------------------------------------------------------
@@ -63,43 +73,18 @@ DEFAULT_CLIENT_IDLE_TIMEOUT_S: Final = 30.0  # no complete request header for th
 DEFAULT_CLIENT_BODY_TIMEOUT_S: Final = 30.0  # longest gap between request-body chunks (408)
 DEFAULT_CLIENT_BODY_DEADLINE_S: Final = 300.0  # longest a whole request body may take (408)
 DEFAULT_CLIENT_WRITE_TIMEOUT_S: Final = 30.0  # longest a client may leave a response unread
+DEFAULT_MAX_CLIENT_CONNECTIONS: Final = 10_000  # client connections per process (worker)
+DEFAULT_TUNNEL_IDLE_TIMEOUT_S: Final = 300.0  # an upgraded connection with no byte either way
+DEFAULT_TUNNEL_MAX_DURATION_S: Final = 0.0  # longest an upgraded connection lives (0: no limit)
 DEFAULT_MAX_BODY_BYTES: Final = 10 * 1024 * 1024  # per route unless the route says otherwise
 DEFAULT_MAX_CONCURRENT: Final = 1024  # requests in flight to one route's upstream
 DEFAULT_MAX_QUEUED: Final = 1024  # requests waiting for a slot; beyond that, 503
-AUTH_OUTCOME_HEADER: Final = "X-Gateway-Auth-Outcome"  # report-only routes tell the upstream
 
 # RFC 7518 asymmetric algorithms PyJWT verifies.  `none` and HS* are never accepted:
 # HMAC keyed with a public JWK is the algorithm-confusion attack.
 ASYMMETRIC_ALGORITHMS: Final = (
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
 )  # fmt: skip
-
-# Headers the gateway never lets a route inject: framing, routing and credentials.
-HOP_BY_HOP_HEADERS: Final = frozenset(
-    {
-        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
-        "te", "trailer", "transfer-encoding", "upgrade",
-    }
-)  # fmt: skip
-RESERVED_HEADERS: Final = HOP_BY_HOP_HEADERS | frozenset(
-    {"authorization", "host", "content-length", "content-type", "cookie", "set-cookie"}
-)
-FORWARDED_HEADERS: Final = frozenset(
-    {"forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip"}
-)
-# Every `X-Forwarded-*` name (Rack, Werkzeug's ProxyFix and Spring honour -Port, -Prefix, -Ssl,
-# -Scheme, -Server, -Uri...) is removed from untrusted peers by this prefix, with these names
-# that frameworks and CDNs read as the client's address or the original URL.
-FORWARDED_PREFIX: Final = "x-forwarded-"
-CLIENT_ORIGIN_HEADERS: Final = frozenset(
-    {"x-original-url", "x-rewrite-url", "x-original-forwarded-for", "true-client-ip",
-     "cf-connecting-ip", "x-client-ip"}
-)  # fmt: skip
-# They change the method an upstream executes after the gateway judged another one: removed
-# from every peer, trusted or not.
-METHOD_OVERRIDE_HEADERS: Final = frozenset(
-    {"x-http-method-override", "x-method-override", "x-http-method"}
-)
 
 _ROUTE_ID: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _ISSUER_ID: Final = _ROUTE_ID
@@ -112,13 +97,6 @@ _HOST: Final = re.compile(
 _COOKIE_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _QUERY_NAME: Final = re.compile(r"[A-Za-z0-9_.~-]+")
 _LOOPBACK_NAMES: Final = frozenset({"localhost"})
-
-
-def header_key(name: str) -> str:
-    """A header name as the gateway compares it: lower-case, with ``_`` and ``.`` read as ``-``
-    (CGI and WSGI upstreams read ``X_User_Sub`` as ``X-User-Sub``, PHP and some WSGI servers
-    read ``X.User.Sub`` so too; every such spelling is one header)."""
-    return name.lower().replace("_", "-").replace(".", "-")
 
 
 # --- the frozen model -----------------------------------------------------------
@@ -178,6 +156,9 @@ class Limits:
     client_body_timeout_s: float = DEFAULT_CLIENT_BODY_TIMEOUT_S
     client_body_deadline_s: float = DEFAULT_CLIENT_BODY_DEADLINE_S
     client_write_timeout_s: float = DEFAULT_CLIENT_WRITE_TIMEOUT_S
+    max_connections: int = DEFAULT_MAX_CLIENT_CONNECTIONS
+    tunnel_idle_timeout_s: float = DEFAULT_TUNNEL_IDLE_TIMEOUT_S
+    tunnel_max_duration_s: float = DEFAULT_TUNNEL_MAX_DURATION_S
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT
     max_queued_requests: int = DEFAULT_MAX_QUEUED
@@ -626,6 +607,17 @@ def _read_limits(node: _Node) -> Limits:
         ),
         client_write_timeout_s=_opt(
             node, "client_write_timeout_s", lambda n: n.number(), DEFAULT_CLIENT_WRITE_TIMEOUT_S
+        ),
+        max_connections=_opt(
+            node, "max_connections", lambda n: n.integer(low=1, high=1_000_000),
+            DEFAULT_MAX_CLIENT_CONNECTIONS,
+        ),
+        tunnel_idle_timeout_s=_opt(
+            node, "tunnel_idle_timeout_s", lambda n: n.number(), DEFAULT_TUNNEL_IDLE_TIMEOUT_S
+        ),
+        tunnel_max_duration_s=_opt(
+            node, "tunnel_max_duration_s", lambda n: n.number(allow_zero=True),
+            DEFAULT_TUNNEL_MAX_DURATION_S,
         ),
         max_body_bytes=_opt(
             node, "max_body_bytes", lambda n: n.integer(low=0, high=2**62), DEFAULT_MAX_BODY_BYTES

@@ -132,7 +132,7 @@ def instructions(config: GatewayConfig, idp: DemoIdentityProvider) -> str:
 
 async def run_demo(config_path: Path | None) -> int:
     """Start the demo IdP and echo upstream where the demo config points, then serve the gateway."""
-    from .cli import serve
+    from .service import serve
 
     config = _demo_config(config_path)
     issuer = next(iter(config.issuers.values()))

@@ -23,7 +23,6 @@ from prometheus_client import CollectorRegistry
 
 from .clock import SYSTEM_CLOCK
 from .config import (
-    AUTH_OUTCOME_HEADER,
     BEARER_HEADER,
     AuthMode,
     AuthPolicy,
@@ -35,6 +34,7 @@ from .config import (
 from .documents import HttpDocumentFetcher
 from .errors import Rejection
 from .gate import Gate, is_cors_preflight
+from .headers import AUTH_OUTCOME_HEADER
 from .jwks import JwksCache
 from .metrics import GatewayMetrics
 from .reasons import REASON_SPECS, Reason, www_authenticate

@@ -22,17 +22,16 @@ import enum
 import re
 from typing import Final
 
-from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from .config import GatewayConfig, header_key
+from .config import GatewayConfig
 from .errors import Rejection
 from .gate import Gate
+from .headers import header_key, token_carriers
 from .metrics import GatewayMetrics
 from .middleware import answer_rejection
-from .proxy import token_carriers
 from .reasons import Reason
-from .record import RECORD_KEY
+from .server import Answer, HttpRequest
 
 ENVOY_PREFIX: Final = "/auth/envoy"
 # Envoy removes the request headers named here from what it sends upstream (ext_authz HTTP).
@@ -88,7 +87,7 @@ def _split_url(url: str) -> tuple[str, str]:
     return authority, target
 
 
-def original_request(caller: Caller, request: web.Request, raw_path: str) -> tuple[str, str, str]:
+def original_request(caller: Caller, request: HttpRequest, raw_path: str) -> tuple[str, str, str]:
     """The original request's method, raw target and ``Host`` as ``caller`` describes it."""
     headers = request.headers
     if caller is Caller.ENVOY:
@@ -141,9 +140,9 @@ class ForwardAuthHandler:
             return Caller.ENVOY
         raise Rejection(Reason.ROUTE_NOT_FOUND, "not a forward-auth endpoint")
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
-        record = request[RECORD_KEY]
-        raw_path = request.raw_path
+    async def __call__(self, request: HttpRequest) -> Answer:
+        record = request.record
+        raw_path = request.target
         caller = self._caller(raw_path)
         record.caller = caller.value
         try:
@@ -157,14 +156,14 @@ class ForwardAuthHandler:
             self._metrics.forward_auth_decision(caller.value, allowed=False)
             response = answer_rejection(record, rejection, self._realm)
             if caller is Caller.NGINX:
-                assert isinstance(response.body, bytes)
-                response.headers[ERROR_BODY_HEADER] = response.body.decode()
+                response.headers.append((ERROR_BODY_HEADER, response.body.decode()))
             return response
         self._metrics.forward_auth_decision(caller.value, allowed=True)
-        response = web.Response(status=200, headers=admitted.injected)
+        headers = list(admitted.injected.items())
         if caller is Caller.ENVOY:
             earned = {header_key(name) for name in admitted.injected}
             remove = [n for n in self._removals[admitted.route.id] if n not in earned]
             if remove:
-                response.headers[ENVOY_REMOVE_HEADER] = ",".join(remove)
-        return response
+                headers.append((ENVOY_REMOVE_HEADER, ",".join(remove)))
+        record.status = 200
+        return Answer(200, headers)

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from multidict import CIMultiDictProxy
 
 from .claims import identity_headers
-from .config import AUTH_OUTCOME_HEADER, AuthMode, GatewayConfig, RouteConfig
+from .config import AuthMode, GatewayConfig, RouteConfig
 from .errors import Rejection
 from .extractor import extract_token
+from .headers import AUTH_OUTCOME_HEADER
 from .metrics import GatewayMetrics
 from .reasons import Reason
 from .record import RequestRecord

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from aiohttp import web
-
 from .gate import Gate
 from .proxy import Forwarder
-from .record import RECORD_KEY
+from .server import Answer, HttpRequest
 
 
 class GatewayHandler:
@@ -18,11 +16,10 @@ class GatewayHandler:
         self._gate = gate
         self._forwarder = forwarder
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
+    async def __call__(self, request: HttpRequest) -> Answer | None:
         admitted = await self._gate.admit(
-            request.method, request.raw_path, request.host, request.headers, request[RECORD_KEY]
+            request.method, request.target, request.host, request.headers, request.record
         )
         # Only now, with every check passed, does anything reach the upstream.
-        return await self._forwarder.forward(
-            request, admitted.route, admitted.target, admitted.injected
-        )
+        await self._forwarder.forward(request, admitted.route, admitted.target, admitted.injected)
+        return None

@@ -124,6 +124,18 @@ class GatewayMetrics:
             registry=registry,
             multiprocess_mode="max",
         )
+        self.upgrades = Counter(
+            "gateway_upgrades",
+            "WebSocket upgrades the upstream accepted (101), by route.",
+            ["route"],
+            registry=registry,
+        )
+        self.tunnels_open = Gauge(
+            "gateway_tunnels_open",
+            "Upgraded connections (WebSocket tunnels) open now.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
         self.forward_auth_decisions = Counter(
             "gateway_forward_auth_decisions",
             "Decisions answered in forward_auth mode, by caller (nginx, traefik, envoy) and "
@@ -165,6 +177,7 @@ class GatewayMetrics:
             for reason in Reason:
                 self.requests.labels(route, reason.value)
             self.upstream_duration.labels(route)
+            self.upgrades.labels(route)
             for code_class in ("2xx", "3xx", "4xx", "5xx"):
                 self.upstream_responses.labels(route, code_class)
             for outcome in outcomes:

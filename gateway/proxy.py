@@ -6,80 +6,35 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Final
 
-import aiohttp
-from aiohttp import StreamReader, web
 from multidict import CIMultiDict
 
 from .admission import Admission
-from .claims import headers_to_strip
-from .config import (
+from .config import GatewayConfig, RouteConfig, Upstream
+from .errors import Rejection
+from .extractor import cookie_name, query_name
+from .headers import (
     CLIENT_ORIGIN_HEADERS,
     FORWARDED_PREFIX,
     METHOD_OVERRIDE_HEADERS,
-    GatewayConfig,
-    RouteConfig,
-    TokenLocation,
-    Upstream,
+    PROXY_OWN_HEADERS,
+    REQUEST_ID_HEADER,
+    RESPONSE_HOP_BY_HOP_HEADERS,
+    Carriers,
     header_key,
+    headers_to_strip,
+    token_carriers,
 )
-from .errors import Rejection
-from .extractor import cookie_name, query_name
 from .metrics import GatewayMetrics
 from .reasons import Reason
-from .record import RECORD_KEY, REQUEST_ID_HEADER
 from .routing import valid_host
+from .server import ClientGone, HttpRequest, RequestBody
+from .tunnel import Tunnel
 from .upstream import ResponseHead, UpstreamClosed, UpstreamConnection, UpstreamPool, UpstreamPools
 
-_RESPONSE_HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
-     "upgrade", "proxy-authenticate"}
-)  # fmt: skip
-# Headers aiohttp's server fills in when a response lacks them.  On a relayed response the
-# names the upstream did not send are set here, and the app's response-prepare hook removes
-# them again: the client gets what the upstream said, nothing added.
-DEFAULTED_HEADERS: Final = frozenset({"Content-Type", "Server", "Date"})
-UNSENT_KEY: Final = web.RequestKey("gateway_unsent_headers", frozenset)
 # RFC 9110 §9.2.2: a request of these methods may be sent again when a pooled connection turns
 # out to have been closed by the upstream before it answered.
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-
-
-@dataclass(frozen=True, slots=True)
-class Carriers:
-    """Where a route's token may sit, to be removed before forwarding (unless forward_token)."""
-
-    headers: frozenset[str]
-    cookies: frozenset[str]
-    query: frozenset[str]
-
-
-_KEEP_ALL: Final = Carriers(frozenset(), frozenset(), frozenset())
-_AUTHORIZATION_ONLY: Final = Carriers(frozenset({"authorization"}), frozenset(), frozenset())
-
-
-# Never copied from the client: Host is the upstream's, Expect was already answered here, and
-# the body's framing is the gateway's (it writes its own Content-Length or chunked coding).
-_PROXY_OWN: Final = frozenset({"host", "expect", "content-length", "transfer-encoding"})
-
-
-def token_carriers(route: RouteConfig) -> Carriers:
-    # Authorization never reaches an upstream unless a route forwards its token on
-    # purpose: a compromised or logging upstream must not be able to replay it.
-    if route.auth is None:
-        return _AUTHORIZATION_ONLY
-    if route.auth.forward_token:
-        return _KEEP_ALL
-    sources = route.auth.token_sources
-    return Carriers(
-        frozenset(
-            {"authorization"}
-            | {header_key(s.name) for s in sources if s.location is TokenLocation.HEADER}
-        ),
-        frozenset(s.name for s in sources if s.location is TokenLocation.COOKIE),
-        frozenset(s.name for s in sources if s.location is TokenLocation.QUERY),
-    )
 
 
 def _without_cookies(header: str, names: frozenset[str]) -> str:
@@ -107,7 +62,7 @@ class _BodyMeter:
 
     __slots__ = ("_content", "_deadline_s", "_gap_s", "_limit", "stopped")
 
-    def __init__(self, content: StreamReader, limit: int, gap_s: float, deadline_s: float) -> None:
+    def __init__(self, content: RequestBody, limit: int, gap_s: float, deadline_s: float) -> None:
         self._content = content
         self._limit = limit
         self._gap_s = gap_s
@@ -152,7 +107,21 @@ def request_head(
     if text.count("\n") != len(lines) - 1 or text.count("\r") != len(lines) - 1:
         # Parsed client headers and checked claim values cannot hold CR or LF; never send one.
         raise Rejection(Reason.INTERNAL_ERROR, "line break in an upstream header")
-    return (text + "\r\n\r\n").encode("utf-8")
+    # Header values were decoded with surrogateescape: the client's bytes go on unchanged.
+    return (text + "\r\n\r\n").encode("utf-8", "surrogateescape")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteHop:
+    """One proxy route compiled at load: everything its hop needs, so a request costs one
+    lookup (by route id) instead of one per setting."""
+
+    carriers: Carriers
+    strip: frozenset[str]  # names never copied upstream from a trusted proxy
+    strip_untrusted: frozenset[str]  # ... and from anyone else
+    host: str  # the upstream's Host header
+    pool: UpstreamPool
+    admission: Admission
 
 
 class Forwarder:
@@ -165,47 +134,56 @@ class Forwarder:
         metrics: GatewayMetrics,
         admissions: Mapping[str, Admission] | None = None,
     ) -> None:
-        self._pools = pools
         self._metrics = metrics
         defaults = config.upstream_defaults
         self._connect_timeout = defaults.connect_timeout_s
         self._read_timeout = defaults.timeout_s
         self._pool_timeout = defaults.pool_timeout_s
-        self._carriers = {route.id: token_carriers(route) for route in config.routes}
-        self._hosts = {
-            route.id: _host_header(route.upstream)
-            for route in config.routes
-            if route.upstream is not None
-        }
         self._body_gap_s = config.limits.client_body_timeout_s
         self._body_deadline_s = config.limits.client_body_deadline_s
         self._write_timeout_s = config.limits.client_write_timeout_s
-        self._admission = dict(admissions) if admissions is not None else admissions_for(config)
-        self._owned = config.owned_headers
+        self._tunnel_idle_s = config.limits.tunnel_idle_timeout_s
+        self._tunnel_max_s = config.limits.tunnel_max_duration_s
+        admission = dict(admissions) if admissions is not None else admissions_for(config)
         # Per route: every name never copied upstream, so a request needs one set lookup
         # per header (a Connection header adds the names it lists).
-        base = headers_to_strip(self._owned, ()) | _PROXY_OWN | METHOD_OVERRIDE_HEADERS
-        self._strip = {r.id: base | self._carriers[r.id].headers for r in config.routes}
+        base = (
+            headers_to_strip(config.owned_headers, ()) | PROXY_OWN_HEADERS | METHOD_OVERRIDE_HEADERS
+        )
         # From a peer that is not a trusted proxy, also every name that claims to say who the
         # client is or what it asked for (X-Forwarded-* goes by prefix, in upstream_headers).
         untrusted = CLIENT_ORIGIN_HEADERS | config.strip_untrusted_headers
-        self._strip_untrusted = {rid: strip | untrusted for rid, strip in self._strip.items()}
+        self._hops: dict[str, RouteHop] = {}
+        for route in config.routes:
+            if route.upstream is None:
+                continue  # forward_auth mode: no hop
+            carriers = token_carriers(route)
+            strip = base | carriers.headers
+            self._hops[route.id] = RouteHop(
+                carriers,
+                strip,
+                strip | untrusted,
+                _host_header(route.upstream),
+                pools.pool(route.upstream),
+                admission[route.id],
+            )
         self._trusts = config.trusts
 
     def upstream_headers(
-        self, request: web.Request, route: RouteConfig, injected: Mapping[str, str]
+        self, request: HttpRequest, route: RouteConfig, injected: Mapping[str, str]
     ) -> CIMultiDict[str]:
         """The request headers as the upstream sees them: owned, hop-by-hop, framing and
         forwarding headers removed, verified claims injected, X-Forwarded-* set."""
         inbound = request.headers
         peer = request.remote
         trusted = self._trusts(peer)
-        strip = (self._strip if trusted else self._strip_untrusted)[route.id]
+        hop = self._hops[route.id]
+        strip = hop.strip if trusted else hop.strip_untrusted
         connection = inbound.getall("Connection", [])
         if connection:
             strip = strip | headers_to_strip(frozenset(), connection)
         out: CIMultiDict[str] = CIMultiDict()
-        hidden = self._carriers[route.id]
+        hidden = hop.carriers
         for name, value in inbound.items():
             key = header_key(name)
             if key in strip or (not trusted and key.startswith(FORWARDED_PREFIX)):
@@ -216,7 +194,7 @@ class Forwarder:
                     continue
             out.add(name, value)
         out.update(injected)
-        out[REQUEST_ID_HEADER] = request[RECORD_KEY].request_id
+        out[REQUEST_ID_HEADER] = request.record.request_id
         prior_for = ", ".join(inbound.getall("X-Forwarded-For", [])) if trusted else ""
         out["X-Forwarded-For"] = f"{prior_for}, {peer}" if prior_for else (peer or "unknown")
         out["X-Forwarded-Proto"] = (
@@ -233,16 +211,17 @@ class Forwarder:
 
     async def forward(
         self,
-        request: web.Request,
+        request: HttpRequest,
         route: RouteConfig,
         target: str,
         injected: Mapping[str, str],
-    ) -> web.StreamResponse:
+    ) -> None:
         """Forward ``request`` to ``route``'s upstream: method, ``target`` (the path as the gate
         matched it, the query as received), except a configured prefix rewrite and a
         query-parameter token, which is removed."""
         headers = self.upstream_headers(request, route, injected)
-        hidden = self._carriers[route.id]
+        hop = self._hops[route.id]
+        hidden = hop.carriers
         if route.rewrite is not None or hidden.query:
             path, sep, query = target.partition("?")
             if route.rewrite is not None:
@@ -250,7 +229,6 @@ class Forwarder:
             if hidden.query:
                 query = _without_params(query, hidden.query)
             target = path + (sep + query if query else "")
-        assert route.upstream is not None, "proxy mode routes always have an upstream"
         limit = route.max_body_bytes
         declared = request.content_length
         if limit and declared is not None and declared > limit:
@@ -260,36 +238,54 @@ class Forwarder:
         framing = ""
         if declared is not None:
             framing = f"Content-Length: {declared}"
-        elif request.body_exists:
+        elif request.chunked:
             chunked = True
             framing = "Transfer-Encoding: chunked"
-        if request.body_exists:
+        if request.body is not None:
             # Counted as it streams (chunked bodies have no length to check up front),
             # and watched for stalls.
-            meter = _BodyMeter(request.content, limit, self._body_gap_s, self._body_deadline_s)
-        expect = request.headers.get("Expect")
+            meter = _BodyMeter(request.body, limit, self._body_gap_s, self._body_deadline_s)
+        expect = request.expect
         if expect is not None and expect.lower() != "100-continue":
             raise Rejection(Reason.REQUEST_REJECTED, "unsupported Expect")
-        head = request_head(request.method, target, self._hosts[route.id], headers, framing)
-        pool = self._pools.pool(route.upstream)
-        async with self._admission[route.id]:
+        # A WebSocket handshake keeps its Connection and Upgrade (hop-by-hop otherwise); any
+        # other upgrade is served as a plain request, and its connection then closed.
+        upgrade = (
+            request.upgrade
+            and request.method == "GET"
+            and request.headers.get("Upgrade", "").strip().lower() == "websocket"
+        )
+        if upgrade:
+            headers["Connection"] = "Upgrade"
+            headers["Upgrade"] = request.headers["Upgrade"]
+        head = request_head(request.method, target, hop.host, headers, framing)
+        async with hop.admission:
             started = time.perf_counter()
-            conn, response = await self._exchange(request, pool, head, meter, chunked)
-            try:
-                self._metrics.observe_upstream(
-                    route.id, response.status, time.perf_counter() - started
-                )
-                return await self._relay(request, conn, response)
-            finally:
-                conn.finish()
+            conn, response = await self._exchange(request, hop.pool, head, meter, chunked, upgrade)
+            self._metrics.observe_upstream(route.id, response.status, time.perf_counter() - started)
+            if not conn.upgraded:
+                try:
+                    await self._relay(request, conn, response)
+                finally:
+                    conn.finish()
+                return
+        # The upstream accepted the upgrade: the route's admission slot is free again (a
+        # tunnel is bounded by the connection cap and the upstream pool), the tunnel holds
+        # the upstream connection until it ends.
+        try:
+            await self._tunnel(request, route.id, conn, response)
+        finally:
+            conn.spoiled = True
+            conn.finish()
 
     async def _exchange(
         self,
-        request: web.Request,
+        request: HttpRequest,
         pool: UpstreamPool,
         head: bytes,
         meter: _BodyMeter | None,
         chunked: bool,
+        upgrade: bool = False,
     ) -> tuple[UpstreamConnection, ResponseHead]:
         """Send the request; the connection and response head.  A bodiless idempotent request
         that finds its pooled connection closed before any answer is sent once more, on a new
@@ -309,7 +305,7 @@ class Forwarder:
             except OSError as exc:
                 raise Rejection(Reason.UPSTREAM_UNAVAILABLE, type(exc).__name__) from None
             try:
-                conn.begin(head, head_only=method == "HEAD")
+                conn.begin(head, head_only=method == "HEAD", upgrade=upgrade)
                 if meter is not None:
                     await self._upload(request, conn, meter, chunked)
                 return conn, await conn.read_head(self._read_timeout)
@@ -322,15 +318,20 @@ class Forwarder:
                 if retry and not fresh and conn.reused and not closed.responded:
                     fresh = True
                     continue
-                if request.transport is None or request.transport.is_closing():
+                if request.client_gone:
                     raise Rejection(Reason.CLIENT_DISCONNECTED, closed.detail) from None
                 raise Rejection(Reason.UPSTREAM_UNAVAILABLE, closed.detail) from None
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            except ClientGone as gone:
+                # The client left mid-upload, or its chunked body broke the framing rules.
+                conn.spoiled = True
+                conn.finish()
+                raise Rejection(gone.reason, "request body cut off") from None
+            except (OSError, TimeoutError) as exc:
                 conn.spoiled = True
                 conn.finish()
                 if meter is not None and meter.stopped is not None:
                     raise Rejection(meter.stopped, "request body stopped") from None
-                if request.transport is None or request.transport.is_closing():
+                if request.client_gone:
                     # The client left mid-upload: not the upstream's fault.
                     raise Rejection(Reason.CLIENT_DISCONNECTED, type(exc).__name__) from None
                 if isinstance(exc, TimeoutError):
@@ -342,13 +343,12 @@ class Forwarder:
                 raise
 
     async def _upload(
-        self, request: web.Request, conn: UpstreamConnection, meter: _BodyMeter, chunked: bool
+        self, request: HttpRequest, conn: UpstreamConnection, meter: _BodyMeter, chunked: bool
     ) -> None:
-        if request.version >= (1, 1) and "Expect" in request.headers:
+        if request.version == "1.1" and request.expect is not None:
             # The client waits for this before sending the body: only now, with the policy
             # passed and the declared length within the limit, is the body worth receiving.
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            request.writer.output_size = 0  # the response itself has not started
+            request.send_continue()
         # The upstream may answer before taking the whole body (a 413, say), also while this
         # task waits for the client's next chunk: the answer interrupts that wait, the upload
         # stops, and the connection cannot carry another exchange.
@@ -379,61 +379,97 @@ class Forwarder:
             conn.on_answer = None
         conn.spoiled = True
 
+    async def _tunnel(
+        self, request: HttpRequest, route_id: str, conn: UpstreamConnection, upstream: ResponseHead
+    ) -> None:
+        """Answer the client's handshake with the upstream's 101 and relay bytes both ways."""
+        record = request.record
+        if conn.transport is None or request.connection.transport is None:
+            raise Rejection(Reason.UPSTREAM_UNAVAILABLE, "upstream closed after its 101")
+        headers = [
+            (name, value)
+            for name, value in upstream.headers
+            if name.lower() not in RESPONSE_HOP_BY_HOP_HEADERS and name.lower() != "x-request-id"
+        ]
+        headers += [
+            ("Connection", "Upgrade"),
+            ("Upgrade", next((v for n, v in upstream.headers if n.lower() == "upgrade"), "")),
+            (REQUEST_ID_HEADER, record.request_id),
+        ]
+        tunnel = Tunnel(
+            request.connection.transport,
+            conn.transport,
+            idle_timeout_s=self._tunnel_idle_s,
+            max_duration_s=self._tunnel_max_s,
+        )
+        conn.tunnel = tunnel
+        request.open_tunnel(upstream.reason, headers, tunnel)
+        record.status = 101
+        self._metrics.upgrades.labels(route_id).inc()
+        self._metrics.tunnels_open.inc()
+        try:
+            end = await tunnel.run(request.early, conn.early)
+        finally:
+            self._metrics.tunnels_open.dec()
+        record.detail = f"tunnel {end.value}"
+
     async def _relay(
-        self, request: web.Request, conn: UpstreamConnection, upstream: ResponseHead
-    ) -> web.StreamResponse:
+        self, request: HttpRequest, conn: UpstreamConnection, upstream: ResponseHead
+    ) -> None:
         connection = {
             token.strip().lower()
             for name, value in upstream.headers
             if name.lower() == "connection"
             for token in value.split(",")
         }
-        headers: CIMultiDict[str] = CIMultiDict(
+        headers = [
             (name, value)
             for name, value in upstream.headers
-            if name.lower() not in _RESPONSE_HOP_BY_HOP and name.lower() not in connection
-        )
-        record = request[RECORD_KEY]
-        headers[REQUEST_ID_HEADER] = record.request_id
-        request[UNSENT_KEY] = frozenset(n for n in DEFAULTED_HEADERS if n not in headers)
-        response = web.StreamResponse(
-            status=upstream.status, reason=upstream.reason, headers=headers
-        )
-        await response.prepare(request)
-        record.status = upstream.status
-        # From here on the status line is sent: failures are logged and counted,
-        # and the connection is closed so the client sees a cut stream, never a
-        # complete-looking truncated body.
+            if name.lower() not in RESPONSE_HOP_BY_HOP_HEADERS
+            and name.lower() not in connection
+            and name.lower() != "x-request-id"
+        ]
+        record = request.record
+        headers.append((REQUEST_ID_HEADER, record.request_id))
+        status = upstream.status
+        bodiless = request.method == "HEAD" or status in (204, 304) or status < 200
+        request.start_response(status, upstream.reason, headers, bodiless=bodiless)
+        record.status = status
+        # From here on the status line is sent: failures are logged and counted, and the
+        # connection is closed so the client sees a cut stream, never a complete-looking
+        # truncated body.
         while True:
             try:
                 chunk = await conn.read_body(self._read_timeout)
             except (UpstreamClosed, TimeoutError) as exc:
                 record.reason = Reason.UPSTREAM_ABORTED
                 record.detail = type(exc).__name__
-                if request.transport is not None:
-                    request.transport.close()
-                return response
+                request.close_connection()
+                return
             if not chunk:
                 break
             try:
-                # A client that stops reading must not hold the upstream connection and the
-                # route's admission slot: the write (which waits while its buffer is full)
-                # gets a deadline, and the connection is closed when it passes.
-                async with asyncio.timeout(self._write_timeout_s):
-                    await response.write(chunk)
+                request.write(chunk)
+                if request.writing_paused:
+                    # A client that stops reading must not hold the upstream connection and
+                    # the route's admission slot: the wait gets a deadline, and the
+                    # connection is closed when it passes.
+                    async with asyncio.timeout(self._write_timeout_s):
+                        await request.drain()
             except ConnectionError:
                 conn.spoiled = True
                 record.reason = Reason.CLIENT_DISCONNECTED
-                return response
+                return
             except TimeoutError:
                 conn.spoiled = True
                 record.reason = Reason.CLIENT_TIMEOUT
                 record.detail = "client stopped reading"
-                if request.transport is not None:
-                    request.transport.abort()
-                return response
-        await response.write_eof()
-        return response
+                request.close_connection(abort=True)
+                return
+        try:
+            request.end_response()
+        except ConnectionError:
+            record.reason = Reason.CLIENT_DISCONNECTED
 
 
 def admissions_for(

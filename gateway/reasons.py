@@ -29,6 +29,11 @@ class Reason(enum.StrEnum):
     OK = "ok"
     ROUTE_NOT_FOUND = "route_not_found"
     REQUEST_REJECTED = "request_rejected"
+    REQUEST_MALFORMED = "request_malformed"
+    HEADERS_TOO_LARGE = "headers_too_large"
+    VERSION_NOT_SUPPORTED = "version_not_supported"
+    TRANSFER_CODING_NOT_SUPPORTED = "transfer_coding_not_supported"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
     INVALID_REQUEST = "invalid_request"
     CALLER_UNTRUSTED = "caller_untrusted"
     TOKEN_MISSING = "token_missing"
@@ -92,6 +97,24 @@ REASON_SPECS: Final[Mapping[Reason, ReasonSpec]] = MappingProxyType(
         ),
         Reason.REQUEST_REJECTED: ReasonSpec(
             400, "The request path is not accepted.", Outcome.REJECTED, _INFO
+        ),
+        # The HTTP/1.1 framing rules (RFC 9112): answered by the listener before any route,
+        # with its connection closed; nothing after it on that connection is read.
+        Reason.REQUEST_MALFORMED: ReasonSpec(
+            400, "The request is not valid HTTP/1.1.", Outcome.REJECTED, _INFO
+        ),
+        Reason.HEADERS_TOO_LARGE: ReasonSpec(
+            431, "The request line or headers are too large.", Outcome.REJECTED, _INFO
+        ),
+        Reason.VERSION_NOT_SUPPORTED: ReasonSpec(
+            505, "Only HTTP/1.1 and HTTP/1.0 are served.", Outcome.REJECTED, _INFO
+        ),
+        Reason.TRANSFER_CODING_NOT_SUPPORTED: ReasonSpec(
+            501, "Only the chunked transfer coding is accepted.", Outcome.REJECTED, _INFO
+        ),
+        # limits.max_connections: shed at accept, before a request is read.
+        Reason.TOO_MANY_CONNECTIONS: ReasonSpec(
+            503, "The gateway is at its connection limit; try again later.", Outcome.ERROR, _WARN
         ),
         # RFC 6750 §3.1 invalid_request: repeated or malformed credentials → 400.
         Reason.INVALID_REQUEST: ReasonSpec(

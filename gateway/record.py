@@ -8,8 +8,6 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from aiohttp import web
-
 from .metrics import UNMATCHED_ROUTE
 from .reasons import Reason
 
@@ -32,8 +30,6 @@ class RequestRecord:
     target: str | None = None
 
 
-RECORD_KEY = web.RequestKey("gateway_record", RequestRecord)
-REQUEST_ID_HEADER: Final = "X-Request-ID"
 _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:@+=/-]{1,128}")
 
 

@@ -29,6 +29,7 @@ from .config import Upstream, UpstreamTls
 from .errors import Rejection
 from .reasons import Reason
 from .tls import client_tls_context
+from .tunnel import Tunnel, TunnelEnd
 
 # Reading pauses when this much response body waits for a slow client, and resumes below half.
 _HIGH_WATER: Final = 256 * 1024
@@ -55,6 +56,11 @@ class UpstreamClosed(Exception):
         super().__init__(detail)
         self.detail = detail
         self.responded = responded
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -84,6 +90,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.on_answer: Callable[[], None] | None = None  # called once the response head is in
         self.reused = False  # the connection carried an exchange before this one
         self.idle_since = 0.0
+        self._upgrade = False  # this exchange asks for an upgrade: a 101 is its final answer
+        self.upgraded = False  # the upstream answered 101: what follows is the tunnel's
+        self.early = b""  # tunnel bytes that arrived before the tunnel opened
+        self.tunnel: Tunnel | None = None
 
     # --- transport callbacks --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -91,6 +101,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.from_upstream(data)
+            return
+        if self.upgraded:
+            self.early += data
+            return
         parser = self._parser
         if parser is None or self._complete:
             # Bytes nobody asked for (a body after a HEAD answer, or a second response):
@@ -100,8 +116,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.responded = True
         try:
             parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail("upgrade not requested")
+        except httptools.HttpParserUpgrade as upgrade:
+            if self.upgraded:
+                self.early = data[upgrade.args[0] :] if upgrade.args else b""
+            else:
+                self._fail("upgrade not requested")
         except httptools.HttpParserError:
             self._fail("malformed upstream response")
 
@@ -110,6 +129,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if self.tunnel is not None:
+            self.tunnel.lost(TunnelEnd.UPSTREAM_CLOSED)
         if self._parser is not None and not self._complete:
             if self._until_close and self._failure is None and exc is None:
                 self._complete = True  # a body delimited by the connection's close
@@ -121,9 +142,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._writing_paused = True
+        if self.tunnel is not None:
+            self.tunnel.upstream_writable(False)
 
     def resume_writing(self) -> None:
         self._writing_paused = False
+        if self.tunnel is not None:
+            self.tunnel.upstream_writable(True)
         self._wake_drain()
 
     # --- parser callbacks -----------------------------------------------------------------
@@ -136,7 +161,10 @@ class UpstreamConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         assert self._parser is not None
         status = self._parser.get_status_code()
-        if 100 <= status < 200:
+        if status == 101 and self._upgrade:
+            # The upgrade was accepted: this is the final answer, and the tunnel follows.
+            self.upgraded = True
+        elif 100 <= status < 200:
             # An interim response (100 Continue, 103 Early Hints): the final one follows.
             self._status_text = b""
             self._headers = []
@@ -151,7 +179,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._wake_drain()  # an upload waiting for the upstream to read stops: it answered
         if self.on_answer is not None:
             self.on_answer()
-        if self._head_only or status in (204, 304):
+        if self._head_only or status in (101, 204, 304):
             self._complete = True
         else:
             framed = any(
@@ -179,12 +207,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._wake_body()
 
     # --- the exchange -----------------------------------------------------------------------
-    def begin(self, head: bytes, *, head_only: bool) -> None:
+    def begin(self, head: bytes, *, head_only: bool, upgrade: bool = False) -> None:
         """Start an exchange: send the request head (and whatever body bytes it carries)."""
         if self.transport is None:
             raise UpstreamClosed("upstream closed", responded=False)
         self._parser = httptools.HttpResponseParser(self)
         self._head_only = head_only
+        self._upgrade = upgrade
         self._status_text = b""
         self._headers = []
         self._head = None
@@ -216,8 +245,7 @@ class UpstreamConnection(asyncio.Protocol):
         while self._writing_paused and self._failure is None and self._head is None:
             self._drain_waiter = self._loop.create_future()
             try:
-                async with asyncio.timeout(wait_s):
-                    await self._drain_waiter
+                await self._within(self._drain_waiter, wait_s)
             finally:
                 self._drain_waiter = None
         if self._failure is not None:
@@ -228,8 +256,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._head is None and self._failure is None:
             self._head_waiter = self._loop.create_future()
             try:
-                async with asyncio.timeout(wait_s):
-                    await self._head_waiter
+                await self._within(self._head_waiter, wait_s)
             finally:
                 self._head_waiter = None
         if self._head is not None:
@@ -247,8 +274,7 @@ class UpstreamConnection(asyncio.Protocol):
                 raise self._failure
             self._body_waiter = self._loop.create_future()
             try:
-                async with asyncio.timeout(wait_s):
-                    await self._body_waiter
+                await self._within(self._body_waiter, wait_s)
             finally:
                 self._body_waiter = None
         if len(self._chunks) == 1:
@@ -261,6 +287,15 @@ class UpstreamConnection(asyncio.Protocol):
             self._reading_paused = False
             self.transport.resume_reading()
         return data
+
+    async def _within(self, waiter: asyncio.Future[None], wait_s: float) -> None:
+        """Wait for ``waiter``; ``TimeoutError`` after ``wait_s`` seconds.  A bare timer handle
+        per wait: ``asyncio.timeout`` costs several times more, on every exchange."""
+        handle = self._loop.call_later(wait_s, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            handle.cancel()
 
     @property
     def reusable(self) -> bool:

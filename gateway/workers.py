@@ -37,7 +37,7 @@ MONITOR_INTERVAL_S = 0.5
 
 def _worker_main(config_path: str, base_dir: str, log_level: str, log_format: str) -> None:
     """A worker process: load the supervisor's validated copy of the config and serve it."""
-    from .cli import run_event_loop, serve
+    from .service import run_event_loop, serve
 
     # SIGHUP arrives blocked (see Supervisor._spawn); serve() unblocks it once its reload
     # handler is installed, so a reload sent while this worker starts is delivered, not fatal.
@@ -194,7 +194,7 @@ class Supervisor:
 
 
 async def _supervise(supervisor: Supervisor, watch: bool) -> None:
-    from .cli import watch_file
+    from .service import watch_file
 
     supervisor.start()
     admin = web.AppRunner(supervisor.admin_app(), access_log=None)

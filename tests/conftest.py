@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.samples import Sample
 
 from gateway import create_admin_app, create_app, load_config, loads_config
-from gateway.app import GATEWAY_KEY, JWKS_KEY
+from gateway.app import GATEWAY_KEY, JWKS_KEY, gateway_runner
 from gateway.config import GatewayConfig
 from gateway.jwks import JwksCache
 from gateway.upstream import UpstreamPools
@@ -190,8 +190,15 @@ class RunningGateway:
         await self.client.close()
 
 
+class GatewayTestServer(TestServer):
+    """aiohttp's test server around the gateway's own listener (``gateway_runner``)."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
+        return gateway_runner(self.app, **kwargs)
+
+
 Edit = Callable[[dict[str, Any]], None]
-# The runner arguments of gateway.cli.serve (TestServer adds handler_cancellation=True, as it does).
+# The runner arguments of gateway.service.serve (TestServer adds handler_cancellation=True, as it does).
 SERVED_RUNNER_ARGS: dict[str, Any] = {"access_log": None, "shutdown_timeout": 5}
 
 
@@ -218,7 +225,7 @@ async def start_gateway(
     if document_fetcher is not None:
         extra["document_fetcher"] = document_fetcher
     app = create_app(config, registry=registry, **extra)
-    server = TestServer(app, host="127.0.0.1")
+    server = GatewayTestServer(app, host="127.0.0.1")
     await server.start_server(**(SERVED_RUNNER_ARGS if served else {}))
     client: TestClient = TestClient(server)
     await client.start_server()

@@ -18,8 +18,8 @@ import yaml
 from kubernetes_validate import latest_version, validate
 
 from gateway import load_config
-from gateway.config import GatewayConfig, GatewayMode, header_key
-from gateway.proxy import token_carriers
+from gateway.config import GatewayConfig, GatewayMode
+from gateway.headers import header_key, token_carriers
 from tests.deploy.support import DEPLOY, Manifest, one
 
 FORWARD_AUTH = DEPLOY / "forward-auth"

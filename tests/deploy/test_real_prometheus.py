@@ -27,7 +27,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gateway import create_admin_app, create_app, loads_config
-from gateway.app import JWKS_KEY
+from gateway.app import JWKS_KEY, gateway_runner
 from tests.conftest import AUDIENCE, ISSUER, base_config, bearer
 from tests.deploy.support import PROMETHEUS, declared_metrics, find_tool
 from tests.deploy.test_dashboard import dashboard_exprs
@@ -60,9 +60,10 @@ def _free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def serving(app: web.Application) -> AsyncIterator[int]:
-    """Serve ``app`` on 127.0.0.1 on a free port; yield the port."""
-    runner = web.AppRunner(app, access_log=None)
+async def serving(app: web.Application, *, proxy: bool = False) -> AsyncIterator[int]:
+    """Serve ``app`` on 127.0.0.1 on a free port (the gateway's own listener when ``proxy``);
+    yield the port."""
+    runner = gateway_runner(app) if proxy else web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -212,7 +213,7 @@ async def test_prometheus_stores_exactly_what_the_gateway_counted(
     minting_clock = FakeClock()  # only a wall-clock source for the tokens' iat/exp (now)
     async with (
         aiohttp.ClientSession() as session,
-        serving(app) as proxy_port,
+        serving(app, proxy=True) as proxy_port,
         serving(create_admin_app(app)) as admin_port,
     ):
         await asyncio.wait_for(app[JWKS_KEY].settled(), 10)

@@ -46,6 +46,7 @@ from prometheus_client import CollectorRegistry
 from gateway import create_app, loads_config
 from gateway.app import JWKS_KEY
 from gateway.jwks import RETRY_INITIAL_S
+from tests.conftest import GatewayTestServer
 from tests.fakes import EchoUpstream
 from tests.integration.e2e_helpers import free_port, wait_until
 
@@ -456,7 +457,7 @@ async def test_key_rotation_at_a_real_openid_provider(
     assert config.issuers[ISSUER_ID].jwks_uri is None
     # Not make_gateway: a real IdP on the real clock, its first fetch timed from here.
     app = create_app(config, registry=registry)
-    client = await aiohttp_client(app)
+    client = await aiohttp_client(GatewayTestServer(app))
     gateway_started = time.monotonic()
     await asyncio.wait_for(app[JWKS_KEY].settled(), READY_TIMEOUT_S)
     assert app[JWKS_KEY].ready()
@@ -630,7 +631,7 @@ async def test_rotation_step_during_a_provider_restart_loses_no_valid_token(
     document["issuers"][ISSUER_ID]["jwks_fetch_timeout_s"] = RESTART_FETCH_TIMEOUT_S
     # Not make_gateway: a real IdP restarted under the gateway, on the real clock.
     app = create_app(loads_config(yaml.safe_dump(document)), registry=registry)
-    client = await aiohttp_client(app)
+    client = await aiohttp_client(GatewayTestServer(app))
     await asyncio.wait_for(app[JWKS_KEY].settled(), READY_TIMEOUT_S)
     assert await call_gateway(client, await minter.mint()) == (200, None)
 

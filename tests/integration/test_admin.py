@@ -25,6 +25,8 @@ EXPECTED_FAMILIES = {
     "gateway_upstream_responses": "counter",
     "gateway_report_only_decisions": "counter",
     "gateway_forward_auth_decisions": "counter",
+    "gateway_upgrades": "counter",
+    "gateway_tunnels_open": "gauge",
     "gateway_jwks_fetches": "counter",
     "gateway_jwks_kid_misses": "counter",
     "gateway_jwks_refetch_suppressed": "counter",
@@ -189,7 +191,7 @@ async def test_two_gateways_in_one_process_have_independent_registries(
     first = create_app(config)  # default: a fresh registry each
     second = create_app(config)  # a shared registry would raise "Duplicated timeseries"
     assert first[METRICS_KEY].registry is not second[METRICS_KEY].registry
-    clients = [await aiohttp_client(app) for app in (first, second)]
+    clients = [await aiohttp_client(conftest.GatewayTestServer(app)) for app in (first, second)]
     admins = [await aiohttp_client(create_admin_app(app)) for app in (first, second)]
     await first[JWKS_KEY].settled()
     await second[JWKS_KEY].settled()

@@ -52,7 +52,8 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from gateway.config import GatewayConfig, IssuerConfig, RouteConfig, header_key
+from gateway.config import GatewayConfig, IssuerConfig, RouteConfig
+from gateway.headers import header_key
 from gateway.reasons import REASON_SPECS, Reason, www_authenticate
 from tests.conftest import AUDIENCE, ISSUER, GatewayFactory, RunningGateway, bearer
 from tests.deploy.support import DEPLOY, find_tool

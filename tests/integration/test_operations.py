@@ -32,9 +32,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from gateway.app import GATEWAY_KEY
-from gateway.cli import WATCH_INTERVAL_S
 from gateway.cli import main as gateway_main
 from gateway.logs import KV, kv
+from gateway.service import WATCH_INTERVAL_S
 from tests.conftest import base_config, bearer, metric_value
 from tests.fakes import FakeIdP
 from tests.integration.authkit import refused

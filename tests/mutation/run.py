@@ -77,6 +77,19 @@ GROUPS: Final = {
         ("gateway/verifier.py", "gateway/token_cache.py"),
         ("tests/unit/test_verifier.py", "tests/unit/test_token_cache.py"),
     ),
+    # The client-facing listener: framing, pipelining, refusals, limits, the header-policy sets.
+    "server": Group(
+        ("gateway/server.py", "gateway/headers.py", "gateway/tunnel.py"),
+        (
+            "tests/integration/test_http_server.py",
+            "tests/integration/test_limits.py",
+            "tests/integration/test_attacks.py",
+            "tests/integration/test_websocket.py",
+            "tests/integration/test_proxy_flow.py",
+            "tests/unit/test_proxy.py",
+            "tests/unit/test_claims.py",
+        ),
+    ),
     # The per-issuer key cache: discovery, cooldown, stale-while-revalidate, refresh, backoff.
     "jwks": Group(
         ("gateway/jwks.py",),

@@ -7,10 +7,8 @@ from typing import Any
 
 import pytest
 
-from gateway.claims import claim_headers, headers_to_strip, identity_headers, render_claim
+from gateway.claims import claim_headers, identity_headers, render_claim
 from gateway.config import (
-    FORWARDED_HEADERS,
-    HOP_BY_HOP_HEADERS,
     ClaimHeader,
     IssuerConfig,
     RouteConfig,
@@ -18,6 +16,7 @@ from gateway.config import (
     Upstream,
 )
 from gateway.errors import Rejection
+from gateway.headers import FORWARDED_HEADERS, HOP_BY_HOP_HEADERS, headers_to_strip
 from gateway.reasons import Reason
 from gateway.verifier import VerifiedToken, lookup_claim
 

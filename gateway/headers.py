@@ -1,0 +1,102 @@
+"""Every header-policy set of the gateway, in one place: what is hop-by-hop, what the gateway
+owns, what only a trusted proxy may say, and how names compare.
+
+The config reader checks claim-header names against these sets, the forwarder strips by them,
+the forward-auth handler tells Envoy what to remove by them, and the relay drops response
+hop-by-hop headers by them.  Nothing here reads the config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from .config import RouteConfig
+
+REQUEST_ID_HEADER: Final = "X-Request-ID"
+AUTH_OUTCOME_HEADER: Final = "X-Gateway-Auth-Outcome"  # report-only routes tell the upstream
+
+# RFC 9110 §7.6.1: meaningful for one connection only, never forwarded (a route cannot inject
+# them either).
+HOP_BY_HOP_HEADERS: Final = frozenset(
+    {
+        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+        "te", "trailer", "transfer-encoding", "upgrade",
+    }
+)  # fmt: skip
+# Headers the gateway never lets a route inject: framing, routing and credentials.
+RESERVED_HEADERS: Final = HOP_BY_HOP_HEADERS | frozenset(
+    {"authorization", "host", "content-length", "content-type", "cookie", "set-cookie"}
+)
+FORWARDED_HEADERS: Final = frozenset(
+    {"forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip"}
+)
+# Every `X-Forwarded-*` name (Rack, Werkzeug's ProxyFix and Spring honour -Port, -Prefix, -Ssl,
+# -Scheme, -Server, -Uri...) is removed from untrusted peers by this prefix, with these names
+# that frameworks and CDNs read as the client's address or the original URL.
+FORWARDED_PREFIX: Final = "x-forwarded-"
+CLIENT_ORIGIN_HEADERS: Final = frozenset(
+    {"x-original-url", "x-rewrite-url", "x-original-forwarded-for", "true-client-ip",
+     "cf-connecting-ip", "x-client-ip"}
+)  # fmt: skip
+# They change the method an upstream executes after the gateway judged another one: removed
+# from every peer, trusted or not.
+METHOD_OVERRIDE_HEADERS: Final = frozenset(
+    {"x-http-method-override", "x-method-override", "x-http-method"}
+)
+# Never copied from the client: Host is the upstream's, Expect was already answered here, and
+# the body's framing is the gateway's (it writes its own Content-Length or chunked coding).
+PROXY_OWN_HEADERS: Final = frozenset({"host", "expect", "content-length", "transfer-encoding"})
+# Dropped from an upstream's response before it is relayed (the framing is the gateway's).
+RESPONSE_HOP_BY_HOP_HEADERS: Final = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+     "upgrade", "proxy-authenticate"}
+)  # fmt: skip
+
+
+def header_key(name: str) -> str:
+    """A header name as the gateway compares it: lower-case, with ``_`` and ``.`` read as ``-``
+    (CGI and WSGI upstreams read ``X_User_Sub`` as ``X-User-Sub``, PHP and some WSGI servers
+    read ``X.User.Sub`` so too; every such spelling is one header)."""
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def headers_to_strip(owned: frozenset[str], connection_values: Iterable[str]) -> frozenset[str]:
+    """Names (as ``header_key`` spells them) to drop from a request: owned claim headers,
+    hop-by-hop ones and those named in its ``Connection`` header (RFC 9110 §7.6.1)."""
+    named = {header_key(token.strip()) for value in connection_values for token in value.split(",")}
+    named.discard("")
+    return owned | HOP_BY_HOP_HEADERS | FORWARDED_HEADERS | named
+
+
+@dataclass(frozen=True, slots=True)
+class Carriers:
+    """Where a route's token may sit, to be removed before forwarding (unless forward_token)."""
+
+    headers: frozenset[str]
+    cookies: frozenset[str]
+    query: frozenset[str]
+
+
+_KEEP_ALL: Final = Carriers(frozenset(), frozenset(), frozenset())
+_AUTHORIZATION_ONLY: Final = Carriers(frozenset({"authorization"}), frozenset(), frozenset())
+
+
+def token_carriers(route: RouteConfig) -> Carriers:
+    """The route's token carriers (``TokenLocation`` values compare equal to their names)."""
+    # Authorization never reaches an upstream unless a route forwards its token on
+    # purpose: a compromised or logging upstream must not be able to replay it.
+    if route.auth is None:
+        return _AUTHORIZATION_ONLY
+    if route.auth.forward_token:
+        return _KEEP_ALL
+    sources = route.auth.token_sources
+    return Carriers(
+        frozenset(
+            {"authorization"} | {header_key(s.name) for s in sources if s.location == "header"}
+        ),
+        frozenset(s.name for s in sources if s.location == "cookie"),
+        frozenset(s.name for s in sources if s.location == "query"),
+    )

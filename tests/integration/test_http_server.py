@@ -1,0 +1,582 @@
+"""The gateway's own HTTP/1.1 listener (gateway/server.py) through real sockets: what it refuses
+before any route and how (status, fixed body, reason, metric, one log line, the connection
+closed, nothing forwarded), pipelining, the connection cap, refusals that do not drain a body,
+and response framing (chunked to HTTP/1.1, close-delimited to HTTP/1.0) without added headers.
+
+The idle timer (``limits.client_idle_timeout_s``, a head that never completes) is covered in
+test_limits.py; a bare upstream answer relayed without added headers in test_proxy_flow.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from gateway.metrics import UNMATCHED_ROUTE
+from gateway.reasons import REASON_SPECS, Reason
+from tests.conftest import GatewayFactory, RunningGateway
+from tests.fakes import EchoUpstream
+from tests.integration.authkit import (
+    RawConnection,
+    RawResponse,
+    assert_not_logged,
+    decision_lines,
+    echoed,
+    requests_total,
+    send_raw,
+    values_of,
+)
+from tests.integration.e2e_helpers import wait_until
+from tests.integration.hardening_kit import (
+    RawUpstream,
+    point_routes_at,
+    read_request_head,
+    set_limits,
+)
+
+# Put in every refused request: none of the client's bytes may reach a log record.
+MARKER = "zq7-client-bytes-marker"
+HOST = "Host: gateway.test"
+WITHIN = 3.0  # the bound on every wait for the gateway's answer or its close
+
+# Written out by hand, not derived from the gateway's table.
+STATUS = {
+    Reason.REQUEST_MALFORMED: 400,
+    Reason.HEADERS_TOO_LARGE: 431,
+    Reason.VERSION_NOT_SUPPORTED: 505,
+    Reason.TRANSFER_CODING_NOT_SUPPORTED: 501,
+    Reason.TOO_MANY_CONNECTIONS: 503,
+}
+
+
+@pytest.fixture
+def serve(make_gateway: GatewayFactory) -> GatewayFactory:
+    async def start(*edits: Any) -> RunningGateway:
+        return await make_gateway(*edits, served=True, admin=False)
+
+    return start
+
+
+def request(line: str, *headers: str, body: bytes = b"") -> bytes:
+    """A request head made of exactly these lines (CRLF-terminated), then ``body``."""
+    return ("\r\n".join((line, *headers)) + "\r\n\r\n").encode("latin-1") + body
+
+
+def get(path: str, *headers: str) -> bytes:
+    return request(f"GET {path} HTTP/1.1", HOST, *headers)
+
+
+def assert_fixed_answer(reply: RawResponse, reason: Reason) -> None:
+    """The listener's own refusal: status, fixed JSON body, ``Connection: close``, no Server."""
+    assert reply.status == STATUS[reason], reply
+    assert reply.json() == {
+        "error": {
+            "code": STATUS[reason],
+            "reason": reason.value,
+            "message": REASON_SPECS[reason].message,
+        }
+    }
+    assert reply.headers.get("Content-Type") == "application/json"
+    assert reply.headers.getall("Connection", []) == ["close"]
+    assert "Server" not in reply.headers
+
+
+def assert_counted_and_logged_once(
+    gw: RunningGateway, reason: Reason, caplog: pytest.LogCaptureFixture, detail: str
+) -> None:
+    assert gw.metric("gateway_requests_total", route=UNMATCHED_ROUTE, reason=reason.value) == 1
+    assert requests_total(gw) == 1  # under _unmatched only, not under a route as well
+    [line] = decision_lines(caplog)
+    assert "event=request" in line
+    assert f"route={UNMATCHED_ROUTE}" in line
+    assert f"reason={reason.value}" in line
+    assert f"detail={detail}" in line  # refused by the rule under test, not another one
+    assert_not_logged(caplog, MARKER)
+
+
+async def refuse(gw: RunningGateway, data: bytes) -> tuple[RawResponse, bytes]:
+    """Send ``data`` on a new connection; the one answer, and what came after it before the
+    server closed the connection (fails unless it closes within ``WITHIN``)."""
+    conn = await RawConnection.open(gw.port)
+    try:
+        await conn.send(data)
+        reply = await conn.response(within=WITHIN)
+        _, rest = await conn.closed_by_server(within=WITHIN)
+    finally:
+        await conn.close()
+    return reply, rest
+
+
+async def assert_refused_before_any_route(
+    gw: RunningGateway,
+    upstream: EchoUpstream,
+    caplog: pytest.LogCaptureFixture,
+    data: bytes,
+    reason: Reason,
+    detail: str,
+) -> None:
+    assert MARKER.encode() in data  # the log check below means something
+    caplog.set_level(logging.DEBUG)
+    caplog.clear()
+    reply, rest = await refuse(gw, data)
+    assert_fixed_answer(reply, reason)
+    assert rest == b""  # nothing after the answer, then the close
+    assert_counted_and_logged_once(gw, reason, caplog, detail)
+    assert upstream.hits == 0  # decided (answered) above: nothing was forwarded
+
+
+# --- 1. malformed requests ------------------------------------------------------------------------
+# Each case: the bytes, and the logged detail naming the rule that refused it (llhttp's words,
+# made one token by the log's escaping; the gateway's own for what it checks itself).
+M = MARKER
+MALFORMED = {
+    "bare-lf": (
+        f"GET /public/{M} HTTP/1.1\nHost: gateway.test\nX-Note: {M}\n\n".encode(),
+        "Expected_CRLF_after_version",
+    ),
+    "obs-fold": (
+        request(f"GET /public/{M} HTTP/1.1", HOST, "X-Note: a", f" {M}"),
+        "Unexpected_whitespace_after_header_value",
+    ),
+    "space-before-colon": (
+        request(f"GET /public/{M} HTTP/1.1", HOST, f"X-Note : {M}"),
+        "Invalid_header_token",
+    ),
+    "nul-in-value": (
+        request(f"GET /public/{M} HTTP/1.1", HOST, f"X-Note: a\x00{M}"),
+        "Invalid_header_value_char",
+    ),
+    "content-length-and-chunked": (
+        request(
+            f"POST /public/{M} HTTP/1.1",
+            HOST,
+            "Content-Length: 5",
+            "Transfer-Encoding: chunked",
+            body=f"{len(M):x}\r\n{M}\r\n0\r\n\r\n".encode(),
+        ),
+        "Transfer-Encoding_cant_be_present_with_Content-Length",
+    ),
+    "two-content-lengths": (
+        request(
+            f"POST /public/{M} HTTP/1.1",
+            HOST,
+            f"Content-Length: {len(M)}",
+            f"Content-Length: {len(M)}",
+            body=M.encode(),
+        ),
+        "Duplicate_Content-Length",
+    ),
+    "non-numeric-content-length": (
+        request(f"POST /public/{M} HTTP/1.1", HOST, "Content-Length: 1x", body=M.encode()),
+        "Invalid_character_in_Content-Length",
+    ),
+    "lowercase-method": (
+        request(f"get /public/{M} HTTP/1.1", HOST),
+        "Invalid_method_encountered",
+    ),
+    "malformed-chunk-size": (
+        request(
+            f"POST /public/{M} HTTP/1.1",
+            HOST,
+            "Transfer-Encoding: chunked",
+            body=f"zz\r\n{M}\r\n0\r\n\r\n".encode(),
+        ),
+        "Invalid_character_in_chunk_size",
+    ),
+}
+
+
+@pytest.mark.parametrize(("data", "detail"), MALFORMED.values(), ids=MALFORMED.keys())
+async def test_malformed_request_is_400_counted_logged_once_and_closed(
+    serve, upstream, caplog, data, detail
+):
+    gw = await serve()
+    await assert_refused_before_any_route(
+        gw, upstream, caplog, data, Reason.REQUEST_MALFORMED, detail
+    )
+
+
+# --- 2. versions, transfer codings, Host ------------------------------------------------------
+CHUNKED_X = b"1\r\nx\r\n0\r\n\r\n"
+FRAMING = {
+    # llhttp reads a request line without a version as HTTP/0.9; the gateway refuses it.
+    "http-0.9": (
+        f"GET /public/{M}\r\n\r\n".encode(),
+        Reason.VERSION_NOT_SUPPORTED,
+        "HTTP/0.9",
+    ),
+    "http-2.0": (
+        request(f"GET /public/{M} HTTP/2.0", HOST),
+        Reason.VERSION_NOT_SUPPORTED,
+        "HTTP/2.0",
+    ),
+    # llhttp itself refuses versions other than 0.9, 1.0, 1.1 and 2.0.
+    "http-1.2": (
+        request(f"GET /public/{M} HTTP/1.2", HOST),
+        Reason.REQUEST_MALFORMED,
+        "Invalid_HTTP_version",
+    ),
+    "http-3.0": (
+        request(f"GET /public/{M} HTTP/3.0", HOST),
+        Reason.REQUEST_MALFORMED,
+        "Invalid_HTTP_version",
+    ),
+    "gzip-then-chunked": (
+        request(
+            f"POST /public/{M} HTTP/1.1", HOST, "Transfer-Encoding: gzip, chunked", body=CHUNKED_X
+        ),
+        Reason.TRANSFER_CODING_NOT_SUPPORTED,
+        "transfer_coding",
+    ),
+    "two-te-headers": (
+        request(
+            f"POST /public/{M} HTTP/1.1",
+            HOST,
+            "Transfer-Encoding: gzip",
+            "Transfer-Encoding: chunked",
+            body=CHUNKED_X,
+        ),
+        Reason.TRANSFER_CODING_NOT_SUPPORTED,
+        "transfer_coding",
+    ),
+    "te-on-http-1.0": (
+        request(f"POST /public/{M} HTTP/1.0", HOST, "Transfer-Encoding: chunked", body=CHUNKED_X),
+        Reason.REQUEST_MALFORMED,
+        "Transfer-Encoding_on_HTTP/1.0",
+    ),
+    "no-host-on-1.1": (
+        request(f"GET /public/{M} HTTP/1.1", "X-Note: no host"),
+        Reason.REQUEST_MALFORMED,
+        "not_exactly_one_Host",
+    ),
+    "two-hosts": (
+        request(f"GET /public/{M} HTTP/1.1", HOST, "Host: other.test"),
+        Reason.REQUEST_MALFORMED,
+        "not_exactly_one_Host",
+    ),
+}
+FRAMING_CASES = [pytest.param(*case, id=name) for name, case in FRAMING.items()]
+FRAMING_CASES.append(
+    # RFC 9112 6.3: a request whose final coding is not chunked has no determinable length:
+    # 400 and close (llhttp: "Request has invalid `Transfer-Encoding`").  501 is for a coding
+    # not understood in a request that is otherwise framed (the two cases above).
+    pytest.param(
+        request(f"POST /public/{M} HTTP/1.1", HOST, "Transfer-Encoding: gzip", body=b"x"),
+        Reason.REQUEST_MALFORMED,
+        "Request_has_invalid_",
+        id="gzip-alone",
+    )
+)
+
+
+@pytest.mark.parametrize(("data", "reason", "detail"), FRAMING_CASES)
+async def test_version_coding_and_host_refusals(serve, upstream, caplog, data, reason, detail):
+    gw = await serve()
+    await assert_refused_before_any_route(gw, upstream, caplog, data, reason, detail)
+
+
+async def test_the_framings_next_to_the_refused_ones_are_served(serve, upstream):
+    """The controls of the two tests above: each refusal is of its case, not of the request."""
+    gw = await serve()
+    close = "Connection: close"
+    served = [
+        request("GET /public/a HTTP/1.0"),  # HTTP/1.0 needs no Host
+        request(
+            "POST /public/b HTTP/1.1", HOST, close, "Transfer-Encoding: chunked", body=CHUNKED_X
+        ),
+        request("POST /public/c HTTP/1.1", HOST, close, "Content-Length: 1", body=b"x"),
+        request("GET /public/d HTTP/1.1", HOST, close, "X-Note: a b\tc"),
+    ]
+    for data in served:
+        reply, _ = await refuse(gw, data)
+        assert reply.status == 200, (data, reply)
+    assert upstream.hits == len(served)
+
+
+# --- 3. header limits -------------------------------------------------------------------------
+LIMITED = {
+    "header-line": (get(f"/public/{M}", "X-Big: " + "a" * 3000), "header_line_too_long"),
+    "request-line": (get(f"/public/{M}/" + "a" * 3000), "request_line_too_long"),
+    "too-many-headers": (
+        get(f"/public/{M}", *(f"X-Extra-{i}: v" for i in range(10))),  # 11 with Host
+        "too_many_headers",
+    ),
+}
+
+
+@pytest.mark.parametrize(("data", "detail"), LIMITED.values(), ids=LIMITED.keys())
+async def test_head_over_the_header_limits_is_431_and_closed(serve, upstream, caplog, data, detail):
+    gw = await serve(set_limits(max_header_bytes=2048, max_headers=10))
+    await assert_refused_before_any_route(
+        gw, upstream, caplog, data, Reason.HEADERS_TOO_LARGE, detail
+    )
+
+
+async def test_head_at_the_header_limits_is_served(serve, upstream):
+    gw = await serve(set_limits(max_header_bytes=2048, max_headers=10))
+    # "X-Big: " + value + CRLF is the line the limit counts: 2048 bytes exactly.
+    for data in (
+        get("/public/x", "X-Big: " + "a" * (2048 - len("X-Big: ") - 2), "Connection: close"),
+        get("/public/x", *(f"X-Extra-{i}: v" for i in range(8)), "Connection: close"),
+    ):
+        reply, _ = await refuse(gw, data)
+        assert reply.status == 200
+    assert upstream.hits == 2
+
+
+# --- 4. pipelining ----------------------------------------------------------------------------
+async def test_pipelined_requests_are_answered_in_order_on_one_connection(serve, upstream):
+    gw = await serve()
+    conn = await RawConnection.open(gw.port)
+    try:
+        await conn.send(get("/public/one") + get("/public/two") + get("/public/three"))
+        replies = [await conn.response(within=WITHIN) for _ in range(3)]
+        # Still open and serving: a fourth on the same connection.
+        await conn.send(get("/public/four", "Connection: close"))
+        last = await conn.response(within=WITHIN)
+    finally:
+        await conn.close()
+    assert [r.status for r in replies] == [200, 200, 200]
+    assert [r.json()["path"] for r in replies] == ["/public/one", "/public/two", "/public/three"]
+    assert all("Connection" not in r.headers for r in replies)
+    assert last.json()["path"] == "/public/four"
+    assert upstream.hits == 4
+
+
+async def test_a_valid_request_before_a_malformed_one_is_answered_then_the_400(
+    serve, upstream, caplog
+):
+    gw = await serve()
+    caplog.set_level(logging.DEBUG)
+    caplog.clear()
+    conn = await RawConnection.open(gw.port)
+    try:
+        await conn.send(get("/public/first") + MALFORMED["space-before-colon"][0])
+        first = await conn.response(within=WITHIN)
+        second = await conn.response(within=WITHIN)
+        _, rest = await conn.closed_by_server(within=WITHIN)
+    finally:
+        await conn.close()
+    assert first.status == 200
+    assert first.json()["path"] == "/public/first"
+    assert "Connection" not in first.headers  # kept alive: the refusal is of the next one
+    assert_fixed_answer(second, Reason.REQUEST_MALFORMED)
+    assert rest == b""
+    assert upstream.hits == 1  # the valid one only
+    assert gw.metric("gateway_requests_total", route="public", reason="ok") == 1
+    assert (
+        gw.metric("gateway_requests_total", route=UNMATCHED_ROUTE, reason="request_malformed") == 1
+    )
+    served, refused = decision_lines(caplog)  # one line each, in order
+    assert "reason=ok" in served
+    assert f"route={UNMATCHED_ROUTE}" in refused
+    assert "reason=request_malformed" in refused
+    assert_not_logged(caplog, MARKER)
+
+
+async def test_a_request_pipelined_after_a_malformed_one_is_never_forwarded(serve, upstream):
+    gw = await serve()
+    reply, rest = await refuse(gw, MALFORMED["nul-in-value"][0] + get("/public/after"))
+    assert_fixed_answer(reply, Reason.REQUEST_MALFORMED)
+    assert rest == b""  # no second answer
+    assert upstream.hits == 0
+
+
+async def test_a_request_after_a_401_with_an_unread_body_is_never_forwarded(serve, upstream):
+    gw = await serve()
+    conn = await RawConnection.open(gw.port)
+    try:
+        await conn.send(
+            request("POST /api/upload HTTP/1.1", HOST, "Content-Length: 2000", body=b"b" * 1000)
+        )
+        reply = await conn.response(within=WITHIN)
+        # The rest of the body and a request after it: the gateway closes instead of reading.
+        with contextlib.suppress(ConnectionError):
+            await conn.send(b"b" * 1000 + get("/public/after"))
+        _, rest = await conn.closed_by_server(within=WITHIN)
+    finally:
+        await conn.close()
+    assert reply.status == 401
+    assert reply.json()["error"]["reason"] == "token_missing"
+    assert reply.headers.getall("Connection", []) == ["close"]
+    assert rest == b""
+    assert upstream.hits == 0
+    assert gw.metric("gateway_requests_total", route="public") == 0
+
+
+# --- 5. the connection cap --------------------------------------------------------------------
+async def test_a_connection_over_max_connections_gets_503_and_is_closed(serve, upstream, caplog):
+    gw = await serve(set_limits(max_connections=2))
+    server = gw.runner.server
+    assert server is not None
+    caplog.set_level(logging.DEBUG)
+    caplog.clear()
+    first = await RawConnection.open(gw.port)
+    second = await RawConnection.open(gw.port)
+    try:
+        await wait_until(lambda: len(server.connections) == 2, what="two connections accepted")
+        third = await RawConnection.open(gw.port)
+        try:
+            # It sends nothing: the answer is the gateway's at accept.
+            reply = await third.response(within=WITHIN)
+            _, rest = await third.closed_by_server(within=WITHIN)
+        finally:
+            await third.close()
+        assert_fixed_answer(reply, Reason.TOO_MANY_CONNECTIONS)
+        assert rest == b""
+        assert gw.metric("gateway_requests_total", route=UNMATCHED_ROUTE) == 1
+        assert (
+            gw.metric(
+                "gateway_requests_total", route=UNMATCHED_ROUTE, reason="too_many_connections"
+            )
+            == 1
+        )
+        [line] = decision_lines(caplog)
+        assert "reason=too_many_connections" in line
+
+        # The two held ones are still served.
+        await second.send(get("/public/held"))
+        assert (await second.response(within=WITHIN)).status == 200
+
+        await first.close()
+        await wait_until(lambda: len(server.connections) == 1, what="one connection left")
+        again = await RawConnection.open(gw.port)
+        try:
+            await again.send(get("/public/again", "Connection: close"))
+            served = await again.response(within=WITHIN)
+        finally:
+            await again.close()
+        assert served.status == 200
+        assert served.json()["path"] == "/public/again"
+    finally:
+        await first.close()
+        await second.close()
+    assert gw.metric("gateway_requests_total", route=UNMATCHED_ROUTE) == 1
+    assert upstream.hits == 2
+
+
+# --- 6. a refusal does not drain the body -----------------------------------------------------
+@pytest.mark.parametrize("expect", [False, True], ids=["body-sent", "expect-100-continue"])
+async def test_a_401_on_a_huge_body_closes_without_draining_it(serve, upstream, expect):
+    gw = await serve()
+    headers = [HOST, "Content-Length: 10000000"] + (["Expect: 100-continue"] if expect else [])
+    # With Expect the client waits for 100 Continue before sending any of the body.
+    body = b"" if expect else b"b" * 4096
+    conn = await RawConnection.open(gw.port)
+    try:
+        await conn.send(request("POST /api/upload HTTP/1.1", *headers, body=body))
+        _, received = await conn.closed_by_server(within=WITHIN)  # 10 MB never sent
+    finally:
+        await conn.close()
+    assert b"100 Continue" not in received
+    head, _, payload = received.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    assert status_line == "HTTP/1.1 401 Unauthorized"
+    assert "Connection: close" in lines
+    assert json.loads(payload)["error"]["reason"] == "token_missing"
+    assert upstream.hits == 0
+    assert gw.metric("gateway_requests_total", route="api", reason="token_missing") == 1
+
+
+# --- 7. nothing added upstream ----------------------------------------------------------------
+async def test_the_upstream_request_gets_no_header_the_client_did_not_send(gateway):
+    bare = echoed(await send_raw(gateway.client, "GET", "/public/bare"))
+    for name in ("Accept", "User-Agent", "Accept-Encoding", "Content-Type"):
+        assert values_of(bare, name) == [], name
+    sent = [("Accept", "text/x-mine"), ("User-Agent", "mine/1"), ("Accept-Encoding", "br")]
+    own = echoed(await send_raw(gateway.client, "GET", "/public/own", sent))
+    for name, value in sent:
+        assert values_of(own, name) == [value], name
+
+
+# --- 8. a chunked upstream response, re-framed per client version ------------------------------
+PIECES = [b"\x00\xff\r\n0\r\n\r\n", b"x" * 70_000, b"\r\nend"]
+BODY = b"".join(PIECES)
+CHUNKED_ANSWER = (
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Upstream: raw\r\n\r\n"
+    + b"".join(b"%x\r\n%b\r\n" % (len(piece), piece) for piece in PIECES)
+    + b"0\r\n\r\n"
+)
+
+
+async def answer_chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while True:  # keep-alive: one chunked answer per request head
+        await read_request_head(reader)
+        writer.write(CHUNKED_ANSWER)
+        await writer.drain()
+
+
+@pytest.fixture
+async def chunked_upstream() -> AsyncIterator[str]:
+    raw = RawUpstream(answer_chunked)
+    url = await raw.start()
+    yield url
+    await raw.close()
+
+
+async def test_a_chunked_answer_reaches_an_http11_client_chunked(serve, chunked_upstream):
+    gw = await serve(point_routes_at(chunked_upstream))
+    conn = await RawConnection.open(gw.port)
+    try:
+        await conn.send(get("/public/chunked"))
+        first = await conn.response(within=WITHIN)
+        await conn.send(get("/public/chunked", "Connection: close"))  # the same connection
+        second = await conn.response(within=WITHIN)
+    finally:
+        await conn.close()
+    for reply in (first, second):
+        assert reply.status == 200
+        assert reply.headers.getall("Transfer-Encoding") == ["chunked"]
+        assert "Content-Length" not in reply.headers
+        assert reply.headers["X-Upstream"] == "raw"
+        assert reply.body == BODY
+    assert "Connection" not in first.headers
+
+
+async def test_a_chunked_answer_reaches_an_http10_client_close_delimited(serve, chunked_upstream):
+    gw = await serve(point_routes_at(chunked_upstream))
+    conn = await RawConnection.open(gw.port)
+    try:
+        await conn.send(request("GET /public/chunked HTTP/1.0", HOST))
+        received = await asyncio.wait_for(conn.reader.read(), WITHIN)  # up to the server's close
+    finally:
+        await conn.close()
+    head, _, payload = received.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    assert status_line.split(" ")[1] == "200"
+    names = [line.partition(":")[0].lower() for line in lines]
+    assert "transfer-encoding" not in names
+    assert "content-length" not in names
+    assert "Connection: close" in lines
+    assert payload == BODY  # byte-exact, ended by the close
+
+
+async def test_an_own_answer_to_head_has_its_length_and_no_body(
+    serve: GatewayFactory, upstream: EchoUpstream
+) -> None:
+    gw = await serve()
+    conn = await RawConnection.open(gw.port)
+    try:
+        # Two requests in one write: a body after the HEAD's 401 would be read as the second
+        # answer's status line.
+        await conn.send(
+            b"HEAD /api/x HTTP/1.1\r\nHost: gateway.test\r\n\r\n"
+            b"GET /public/after HTTP/1.1\r\nHost: gateway.test\r\n\r\n"
+        )
+        head = await conn.response(method="HEAD")
+        after = await conn.response()
+    finally:
+        await conn.close()
+    reason = Reason.TOKEN_MISSING
+    body = {"error": {"code": 401, "reason": reason.value, "message": REASON_SPECS[reason].message}}
+    get_length = len(json.dumps(body).encode())
+    assert (head.status, head.body) == (401, b"")
+    assert int(head.headers["Content-Length"]) == get_length
+    assert after.status == 200
+    assert upstream.hits == 1
