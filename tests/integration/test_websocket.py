@@ -88,9 +88,10 @@ async def test_a_websocket_with_a_valid_token_is_relayed_both_ways_with_its_clai
 ) -> None:
     gw = await serve_ws()
     headers = {**bearer(token(sub="alice")), "X-User-Sub": "mallory"}
-    async with closing_session() as session, session.ws_connect(
-        gw.url("/api/ws"), headers=headers
-    ) as ws:
+    async with (
+        closing_session() as session,
+        session.ws_connect(gw.url("/api/ws"), headers=headers) as ws,
+    ):
         greeting = json.loads((await ws.receive(WITHIN)).data)
         await ws.send_str("hello")
         text = (await ws.receive(WITHIN)).data
