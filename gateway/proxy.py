@@ -99,16 +99,19 @@ def request_head(
     method: str, target: str, host: str, headers: CIMultiDict[str], framing: str
 ) -> bytes:
     """The request head the upstream receives, written by the gateway byte for byte."""
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
-    lines.extend(f"{name}: {value}" for name, value in headers.items())
+    parts = [method, " ", target, " HTTP/1.1\r\nHost: ", host, "\r\n"]
+    for name, value in headers.items():
+        parts += (name, ": ", value, "\r\n")
     if framing:
-        lines.append(framing)
-    text = "\r\n".join(lines)
-    if text.count("\n") != len(lines) - 1 or text.count("\r") != len(lines) - 1:
+        parts += (framing, "\r\n")
+    parts.append("\r\n")
+    text = "".join(parts)
+    lines = len(headers) + (4 if framing else 3)  # request line, Host, headers, blank line
+    if text.count("\n") != lines or text.count("\r") != lines:
         # Parsed client headers and checked claim values cannot hold CR or LF; never send one.
         raise Rejection(Reason.INTERNAL_ERROR, "line break in an upstream header")
     # Header values were decoded with surrogateescape: the client's bytes go on unchanged.
-    return (text + "\r\n\r\n").encode("utf-8", "surrogateescape")
+    return text.encode("utf-8", "surrogateescape")
 
 
 @dataclass(frozen=True, slots=True)

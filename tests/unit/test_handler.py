@@ -2,35 +2,37 @@
 ``GatewayHandler`` forwards exactly what the gate admitted, and nothing it refused.
 
 The gate runs the real route table, extractor and verifier; its keys come from a key set built
-in memory (no IdP).  The handler tests put the gate and a real ``Forwarder`` behind the observe
-middleware and forward to ``EchoUpstream`` on loopback.
+in memory (no IdP).  The handler tests put the gate and a real ``Forwarder`` behind the observer on the
+gateway's own server and forward to ``EchoUpstream`` on loopback.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
-from aiohttp import web
-from aiohttp.test_utils import TestClient
 from jwt import PyJWK
 from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client import CollectorRegistry
 from yarl import URL
 
 from gateway import loads_config
-from gateway.config import AUTH_OUTCOME_HEADER, GatewayConfig, IssuerConfig
+from gateway.config import GatewayConfig, IssuerConfig
 from gateway.errors import Rejection
 from gateway.gate import Admitted, Gate
 from gateway.handler import GatewayHandler
+from gateway.headers import AUTH_OUTCOME_HEADER
 from gateway.keyset import build_key_set
 from gateway.metrics import UNMATCHED_ROUTE, GatewayMetrics
-from gateway.middleware import create_observe_middleware
+from gateway.middleware import Observer, rejection_response
 from gateway.proxy import Forwarder
 from gateway.reasons import Reason
 from gateway.record import RequestRecord
+from gateway.server import HttpServer
 from gateway.upstream import UpstreamPools
 from gateway.verifier import Verifier
 from tests.conftest import AUDIENCE, ISSUER, metric_value
@@ -362,30 +364,45 @@ async def test_an_encoded_slash_is_refused(judge: Judge) -> None:
 
 
 # --- GatewayHandler: what reaches the upstream ---------------------------------------------------------
+class ProxyClient:
+    """Requests to the gateway's own server on loopback, bodies read."""
+
+    def __init__(self, session: aiohttp.ClientSession, port: int) -> None:
+        self._session = session
+        self._base = URL(f"http://127.0.0.1:{port}")
+
+    async def get(self, target: str | URL, **kwargs: Any) -> aiohttp.ClientResponse:
+        url = (
+            self._base.join(target)
+            if isinstance(target, URL)
+            else URL(f"{self._base}{target}", encoded=True)
+        )
+        response = await self._session.get(url, **kwargs)
+        await response.read()
+        return response
+
+
 @pytest.fixture
 async def proxy(
-    aiohttp_client: Any, upstream: EchoUpstream, rsa_key: SigningKey, clock: FakeClock
-) -> TestClient:
-    """The gate and a real forwarder behind the observe middleware, forwarding to the echo."""
+    upstream: EchoUpstream, rsa_key: SigningKey, clock: FakeClock
+) -> AsyncIterator[ProxyClient]:
+    """The gate and a real forwarder behind the observer, forwarding to the echo."""
     config = config_for(upstream.url)
     gate, metrics = build_gate(config, CollectorRegistry(), rsa_key, clock)
     pools = UpstreamPools(config.upstream_defaults.max_connections)
     handler = GatewayHandler(gate, Forwarder(config, pools, metrics))
-    app = web.Application(
-        middlewares=[create_observe_middleware(metrics, lambda: "gw", lambda: False)]
+    observer = Observer(metrics, lambda: handler, lambda: "gw", lambda: False)
+    server = HttpServer(
+        observer, lambda: config.limits, metrics, lambda reason: rejection_response(reason, "gw")
     )
-
-    async def dispatch(request: web.Request) -> web.StreamResponse:
-        return await handler(request)
-
-    app.router.add_route("*", "/{tail:.*}", dispatch)
-
-    async def close_pools(app: web.Application) -> None:
-        await pools.close()
-
-    app.on_cleanup.append(close_pools)
-    client: TestClient = await aiohttp_client(app)
-    return client
+    listener = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    async with aiohttp.ClientSession() as session:
+        yield ProxyClient(session, port)
+    listener.close()
+    server.pre_shutdown()
+    await server.shutdown(1)
+    await pools.close()
 
 
 def received(echo: dict[str, Any]) -> CIMultiDict[str]:
@@ -402,7 +419,7 @@ def received(echo: dict[str, Any]) -> CIMultiDict[str]:
     ],
 )
 async def test_a_refused_request_never_reaches_the_upstream(
-    proxy: TestClient, upstream: EchoUpstream, target: str, headers: dict[str, str], status: int
+    proxy: ProxyClient, upstream: EchoUpstream, target: str, headers: dict[str, str], status: int
 ) -> None:
     response = await proxy.get(target, headers={"X-User-Sub": "admin", **headers})
     assert response.status == status
@@ -410,7 +427,7 @@ async def test_a_refused_request_never_reaches_the_upstream(
 
 
 async def test_an_admitted_request_reaches_the_upstream_with_the_gates_identity_only(
-    proxy: TestClient, upstream: EchoUpstream, token: Mint
+    proxy: ProxyClient, upstream: EchoUpstream, token: Mint
 ) -> None:
     response = await proxy.get(
         "/api/orders?page=2", headers={**bearer(token(sub="alice")), "X_User_Sub": "admin"}
@@ -426,7 +443,7 @@ async def test_an_admitted_request_reaches_the_upstream_with_the_gates_identity_
 
 
 async def test_the_upstream_gets_the_path_the_gate_matched(
-    proxy: TestClient, upstream: EchoUpstream
+    proxy: ProxyClient, upstream: EchoUpstream
 ) -> None:
     # encoded=True: yarl would otherwise decode the escapes before they left the client.
     response = await proxy.get(URL("/public/%7Euser?x=%7E", encoded=True))
@@ -434,7 +451,7 @@ async def test_the_upstream_gets_the_path_the_gate_matched(
 
 
 async def test_a_report_only_refusal_is_forwarded_with_its_outcome_and_no_identity(
-    proxy: TestClient, upstream: EchoUpstream
+    proxy: ProxyClient, upstream: EchoUpstream
 ) -> None:
     response = await proxy.get(
         "/report/daily",

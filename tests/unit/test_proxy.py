@@ -1,40 +1,29 @@
 """The upstream hop's header hygiene: what an upstream never sees, what it is told, and the body meter.
 
-``Forwarder.upstream_headers`` is driven with aiohttp request objects built by
-``make_mocked_request`` (the peer address set with ``clone(remote=...)``); nothing here opens a
-connection.  The body meter reads a real ``StreamReader`` that the test feeds by hand.
+``Forwarder.upstream_headers`` is driven with the server's ``HttpRequest`` objects built as
+its parser would build them (without a connection); nothing here opens a connection.  The
+body meter reads a real ``RequestBody`` that the test feeds by hand.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterable
-from typing import Any
 
 import pytest
 import yaml
-from aiohttp import StreamReader
-from aiohttp.base_protocol import BaseProtocol
-from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client import CollectorRegistry
 
 from gateway import loads_config
-from gateway.config import AUTH_OUTCOME_HEADER, GatewayConfig, header_key
+from gateway.config import GatewayConfig
 from gateway.errors import Rejection
 from gateway.extractor import cookie_values, query_values
+from gateway.headers import AUTH_OUTCOME_HEADER, Carriers, header_key, token_carriers
 from gateway.metrics import GatewayMetrics
-from gateway.proxy import (
-    Carriers,
-    Forwarder,
-    _BodyMeter,
-    _BodyStopped,
-    _without_cookies,
-    _without_params,
-    token_carriers,
-)
+from gateway.proxy import Forwarder, _BodyMeter, _BodyStopped, _without_cookies, _without_params
 from gateway.reasons import Reason
-from gateway.record import RECORD_KEY, RequestRecord
+from gateway.server import HttpRequest, RequestBody
 from gateway.upstream import UpstreamPools
 
 UNTRUSTED = "203.0.113.9"
@@ -120,12 +109,18 @@ def request_from(
     headers: Iterable[tuple[str, str]] = (),
     path: str = "/api/orders",
     method: str = "GET",
-) -> Any:
-    """A request as aiohttp's server would hand it over, from ``peer``, with the record set."""
-    request = make_mocked_request(method, path, headers=[("Host", HOST), *headers])
-    if peer is not None:
-        request = request.clone(remote=peer)
-    request[RECORD_KEY] = RequestRecord(request_id=REQUEST_ID)
+) -> HttpRequest:
+    """A request as the server's parser hands it over, from ``peer``, with the record set."""
+    parsed = CIMultiDictProxy(CIMultiDict([("Host", HOST), *headers]))
+    length = parsed.get("Content-Length")
+    request = HttpRequest(
+        method,
+        path,
+        parsed,
+        remote=peer,
+        content_length=int(length) if length is not None else None,
+    )
+    request.record.request_id = REQUEST_ID
     return request
 
 
@@ -518,16 +513,11 @@ def test_without_params(query: str, expected: str) -> None:
 
 
 # --- the request body ------------------------------------------------------------------------------
-def body(*chunks: bytes, eof: bool = True) -> StreamReader:
+def body(*chunks: bytes, eof: bool = True) -> RequestBody:
     """A request body stream holding ``chunks`` (and its end, unless ``eof`` is false)."""
-    loop = asyncio.get_running_loop()
-    protocol = BaseProtocol(loop)
-    # A bare transport marks the stream connected; the limit is high enough that the stream
-    # never asks it to pause reading.
-    protocol.connection_made(asyncio.Transport())
-    stream = StreamReader(protocol, 2**22, loop=loop)
+    stream = RequestBody()
     for chunk in chunks:
-        stream.feed_data(chunk)
+        stream.feed(chunk)
     if eof:
         stream.feed_eof()
     return stream
@@ -558,9 +548,9 @@ async def test_a_body_past_the_limit_stops_before_the_excess_is_sent() -> None:
     meter = _BodyMeter(stream, 100, gap_s=5, deadline_s=60)
     sent: list[bytes] = []
     chunks = meter.chunks()
-    stream.feed_data(b"a" * 60)
+    stream.feed(b"a" * 60)
     sent.append(await anext(chunks))
-    stream.feed_data(b"b" * 41)  # 101 bytes in all
+    stream.feed(b"b" * 41)  # 101 bytes in all
     with pytest.raises(_BodyStopped) as caught:
         await anext(chunks)
     assert caught.value.reason is Reason.PAYLOAD_TOO_LARGE
@@ -586,7 +576,7 @@ async def test_the_gap_bounds_each_wait_not_the_whole_upload() -> None:
     async def trickle() -> None:
         for _ in range(10):  # ~0.5 s in all, twice the gap
             await asyncio.sleep(0.05)
-            stream.feed_data(b"x")
+            stream.feed(b"x")
         stream.feed_eof()
 
     feeder = asyncio.create_task(trickle())
@@ -602,7 +592,7 @@ async def test_the_deadline_bounds_the_whole_upload_however_steadily_it_drips() 
     async def trickle() -> None:
         for _ in range(40):  # a byte every 0.05 s: never a gap, 2 s in all
             await asyncio.sleep(0.05)
-            stream.feed_data(b"x")
+            stream.feed(b"x")
         stream.feed_eof()
 
     feeder = asyncio.create_task(trickle())
