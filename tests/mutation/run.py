@@ -85,6 +85,7 @@ GROUPS: Final = {
             "tests/integration/test_limits.py",
             "tests/integration/test_attacks.py",
             "tests/integration/test_websocket.py",
+            "tests/unit/test_tunnel.py",
             "tests/integration/test_proxy_flow.py",
             "tests/unit/test_proxy.py",
             "tests/unit/test_claims.py",
