@@ -13,7 +13,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import pytest
@@ -580,3 +582,18 @@ async def test_an_own_answer_to_head_has_its_length_and_no_body(
     assert int(head.headers["Content-Length"]) == get_length
     assert after.status == 200
     assert upstream.hits == 1
+
+
+async def test_an_own_answer_carries_the_current_date_once(
+    serve: GatewayFactory,
+) -> None:
+    gw = await serve()
+    before = time.time()
+    own = await send_raw(gw.client, "GET", "/api/x")  # 401 from the gateway itself
+    after = time.time()
+    assert own.status == 401
+    sent = parsedate_to_datetime(own.headers["Date"])
+    assert sent.tzinfo is not None
+    assert own.headers["Date"].endswith(" GMT")
+    assert int(before) - 1 <= sent.timestamp() <= after + 1
+    assert own.headers.getall("Date") == [own.headers["Date"]]
