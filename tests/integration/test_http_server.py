@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from gateway.logs import REQUEST_LOGGER
 from gateway.metrics import UNMATCHED_ROUTE
 from gateway.reasons import REASON_SPECS, Reason
 from tests.conftest import GatewayFactory, RunningGateway
@@ -94,10 +95,16 @@ def assert_counted_and_logged_once(
 ) -> None:
     assert gw.metric("gateway_requests_total", route=UNMATCHED_ROUTE, reason=reason.value) == 1
     assert requests_total(gw) == 1  # under _unmatched only, not under a route as well
-    [line] = decision_lines(caplog)
-    assert "event=request" in line
-    assert f"route={UNMATCHED_ROUTE}" in line
-    assert f"reason={reason.value}" in line
+    [record] = [r for r in caplog.records if r.name == REQUEST_LOGGER]
+    line = record.getMessage()
+    fields = dict(part.split("=", 1) for part in line.split())
+    spec = REASON_SPECS[reason]
+    assert record.levelno == spec.log_level
+    assert fields["event"] == "request"
+    assert fields["route"] == UNMATCHED_ROUTE
+    assert fields["reason"] == reason.value
+    assert (fields["status"], fields["outcome"]) == (str(STATUS[reason]), spec.outcome.value)
+    assert (fields["granted"], fields["peer"]) == ("false", "127.0.0.1")
     assert f"detail={detail}" in line  # refused by the rule under test, not another one
     assert_not_logged(caplog, MARKER)
 
@@ -597,3 +604,32 @@ async def test_an_own_answer_carries_the_current_date_once(
     assert own.headers["Date"].endswith(" GMT")
     assert int(before) - 1 <= sent.timestamp() <= after + 1
     assert own.headers.getall("Date") == [own.headers["Date"]]
+
+
+async def head_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A response head promising a body, then the connection closed before any of it."""
+    await read_request_head(reader)
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nX-Upstream: raw\r\n\r\n")
+    await writer.drain()
+    writer.close()
+
+
+async def test_an_upstream_that_breaks_right_after_its_head_leaves_the_client_a_cut_stream(
+    serve: GatewayFactory,
+) -> None:
+    raw = RawUpstream(head_then_close)
+    gw = await serve(point_routes_at(await raw.start()))
+    conn = await RawConnection.open(gw.port)
+    try:
+        await conn.send(get("/public/cut"))
+        received = await asyncio.wait_for(conn.reader.read(), WITHIN)  # up to the server's close
+    finally:
+        await conn.close()
+        await raw.close()
+    head, _, body = received.partition(b"\r\n\r\n")
+    # The status line and headers arrived (the head is sent before the stream is cut), then
+    # the connection closed short of the declared length: never a complete-looking answer.
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"Content-Length: 10" in head
+    assert body == b""
+    assert gw.metric("gateway_requests_total", route="public", reason="upstream_aborted") == 1
