@@ -7,7 +7,8 @@ idle keep-alive connection (a new one is opened when none is idle), so the load 
 on the answers.  Used by bench/forward_auth.py for the added-latency rows.
 
     python bench/openloop.py --host 127.0.0.1 --port 8080 --path /api/x --rate 2000 \
-        --duration 10 [--warmup 1] [--connections 16] [--header 'Name: value']
+        --duration 10 [--warmup 1] [--connections 16] [--header 'Name: value'] \
+        [--token-file FILE]   # one token per line: request k carries token k mod N as Bearer
 
 Prints one JSON object.  Two latencies per request:
 - ``p50_ms`` .. ``max_ms``: from the moment the request was written to the socket to its whole
@@ -27,6 +28,7 @@ import sys
 import time
 from array import array
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from loadgen import _percentile, _read_response
@@ -39,9 +41,17 @@ class OpenLoop:
         self.host: str = args.host
         self.port: int = args.port
         headers = "".join(f"{h}\r\n" for h in args.header)
-        self.request = (
-            f"GET {args.path} HTTP/1.1\r\nHost: {args.host}:{args.port}\r\n{headers}\r\n"
-        ).encode()
+        head = f"GET {args.path} HTTP/1.1\r\nHost: {args.host}:{args.port}\r\n{headers}"
+        tokens = (
+            [t for t in Path(args.token_file).read_text().splitlines() if t]
+            if args.token_file
+            else []
+        )
+        # Without a token file, one request over and over; with one, a request per token.
+        self.requests = [
+            f"{head}Authorization: Bearer {token}\r\n\r\n".encode() for token in tokens
+        ] or [f"{head}\r\n".encode()]
+        self.sent_count = 0
         self.idle: list[Connection] = []
         self.opened = 0
         self.recording = False
@@ -60,8 +70,10 @@ class OpenLoop:
         conn = self.idle.pop() if self.idle else await self.connect()
         reader, writer = conn
         sent = time.perf_counter()
+        request = self.requests[self.sent_count % len(self.requests)]
+        self.sent_count += 1
         try:
-            writer.write(self.request)
+            writer.write(request)
             status = await _read_response(reader)
         except (OSError, asyncio.IncompleteReadError, ValueError):
             writer.close()
@@ -150,6 +162,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=1.0, help="unrecorded seconds first")
     parser.add_argument("--connections", type=int, default=16, help="opened before the start")
     parser.add_argument("--header", action="append", default=[], help="'Name: value'")
+    parser.add_argument("--token-file", default=None, help="tokens, one per line, in rotation")
     args = parser.parse_args()
     try:
         import uvloop

@@ -19,6 +19,11 @@ What runs where: the gateway (`python -m gateway run --workers 1`), and Envoy in
 (`envoy --concurrency 1`), are pinned to CPU 0; the load generator and the upstream to CPU 1.
 Keys and tokens are minted once (in parallel processes) and cached in bench/.cache/, valid
 14 days (re-minted when less than 6 h is left); a first run spends up to ~1 min minting.
+Then: open-loop latency (bench/openloop.py) at 25% of the gateway's passthrough req/s against
+the upstream directly, the gateway (passthrough, 5,000 RS256 tokens) and Envoy (passthrough,
+jwt_authn with the same tokens), with what each adds over the direct p50/p99; the gateway's
+VmRSS with 1,000 idle keep-alive client connections; and `--workers 2` (unpinned) on the
+passthrough and 5,000-token rows against one worker (bench/extras.py).
 Results: printed, and written as markdown to bench/results/latest.md.  Every process started
 is stopped by PID at the end, on error and on Ctrl-C.
 """
@@ -49,6 +54,15 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
+from extras import (  # noqa: E402
+    OPEN_LOOP_SHARE,
+    Extras,
+    OpenLoopRow,
+    idle_connections,
+    launch_workers,
+    open_loop,
+    render_extras,
+)
 from tokens import (  # noqa: E402
     AUDIENCE,
     ISSUER,
@@ -861,6 +875,33 @@ def run(args: argparse.Namespace, procs: Processes) -> int:
             tokens=tokens.warm[alg],
         )
 
+    # Open-loop latency at a quarter of the passthrough capacity, and idle-connection memory,
+    # while this gateway runs (before the cold row grows its token cache).
+    extras = Extras()
+    gw_port = int(base.rsplit(":", 1)[1])
+
+    def pin_load(argv: list[str]) -> list[str]:
+        return pinned(load_cpu, argv)
+
+    pass_row = bench.rows["gw_pass"]
+    if pass_row.valid and pass_row.load is not None:
+        extras.rate = OPEN_LOOP_SHARE * pass_row.load.rps
+        log(f"  open loop at {extras.rate:,.0f} req/s ...")
+        for name, port, path, token_file in (
+            ("upstream direct", up_port, "/", None),
+            ("gateway passthrough", gw_port, "/public/x", None),
+            (f"gateway RS256, {WARM_SET_SIZE:,} tokens", gw_port, "/api/x", tokens.warm["RS256"]),
+        ):
+            result = open_loop(
+                procs.run, pin_load, port, path, extras.rate, args.duration, args.warmup,
+                token_file,
+            )  # fmt: skip
+            extras.open_loop.append(OpenLoopRow(name, result))
+            log(f"    {name}: p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms")
+    log(f"  memory: {1000:,} idle client connections ...")
+    extras.idle = idle_connections(gw_port, "/public/x", lambda: vm_rss_mb(gateway.pid))
+    log(f"    {extras.idle['per_1000']:.2f} MB per 1,000 idle connections")
+
     # cold: every token new to this gateway process (the pool is never used twice in one run).
     def ensure_pool(warm: Load, offset: int) -> None:
         nonlocal tokens
@@ -927,6 +968,36 @@ def run(args: argparse.Namespace, procs: Processes) -> int:
     )
     procs.stop(gateway)
 
+    # --workers 2: both CPUs, unpinned (wrk and nginx share them with the workers).
+    port, admin = free_port(), free_port()
+    workers = launch_workers(
+        lambda name, argv, log_path: procs.start(name, argv, log_path),
+        wait_for,
+        GATEWAY_YAML.format(
+            port=port, admin=admin, upstream=up_port, issuer=ISSUER, audience=AUDIENCE
+        ),
+        admin,
+        args.gateway_log_level,
+        RUN_DIR,
+    )
+    wbase = f"http://127.0.0.1:{port}"
+    bench.sanity(wbase, [("gateway --workers 2 passthrough", "/public/x", None, 200)])
+    wpids = [workers.pid, *children(workers.pid)]
+    log(f"gateway --workers 2 (pids {wpids}, unpinned): {wbase}")
+    for key, name, path, warm_tokens in (
+        ("gw_pass", "gateway --workers 2 passthrough (unpinned)", "/public/x", None),
+        (
+            "gw_warm_RS256",
+            f"gateway --workers 2 RS256, {WARM_SET_SIZE:,} tokens (unpinned)",
+            "/api/x",
+            tokens.warm["RS256"],
+        ),
+    ):
+        row = bench.measure(f"w2_{key}", name, f"{wbase}{path}", wpids, tokens=warm_tokens)
+        if row.valid and row.load is not None:
+            extras.workers[key] = row.load.rps
+    procs.stop(workers)
+
     # --- Envoy -------------------------------------------------------------------------------
     envoy_version = "not run"
     if envoy:
@@ -981,6 +1052,22 @@ def run(args: argparse.Namespace, procs: Processes) -> int:
                 ev,
                 tokens=tokens.warm[alg],
             )
+        if not math.isnan(extras.rate):
+            for name, port, path, token_file in (
+                ("envoy passthrough", pass_port, "/x", None),
+                (
+                    f"envoy jwt_authn RS256, {WARM_SET_SIZE:,} tokens",
+                    jwt_port,
+                    "/api/x",
+                    tokens.warm["RS256"],
+                ),
+            ):
+                result = open_loop(
+                    procs.run, pin_load, port, path, extras.rate, args.duration, args.warmup,
+                    token_file,
+                )  # fmt: skip
+                extras.open_loop.append(OpenLoopRow(name, result))
+                log(f"    {name}: p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms")
         procs.stop(proxy)
 
     report = render(
@@ -995,6 +1082,12 @@ def run(args: argparse.Namespace, procs: Processes) -> int:
             "loadavg_start": loadavg_start,
         },
     )
+    one_worker = {
+        key: row.load.rps
+        for key in ("gw_pass", "gw_warm_RS256")
+        if (row := bench.rows.get(key)) is not None and row.valid and row.load is not None
+    }
+    report += "\n".join(render_extras(extras, one_worker, args.duration)) + "\n"
     print()
     print(report)
     args.output.parent.mkdir(parents=True, exist_ok=True)
