@@ -633,3 +633,27 @@ async def test_an_upstream_that_breaks_right_after_its_head_leaves_the_client_a_
     assert b"Content-Length: 10" in head
     assert body == b""
     assert gw.metric("gateway_requests_total", route="public", reason="upstream_aborted") == 1
+
+
+async def test_a_chunked_body_that_turns_malformed_mid_upload_is_400_and_aborted(
+    serve: GatewayFactory, upstream: EchoUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, REQUEST_LOGGER)
+    gw = await serve()
+    conn = await RawConnection.open(gw.port)
+    try:
+        await conn.send(
+            b"POST /public/up HTTP/1.1\r\nHost: gateway.test\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+        )
+        # The request is in flight: its head and first chunk reached the upstream.
+        await wait_until(lambda: upstream.hits == 1, what="the upload reached the upstream")
+        await conn.send(b"zz-not-a-chunk-size\r\n")
+        reply = await conn.response(within=WITHIN)  # not after the 30 s body-gap timeout
+        await conn.closed_by_server(within=WITHIN)
+    finally:
+        await conn.close()
+    assert reply.status == 400
+    assert reply.json()["error"]["reason"] == Reason.REQUEST_MALFORMED.value
+    assert gw.metric("gateway_requests_total", route="public", reason="request_malformed") == 1
+    assert requests_total(gw) == 1  # counted once, under its route

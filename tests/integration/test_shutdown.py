@@ -55,11 +55,11 @@ async def test_inflight_request_completes_during_graceful_shutdown(make_gateway,
     upstream.mode = "stall"
     async with aiohttp.ClientSession() as client:
 
-        async def call() -> tuple[int, dict[str, Any]]:
+        async def call() -> tuple[int, dict[str, Any], str | None]:
             async with client.post(
                 f"http://127.0.0.1:{gw.port}/public/slow", data=b"in flight"
             ) as response:
-                return response.status, await response.json()
+                return response.status, await response.json(), response.headers.get("Connection")
 
         inflight = asyncio.create_task(call())
         await wait_until(lambda: upstream.hits == 1, what="request reached the upstream")
@@ -70,8 +70,9 @@ async def test_inflight_request_completes_during_graceful_shutdown(make_gateway,
         assert not inflight.done()
         upstream.release.set()
 
-        status, body = await asyncio.wait_for(inflight, 5)
+        status, body, connection = await asyncio.wait_for(inflight, 5)
         assert status == 200
+        assert connection == "close"  # the drain serves no more requests on this connection
         assert body["method"] == "POST"
         assert body["body_bytes"] == len(b"in flight")
         assert echoed_headers(body)["X-Forwarded-For"] == "127.0.0.1"
@@ -107,3 +108,33 @@ async def test_shutdown_cancels_a_hanging_jwks_fetch(make_gateway, idp, clock):
     assert gateway_tasks(asyncio.all_tasks()) == set()
     assert all(s.closed for s in fetcher.sessions)
     assert upstream_pools(gw).closed
+
+
+async def test_a_request_still_in_flight_when_the_drain_ends_is_cut_off(make_gateway, upstream):
+    def patient(doc: dict[str, Any]) -> None:
+        doc["upstream_defaults"]["timeout_s"] = 30  # the upstream outlasts the drain
+
+    gw = await make_gateway(patient, admin=False, served=True)  # shutdown_timeout 5 s, as served
+    upstream.mode = "stall"  # never answers within the drain
+    loop = asyncio.get_running_loop()
+    try:
+        async with aiohttp.ClientSession() as client:
+
+            async def call() -> int:
+                async with client.get(f"http://127.0.0.1:{gw.port}/public/stuck") as response:
+                    return response.status
+
+            inflight = asyncio.create_task(call())
+            await wait_until(lambda: upstream.hits == 1, what="request reached the upstream")
+            started = loop.time()
+            await asyncio.wait_for(gw.shut_down(), 15)
+            drained = loop.time() - started
+            outcome = await asyncio.gather(inflight, return_exceptions=True)
+    finally:
+        upstream.release.set()
+    # The drain waited its 5 s for the request, then cut it off: not for ever.
+    assert 4.5 <= drained < 10
+    assert isinstance(outcome[0], aiohttp.ClientError)
+    cut = gw.metric("gateway_requests_total", route="public", reason="client_disconnected")
+    cut += gw.metric("gateway_requests_total", route="public", reason="request_cancelled")
+    assert cut == 1
