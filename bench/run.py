@@ -883,21 +883,32 @@ def run(args: argparse.Namespace, procs: Processes) -> int:
     def pin_load(argv: list[str]) -> list[str]:
         return pinned(load_cpu, argv)
 
-    pass_row = bench.rows["gw_pass"]
-    if pass_row.valid and pass_row.load is not None:
-        extras.rate = OPEN_LOOP_SHARE * pass_row.load.rps
-        log(f"  open loop at {extras.rate:,.0f} req/s ...")
-        for name, port, path, token_file in (
-            ("upstream direct", up_port, "/", None),
-            ("gateway passthrough", gw_port, "/public/x", None),
-            (f"gateway RS256, {WARM_SET_SIZE:,} tokens", gw_port, "/api/x", tokens.warm["RS256"]),
-        ):
+    def open_loop_rows(cases: Sequence[tuple[str, int, str, Path | None]]) -> None:
+        """Each (row name, port, path, token file) at the open-loop rate, one after another."""
+        for name, port, path, token_file in cases:
             result = open_loop(
                 procs.run, pin_load, port, path, extras.rate, args.duration, args.warmup,
                 token_file,
             )  # fmt: skip
             extras.open_loop.append(OpenLoopRow(name, result))
             log(f"    {name}: p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms")
+
+    pass_row = bench.rows["gw_pass"]
+    if pass_row.valid and pass_row.load is not None:
+        extras.rate = OPEN_LOOP_SHARE * pass_row.load.rps
+        log(f"  open loop at {extras.rate:,.0f} req/s ...")
+        open_loop_rows(
+            [
+                ("upstream direct", up_port, "/", None),
+                ("gateway passthrough", gw_port, "/public/x", None),
+                (
+                    f"gateway RS256, {WARM_SET_SIZE:,} tokens",
+                    gw_port,
+                    "/api/x",
+                    tokens.warm["RS256"],
+                ),
+            ]
+        )
     log(f"  memory: {1000:,} idle client connections ...")
     extras.idle = idle_connections(gw_port, "/public/x", lambda: vm_rss_mb(gateway.pid))
     log(f"    {extras.idle['per_1000']:.2f} MB per 1,000 idle connections")
@@ -1053,21 +1064,17 @@ def run(args: argparse.Namespace, procs: Processes) -> int:
                 tokens=tokens.warm[alg],
             )
         if not math.isnan(extras.rate):
-            for name, port, path, token_file in (
-                ("envoy passthrough", pass_port, "/x", None),
-                (
-                    f"envoy jwt_authn RS256, {WARM_SET_SIZE:,} tokens",
-                    jwt_port,
-                    "/api/x",
-                    tokens.warm["RS256"],
-                ),
-            ):
-                result = open_loop(
-                    procs.run, pin_load, port, path, extras.rate, args.duration, args.warmup,
-                    token_file,
-                )  # fmt: skip
-                extras.open_loop.append(OpenLoopRow(name, result))
-                log(f"    {name}: p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms")
+            open_loop_rows(
+                [
+                    ("envoy passthrough", pass_port, "/x", None),
+                    (
+                        f"envoy jwt_authn RS256, {WARM_SET_SIZE:,} tokens",
+                        jwt_port,
+                        "/api/x",
+                        tokens.warm["RS256"],
+                    ),
+                ]
+            )
         procs.stop(proxy)
 
     report = render(
