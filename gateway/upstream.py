@@ -47,6 +47,7 @@ class ResponseHead:
     reason: str
     headers: list[tuple[str, str]]
     keep_alive: bool
+    length_framed: bool = False  # a Content-Length header is among ``headers``
 
 
 class UpstreamClosed(Exception):
@@ -74,6 +75,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_only = False
         self._status_text = b""
         self._headers: list[tuple[str, str]] = []
+        self._framing = 0  # bit 1: a Content-Length header, bit 2: Transfer-Encoding
+        self._parser_reusable = False  # the parser stands at a message boundary
+        self._idle_parser: httptools.HttpResponseParser | None = None  # kept for the next
         self._head: ResponseHead | None = None
         self._head_waiter: asyncio.Future[None] | None = None
         self._chunks: deque[bytes] = deque()
@@ -156,7 +160,14 @@ class UpstreamConnection(asyncio.Protocol):
         self._status_text += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        text = name.decode("latin-1")
+        if len(name) in (14, 17):
+            key = text.lower()
+            if key == "content-length":
+                self._framing |= 1
+            elif key == "transfer-encoding":
+                self._framing |= 2
+        self._headers.append((text, value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         assert self._parser is not None
@@ -168,12 +179,14 @@ class UpstreamConnection(asyncio.Protocol):
             # An interim response (100 Continue, 103 Early Hints): the final one follows.
             self._status_text = b""
             self._headers = []
+            self._framing = 0
             return
         head = ResponseHead(
             status,
             self._status_text.decode("latin-1"),
             self._headers,
             self._parser.should_keep_alive(),
+            bool(self._framing & 1),
         )
         self._head = head
         self._wake_drain()  # an upload waiting for the upstream to read stops: it answered
@@ -182,10 +195,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._head_only or status in (101, 204, 304):
             self._complete = True
         else:
-            framed = any(
-                name.lower() in ("content-length", "transfer-encoding") for name, _ in head.headers
-            )
-            self._until_close = not framed
+            self._until_close = not self._framing
         if self._head_waiter is not None and not self._head_waiter.done():
             self._head_waiter.set_result(None)
 
@@ -203,6 +213,9 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self._head is None:
             return  # the end of an interim response
+        # llhttp read the whole message: the same parser can read the next exchange's
+        # response (not after a HEAD's, whose body llhttp was still expecting).
+        self._parser_reusable = not self._head_only and not self.upgraded
         self._complete = True
         self._wake_body()
 
@@ -211,11 +224,15 @@ class UpstreamConnection(asyncio.Protocol):
         """Start an exchange: send the request head (and whatever body bytes it carries)."""
         if self.transport is None:
             raise UpstreamClosed("upstream closed", responded=False)
-        self._parser = httptools.HttpResponseParser(self)
+        kept, self._idle_parser = self._idle_parser, None
+        self._parser = (
+            kept if kept is not None and not head_only else httptools.HttpResponseParser(self)
+        )
         self._head_only = head_only
         self._upgrade = upgrade
         self._status_text = b""
         self._headers = []
+        self._framing = 0
         self._head = None
         self._chunks.clear()
         self._buffered = 0
@@ -312,7 +329,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     def finish(self) -> None:
         """End the exchange: back to the pool when reusable, else closed."""
-        self._parser = None if self.reusable else self._parser
+        if self.reusable:
+            # Idle: any byte the upstream sends now is unsolicited (no parser to take it).
+            self._idle_parser = self._parser if self._parser_reusable else None
+            self._parser = None
+        self._parser_reusable = False
         self._pool.release(self)
 
     def close(self) -> None:
