@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from typing import Final
@@ -42,6 +43,8 @@ _REG_NAME: Final = re.compile(r"[A-Za-z0-9._~-]+")
 _PORT: Final = re.compile(r"(?::[0-9]{1,5})?")
 
 
+# Clients send the same few Host values again and again: each is judged once (bounded).
+@functools.lru_cache(maxsize=1024)
 def valid_host(host: str) -> bool:
     """Whether ``host`` is an RFC 3986 ``host[:port]`` (reg-name, IPv4 or ``[IPv6]``)."""
     if host.startswith("["):
@@ -62,6 +65,7 @@ def valid_host(host: str) -> bool:
     return _PORT.fullmatch(rest) is not None
 
 
+@functools.lru_cache(maxsize=1024)
 def request_host(host: str) -> str:
     """The request's host name, lower-case and without a port (``[::1]:8080`` → ``[::1]``)."""
     host = host.strip().lower()
