@@ -95,6 +95,23 @@ GROUPS: Final = {
             "tests/unit/test_claims.py",
         ),
     ),
+    # The upstream hop: what the upstream is sent (stripped, injected, framed), its pool and
+    # deadlines, and what comes back to the client.
+    "proxy": Group(
+        ("gateway/proxy.py", "gateway/upstream.py"),
+        (
+            "tests/unit/test_proxy.py",
+            "tests/unit/test_upstream.py",
+            "tests/integration/test_proxy_flow.py",
+            "tests/integration/test_upstream_pool.py",
+            "tests/integration/test_upstream_tls.py",
+            "tests/integration/test_failing_neighbours.py",
+            "tests/integration/test_large_bodies.py",
+            "tests/integration/test_limits.py",
+            "tests/integration/test_websocket.py",
+            "tests/integration/test_attacks.py",
+        ),
+    ),
     # The per-issuer key cache: discovery, cooldown, stale-while-revalidate, refresh, backoff.
     "jwks": Group(
         ("gateway/jwks.py",),
