@@ -131,6 +131,7 @@ class JwksCache:
             # --workers, the ticker sets them instead (set_function is per process).
             self._metrics.jwks_keys.labels(issuer.id).set_function(lambda: self._usable_keys(entry))
             self._metrics.jwks_stale.labels(issuer.id).set_function(lambda: self._stale(entry))
+            self._metrics.jwks_age.labels(issuer.id).set_function(lambda: self._age(entry))
         return entry
 
     def _usable_keys(self, entry: _Entry) -> float:
@@ -140,12 +141,18 @@ class JwksCache:
     def _stale(self, entry: _Entry) -> float:
         return float(entry.key_set is not None and self._clock.monotonic() >= entry.expires_at)
 
+    def _age(self, entry: _Entry) -> float:
+        if entry.static:
+            return 0.0
+        return max(self._clock.monotonic() - entry.fetched_at, 0.0)  # +Inf before a success
+
     async def _tick(self) -> None:
         """Multiprocess mode: publish this worker's key gauges once a second."""
         while True:
             for entry in self._entries.values():
                 self._metrics.jwks_keys.labels(entry.issuer.id).set(self._usable_keys(entry))
                 self._metrics.jwks_stale.labels(entry.issuer.id).set(self._stale(entry))
+                self._metrics.jwks_age.labels(entry.issuer.id).set(self._age(entry))
             self._metrics.ready.set(float(self.ready()))
             await asyncio.sleep(1.0)
 
@@ -172,7 +179,7 @@ class JwksCache:
         if task is not None:
             task.cancel()
         # A fetch in flight is left to finish: requests may be waiting on it.
-        for gauge in (self._metrics.jwks_keys, self._metrics.jwks_stale):
+        for gauge in (self._metrics.jwks_keys, self._metrics.jwks_stale, self._metrics.jwks_age):
             # A removed issuer's gauges must not go on reporting its old entry.
             with contextlib.suppress(KeyError):
                 gauge.remove(issuer_id)

@@ -6,11 +6,21 @@ from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .reasons import REASON_SPECS, Reason
+
+# No ``_created`` companion series: a timestamp per counter and histogram child that no alert
+# or dashboard reads, and as many series again as the counts themselves.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 UNMATCHED_ROUTE: Final = "_unmatched"
 """The ``route`` label of requests no route matched."""
@@ -209,6 +219,14 @@ class GatewayMetrics:
             ["issuer"],
             registry=registry,
             multiprocess_mode="livemax",
+        )
+        self.jwks_age = Gauge(
+            "gateway_jwks_age_seconds",
+            "Seconds since the issuer's key set was last fetched or confirmed (+Inf before the "
+            "first success, 0 for a static jwks); alert when it passes the cache lifetime.",
+            ["issuer"],
+            registry=registry,
+            multiprocess_mode="livemax",  # the worker whose set is oldest
         )
         self.jwks_last_success = Gauge(
             "gateway_jwks_last_success_timestamp_seconds",

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import re
+from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import prometheus_client
@@ -36,6 +39,7 @@ EXPECTED_FAMILIES = {
     "gateway_config_reloads": "counter",
     "gateway_ready": "gauge",
     "gateway_jwks_last_success_timestamp_seconds": "gauge",
+    "gateway_jwks_age_seconds": "gauge",
 }
 
 
@@ -59,14 +63,54 @@ async def test_metrics_is_prometheus_text_with_every_family(gateway, token):
         "gateway_jwks_last_success_timestamp_seconds",
     ):
         assert f"\n{name}{{" in text, name
-    families = {
-        f.name: f.type
-        for f in text_string_to_metric_families(text)
-        if not f.name.endswith("_created")  # prometheus_client's creation-time companions
-    }
+    families = {f.name: f.type for f in text_string_to_metric_families(text)}
     assert families == EXPECTED_FAMILIES
+    assert "_created" not in text  # no creation-time companion series
     assert 'gateway_requests_total{reason="ok",route="api"} 1.0' in text
     assert 'gateway_jwks_fetches_total{issuer="test",result="success"} 1.0' in text
+
+
+def _series_cost_in_readme() -> tuple[int, int, int]:
+    text = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    found = re.search(
+        r"each route adds (\d+) series\*\* \((\d+) on a\s+report-only route\) and "
+        r"\*\*each issuer (\d+)\*\*",
+        text,
+    )
+    assert found is not None, "the README's Metrics section states the series count"
+    route, report_only, issuer = (int(n) for n in found.groups())
+    return route, report_only, issuer
+
+
+async def test_each_route_and_issuer_costs_the_series_the_readme_states(
+    make_gateway, token, idp, upstream
+):
+    route_cost, report_only_cost, issuer_cost = _series_cost_in_readme()
+    config = conftest.base_config(idp, upstream)
+    shadow = copy.deepcopy(config["routes"][0])
+    shadow.update(id="shadow", match={"path_prefix": "/shadow"})
+    shadow["auth"] = {**shadow["auth"], "mode": "report-only"}
+    config["routes"].append(shadow)
+    gateway = await make_gateway(document=config)
+    # Traffic does not add series: a few requests of every kind first.
+    for path, headers in (("/api/x", conftest.bearer(token())), ("/api/x", {}),
+                          ("/shadow/x", {}), ("/nowhere", {})):  # fmt: skip
+        await gateway.client.get(path, headers=headers)
+    text = await scrape(gateway)
+    by_route: Counter[str] = Counter()
+    by_issuer: Counter[str] = Counter()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if "route" in sample.labels:
+                by_route[sample.labels["route"]] += 1
+            if "issuer" in sample.labels:
+                by_issuer[sample.labels["issuer"]] += 1
+    routes = [r["id"] for r in config["routes"]]
+    assert set(by_route) == {*routes, UNMATCHED_ROUTE}
+    for route in (*routes, UNMATCHED_ROUTE):
+        assert by_route[route] == (report_only_cost if route == "shadow" else route_cost), route
+    assert set(by_issuer) == set(config["issuers"])
+    assert all(count == issuer_cost for count in by_issuer.values()), by_issuer
 
 
 async def test_metric_labels_never_carry_paths_kids_subjects_or_tokens(gateway, token, clock):

@@ -460,8 +460,31 @@ async def test_key_gauges_exist_before_any_fetch(make_cache: MakeCache) -> None:
     h = make_cache()
     assert h.metric("gateway_jwks_keys") == 0
     assert h.metric("gateway_jwks_stale") == 0
+    assert h.metric("gateway_jwks_age_seconds") == float("inf")  # no set yet: an alert fires
     await h.key("key-rs256")
     assert h.metric("gateway_jwks_keys") == 10
+
+
+@pytest.mark.parametrize(("mode", "result"), FAILURES[:1])
+async def test_key_set_age_grows_while_refreshes_fail_and_resets_on_success(
+    mode: str, result: str, make_cache: MakeCache, idp: FakeIdP, clock: FakeClock, rs: SigningKey
+) -> None:
+    h = make_cache(jwks_fetch_timeout_s=0.2)
+    await h.key(rs.kid)
+    assert h.metric("gateway_jwks_age_seconds") == 0
+    clock.advance(TTL / 2)
+    assert h.metric("gateway_jwks_age_seconds") == TTL / 2
+    idp.mode = mode
+    clock.advance(TTL / 2)
+    await h.key(rs.kid)  # past the lifetime: a refresh, which fails
+    await eventually(lambda: h.fetches(result) == 1)
+    clock.advance(5)
+    assert h.metric("gateway_jwks_age_seconds") == TTL + 5  # counted from the last success
+    idp.mode = "ok"
+    clock.advance(3600)  # past any backoff
+    await h.key(rs.kid)
+    await eventually(lambda: h.fetches("success") == 2)
+    assert h.metric("gateway_jwks_age_seconds") == 0
 
 
 # --- where the keys come from: discovery, static sets ------------------------------------------------
@@ -712,6 +735,7 @@ async def test_with_workers_the_ticker_publishes_the_key_gauges_and_close_stops_
     await settle()  # the ticker publishes at once, then every second
     assert h.metric("gateway_jwks_keys") == 1
     assert h.metric("gateway_jwks_stale") == 0
+    assert h.metric("gateway_jwks_age_seconds") == 0  # a static set never ages
     assert h.ready_gauge == 1
     assert {t.get_coro().__qualname__ for t in cache_tasks()} == {"JwksCache._tick"}  # type: ignore[union-attr]
     await asyncio.wait_for(h.cache.close(), 1)
