@@ -104,6 +104,7 @@ GROUPS: Final = {
             "tests/unit/test_upstream.py",
             "tests/integration/test_proxy_flow.py",
             "tests/integration/test_upstream_pool.py",
+            "tests/integration/test_hop_edges.py",
             "tests/integration/test_upstream_tls.py",
             "tests/integration/test_failing_neighbours.py",
             "tests/integration/test_large_bodies.py",

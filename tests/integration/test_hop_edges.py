@@ -1,0 +1,150 @@
+"""Edges of the upstream hop that a well-behaved upstream never shows: what an upstream's ``101``
+may not pass on, bytes a client sends before the ``101``, and a response cut off mid-head.
+
+Raw asyncio upstreams write exactly the bytes each test needs; the client is a raw socket, so
+the test reads the gateway's answer byte for byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.conftest import GatewayFactory
+from tests.integration.hardening_kit import RawUpstream, point_routes_at, read_request_head
+
+WITHIN = 5.0
+
+HANDSHAKE = (
+    b"GET /public/ws HTTP/1.1\r\nHost: gw.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    b"X-Request-ID: client-chosen-1\r\n\r\n"
+)
+UPSTREAM_101 = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Keep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\nX-Request-ID: upstream-chosen\r\n"
+    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+)
+
+
+@pytest.fixture
+async def raw_upstreams() -> AsyncIterator[list[RawUpstream]]:
+    started: list[RawUpstream] = []
+    yield started
+    for upstream in started:
+        await upstream.close()
+
+
+async def close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+
+
+def head_fields(head: bytes) -> list[tuple[str, str]]:
+    lines = head.decode("latin-1").split("\r\n")[1:]
+    return [
+        (name.strip().lower(), value.strip())
+        for name, _, value in (line.partition(":") for line in lines if line)
+    ]
+
+
+async def test_a_101_passes_on_no_hop_by_hop_header_and_no_upstream_request_id(
+    make_gateway: GatewayFactory, raw_upstreams: list[RawUpstream]
+) -> None:
+    relayed: list[bytes] = []
+
+    async def accept_then_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(UPSTREAM_101)
+        relayed.append(await asyncio.wait_for(reader.readexactly(5), WITHIN))
+        writer.write(b"pong!")
+        await writer.drain()
+        writer.close()
+
+    upstream = RawUpstream(accept_then_echo)
+    raw_upstreams.append(upstream)
+    gw = await make_gateway(point_routes_at(await upstream.start()), served=True)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        writer.write(HANDSHAKE)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WITHIN)
+        fields = head_fields(head)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        names = [name for name, _ in fields]
+        # The gateway's own Connection and Upgrade, once each; the upstream's connection-level
+        # headers and its request id stay on the upstream's side.
+        assert [v for n, v in fields if n == "connection"] == ["Upgrade"]
+        assert [v for n, v in fields if n == "upgrade"] == ["websocket"]
+        assert "keep-alive" not in names
+        assert "proxy-authenticate" not in names
+        assert [v for n, v in fields if n == "x-request-id"] == ["client-chosen-1"]
+        assert ("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=") in fields
+        writer.write(b"ping!")
+        assert await asyncio.wait_for(reader.readexactly(5), WITHIN) == b"pong!"
+        assert relayed == [b"ping!"]
+    finally:
+        await close(writer)
+
+
+async def test_bytes_sent_with_the_handshake_reach_the_upstream_after_its_101(
+    make_gateway: GatewayFactory, raw_upstreams: list[RawUpstream]
+) -> None:
+    received: list[bytes] = []
+
+    async def accept_then_read(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await read_request_head(reader)
+        assert b"early-frame" not in head  # held by the gateway until the upgrade is accepted
+        writer.write(UPSTREAM_101)
+        await writer.drain()
+        received.append(await asyncio.wait_for(reader.readexactly(11), WITHIN))
+        writer.close()
+
+    upstream = RawUpstream(accept_then_read)
+    raw_upstreams.append(upstream)
+    gw = await make_gateway(point_routes_at(await upstream.start()), served=True)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        writer.write(HANDSHAKE + b"early-frame")  # one write: the frame follows the head at once
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WITHIN)
+        for _ in range(100):
+            if received:
+                break
+            await asyncio.sleep(0.02)
+        assert received == [b"early-frame"]
+    finally:
+        await close(writer)
+
+
+async def test_a_response_cut_off_inside_its_head_on_a_reused_connection_is_not_sent_again(
+    make_gateway: GatewayFactory, raw_upstreams: list[RawUpstream]
+) -> None:
+    """A pooled connection that closes before answering is retried once on a new one (the
+    upstream never saw the request); one that had begun to answer is not: the upstream may
+    have acted on it."""
+    heads: list[bytes] = []
+
+    async def answer_once_then_break(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        heads.append(await read_request_head(reader))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        heads.append(await read_request_head(reader))  # the second request, same connection
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Le")
+        await writer.drain()
+        writer.close()
+
+    upstream = RawUpstream(answer_once_then_break)
+    raw_upstreams.append(upstream)
+    gw = await make_gateway(point_routes_at(await upstream.start()), served=True)
+    first = await gw.client.get("/public/one")
+    assert first.status == 200
+    second = await gw.client.get("/public/two")
+    assert second.status == 502
+    assert [head.split(b" ")[1] for head in heads] == [b"/public/one", b"/public/two"]
+    assert upstream.connections == 1
+    assert gw.metric("gateway_requests_total", route="public", reason="upstream_unavailable") == 1
