@@ -205,7 +205,8 @@ def first_part(framing: str, size: int) -> bytes:
 @pytest.mark.parametrize("how", ["close", "reset"])
 async def test_client_leaving_mid_upload_aborts_the_upstream_request(serve, sink, framing, how):
     fake, url = sink
-    gw = await serve(point_routes_at(url))
+    # At once: not when the upstream's response deadline would end the exchange anyway.
+    gw = await serve(point_routes_at(url), set_upstream_defaults(timeout_s=30))
     probe = LeakProbe.start()
     conn = await RawConnection.open(gw.port)
     await conn.send(UPLOAD_HEADS[framing] + first_part(framing, 100_000))
