@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
 
 from tests.conftest import GatewayFactory
-from tests.integration.hardening_kit import RawUpstream, point_routes_at, read_request_head
+from tests.fakes import EchoUpstream
+from tests.integration.e2e_helpers import wait_until
+from tests.integration.hardening_kit import (
+    RawUpstream,
+    echo_download_sha256,
+    point_routes_at,
+    read_request_head,
+    set_limits,
+)
 
 WITHIN = 5.0
 
@@ -148,3 +158,40 @@ async def test_a_response_cut_off_inside_its_head_on_a_reused_connection_is_not_
     assert [head.split(b" ")[1] for head in heads] == [b"/public/one", b"/public/two"]
     assert upstream.connections == 1
     assert gw.metric("gateway_requests_total", route="public", reason="upstream_unavailable") == 1
+
+
+async def test_a_client_that_pauses_reading_then_reads_gets_the_whole_download(
+    make_gateway: GatewayFactory, upstream: EchoUpstream
+) -> None:
+    """The gateway stops writing while the client's socket is full and goes on once the client
+    reads again: a slow reader is served, not cut off (only one that stops for longer than
+    limits.client_write_timeout_s is)."""
+    size = 16 * 1024 * 1024
+    upstream.mode = "download"
+    upstream.download_bytes = size
+    gw = await make_gateway(set_limits(client_write_timeout_s=3), served=True)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gw.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=64 * 1024)
+    try:
+        writer.write(b"GET /public/download HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n\r\n")
+        await asyncio.sleep(0.5)  # not reading: the gateway's socket buffer fills, writing pauses
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WITHIN)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        digest = hashlib.sha256()
+        received = 0
+        while received < size:
+            chunk = await asyncio.wait_for(reader.read(256 * 1024), WITHIN)
+            assert chunk, f"cut off after {received} bytes"
+            digest.update(chunk)
+            received += len(chunk)
+        assert received == size
+        assert digest.hexdigest() == echo_download_sha256(size)
+    finally:
+        await close(writer)
+    await wait_until(
+        lambda: gw.metric("gateway_requests_total", route="public", reason="ok") == 1,
+        what="the download counted as ok",
+    )

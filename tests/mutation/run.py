@@ -82,6 +82,7 @@ GROUPS: Final = {
         ("gateway/server.py", "gateway/headers.py", "gateway/tunnel.py"),
         (
             "tests/integration/test_http_server.py",
+            "tests/integration/test_hop_edges.py",
             "tests/integration/test_limits.py",
             "tests/integration/test_attacks.py",
             "tests/integration/test_websocket.py",
