@@ -195,3 +195,45 @@ async def test_a_client_that_pauses_reading_then_reads_gets_the_whole_download(
         lambda: gw.metric("gateway_requests_total", route="public", reason="ok") == 1,
         what="the download counted as ok",
     )
+
+
+async def test_an_upstream_answers_connection_level_headers_stay_on_the_upstreams_side(
+    make_gateway: GatewayFactory, raw_upstreams: list[RawUpstream]
+) -> None:
+    """RFC 9110 §7.6.1: the upstream's hop-by-hop headers, those its Connection header names,
+    and its framing are not relayed; the gateway frames the answer itself (here: chunked, once)."""
+
+    async def answer_with_hop_headers(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await read_request_head(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nKeep-Alive: timeout=5\r\n"
+            b"Connection: keep-alive, X-Secret-Hop\r\nX-Secret-Hop: 1\r\n"
+            b"Proxy-Authenticate: Basic\r\nTrailer: X-Sum\r\nX-Request-ID: upstream-chosen\r\n"
+            b"X-Kept: yes\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+        )
+        await writer.drain()
+        writer.close()
+
+    upstream = RawUpstream(answer_with_hop_headers)
+    raw_upstreams.append(upstream)
+    gw = await make_gateway(point_routes_at(await upstream.start()), served=True)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        writer.write(
+            b"GET /public/x HTTP/1.1\r\nHost: gw.test\r\nX-Request-ID: client-chosen-2\r\n\r\n"
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WITHIN)
+        fields = head_fields(head)
+        names = [name for name, _ in fields]
+        assert head.startswith(b"HTTP/1.1 200 ")
+        for hop in ("keep-alive", "x-secret-hop", "proxy-authenticate", "trailer", "connection"):
+            assert hop not in names, hop
+        assert [v for n, v in fields if n == "transfer-encoding"] == ["chunked"]
+        assert [v for n, v in fields if n == "x-request-id"] == ["client-chosen-2"]
+        assert ("x-kept", "yes") in fields
+        body = await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), WITHIN)
+        assert body == b"2\r\nok\r\n0\r\n\r\n"
+    finally:
+        await close(writer)
