@@ -15,10 +15,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.conftest import GatewayFactory
+from tests.conftest import GatewayFactory, RunningGateway
 from tests.fakes import EchoUpstream
 from tests.integration.e2e_helpers import wait_until
 from tests.integration.hardening_kit import (
+    RawBehaviour,
     RawUpstream,
     echo_download_sha256,
     point_routes_at,
@@ -48,6 +49,18 @@ async def raw_upstreams() -> AsyncIterator[list[RawUpstream]]:
         await upstream.close()
 
 
+async def through(
+    make_gateway: GatewayFactory, raw_upstreams: list[RawUpstream], behaviour: RawBehaviour
+) -> tuple[RunningGateway, asyncio.StreamReader, asyncio.StreamWriter]:
+    """A gateway whose routes lead to a raw upstream doing ``behaviour``, and a raw client
+    connection to it."""
+    upstream = RawUpstream(behaviour)
+    raw_upstreams.append(upstream)
+    gw = await make_gateway(point_routes_at(await upstream.start()), served=True)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    return gw, reader, writer
+
+
 async def close(writer: asyncio.StreamWriter) -> None:
     writer.close()
     with contextlib.suppress(ConnectionError):
@@ -75,10 +88,7 @@ async def test_a_101_passes_on_no_hop_by_hop_header_and_no_upstream_request_id(
         await writer.drain()
         writer.close()
 
-    upstream = RawUpstream(accept_then_echo)
-    raw_upstreams.append(upstream)
-    gw = await make_gateway(point_routes_at(await upstream.start()), served=True)
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    _, reader, writer = await through(make_gateway, raw_upstreams, accept_then_echo)
     try:
         writer.write(HANDSHAKE)
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WITHIN)
@@ -113,10 +123,7 @@ async def test_bytes_sent_with_the_handshake_reach_the_upstream_after_its_101(
         received.append(await asyncio.wait_for(reader.readexactly(11), WITHIN))
         writer.close()
 
-    upstream = RawUpstream(accept_then_read)
-    raw_upstreams.append(upstream)
-    gw = await make_gateway(point_routes_at(await upstream.start()), served=True)
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    _, reader, writer = await through(make_gateway, raw_upstreams, accept_then_read)
     try:
         writer.write(HANDSHAKE + b"early-frame")  # one write: the frame follows the head at once
         await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WITHIN)
@@ -216,10 +223,7 @@ async def test_an_upstream_answers_connection_level_headers_stay_on_the_upstream
         await writer.drain()
         writer.close()
 
-    upstream = RawUpstream(answer_with_hop_headers)
-    raw_upstreams.append(upstream)
-    gw = await make_gateway(point_routes_at(await upstream.start()), served=True)
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    _, reader, writer = await through(make_gateway, raw_upstreams, answer_with_hop_headers)
     try:
         writer.write(
             b"GET /public/x HTTP/1.1\r\nHost: gw.test\r\nX-Request-ID: client-chosen-2\r\n\r\n"
