@@ -419,22 +419,19 @@ class Forwarder:
     async def _relay(
         self, request: HttpRequest, conn: UpstreamConnection, upstream: ResponseHead
     ) -> None:
-        headers: list[tuple[str, str]] = []
-        keys: list[str] = []
-        connection: list[str] = []
-        for name, value in upstream.headers:
-            key = name.lower()
-            if key in RESPONSE_HOP_BY_HOP_HEADERS or key == "x-request-id":
-                if key == "connection":
-                    connection += (token.strip().lower() for token in value.split(","))
-                continue
-            headers.append((name, value))
-            keys.append(key)
-        if connection:
-            # Names the upstream's Connection header lists are hop-by-hop too.
-            headers = [
-                pair for pair, key in zip(headers, keys, strict=True) if key not in connection
-            ]
+        connection = {
+            token.strip().lower()
+            for name, value in upstream.headers
+            if name.lower() == "connection"
+            for token in value.split(",")
+        }
+        headers = [
+            (name, value)
+            for name, value in upstream.headers
+            if name.lower() not in RESPONSE_HOP_BY_HOP_HEADERS
+            and name.lower() not in connection
+            and name.lower() != "x-request-id"
+        ]
         record = request.record
         headers.append((REQUEST_ID_HEADER, record.request_id))
         status = upstream.status

@@ -227,15 +227,12 @@ class HttpRequest:
         headers: Iterable[tuple[str, str]],
         *,
         bodiless: bool,
-        length_framed: bool | None = None,
+        length_framed: bool,
     ) -> None:
-        """Send a streamed response's head: ``bodiless`` (HEAD, 204, 304) or framed by the
-        Content-Length among ``headers`` (``length_framed`` says whether there is one, when
-        the caller knows), else chunked to an HTTP/1.1 client and close-delimited to an
-        HTTP/1.0 one."""
+        """Send a streamed response's head: ``bodiless`` (HEAD, 204, 304), ``length_framed``
+        (a Content-Length among ``headers``), else chunked to an HTTP/1.1 client and
+        close-delimited to an HTTP/1.0 one."""
         framing = ""
-        if length_framed is None:
-            length_framed = any(n.lower() == "content-length" for n, _ in headers)
         if not bodiless and not length_framed:
             if self.version == "1.1":
                 framing = "Transfer-Encoding: chunked"

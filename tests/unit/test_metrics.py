@@ -184,3 +184,28 @@ def test_report_only_series_exist_only_for_report_only_routes(registry: Collecto
 def test_no_issuers_means_no_issuer_series(registry: CollectorRegistry) -> None:
     GatewayMetrics(registry, ROUTES)
     assert samples(registry, "gateway_jwks_fetches_total") == {}
+
+
+def test_the_lean_request_histogram_exports_what_prometheus_clients_would() -> None:
+    """One process keeps the request-path families itself (no lock per increment); a scrape
+    must read exactly what prometheus-client's Histogram and Counter give for the same
+    observations, bucket boundaries included (a value equal to a bound is in that bucket)."""
+    lean_registry, reference_registry = CollectorRegistry(), CollectorRegistry()
+    lean = GatewayMetrics(lean_registry, ROUTES)
+    reference = GatewayMetrics(reference_registry, ROUTES, multiprocess=True)
+    for duration in (0.0, 0.0005, 0.0007, 0.001, 0.3, 2.5, 29.9, 30.0, 31.0, 1e6):
+        for metrics in (lean, reference):
+            metrics.observe_request("orders", Reason.OK, duration)
+            metrics.observe_upstream("orders", 503, duration)
+    for name in (
+        "gateway_request_duration_seconds_bucket",
+        "gateway_request_duration_seconds_sum",
+        "gateway_request_duration_seconds_count",
+        "gateway_upstream_duration_seconds_bucket",
+        "gateway_requests_total",
+        "gateway_upstream_responses_total",
+    ):
+        assert samples(lean_registry, name) == samples(reference_registry, name), name
+    assert nonzero(lean_registry, "gateway_requests_total") == {
+        (("reason", "ok"), ("route", "orders")): 10.0
+    }
