@@ -1,9 +1,10 @@
-"""The command line: ``gateway run``, ``check-config``, ``owned-headers``, ``explain`` and ``demo``."""
+"""The command line: ``gateway run``, ``check-config``, ``owned-headers``, ``explain``, ``schema`` and ``demo``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -80,6 +81,14 @@ def _parser() -> argparse.ArgumentParser:
         "--header", "-H", type=_header, action="append", default=[], metavar="'NAME: VALUE'",
         help="another request header (repeatable), e.g. a second credential",
     )  # fmt: skip
+    schema = commands.add_parser(
+        "schema",
+        help="print the config file's JSON Schema (draft 2020-12; the package ships it as "
+        "config.schema.json)",
+    )
+    schema.add_argument(
+        "--markdown", action="store_true", help="print the README's configuration reference instead"
+    )
     demo = commands.add_parser(
         "demo", help="run a self-contained demo: identity provider, echo upstream and gateway"
     )
@@ -111,6 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{args.file}: ok ({len(config.routes)} routes, {len(config.issuers)} issuers, "
             f"mode {config.mode.value})"
         )
+        return 0
+    if args.command == "schema":
+        from .config import config_reference, config_schema
+
+        print(config_reference() + "\n" if args.markdown else schema_text(config_schema()), end="")
         return 0
     if args.command == "owned-headers":
         try:
@@ -161,6 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                            log_level=args.log_level, log_format=args.log_format)  # fmt: skip
     run_event_loop(serve(config, config_path=args.config, watch=args.watch_config))
     return 0
+
+
+def schema_text(schema: dict[str, object]) -> str:
+    """The schema as the shipped file holds it: indented JSON, one trailing newline."""
+    return json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
 
 
 def log_policy_shadowing(config: GatewayConfig) -> int:

@@ -358,7 +358,7 @@ class JwksCache:
         if entry.jwks_uri is not None and now < entry.discovery_expires_at:
             return entry.jwks_uri
         try:
-            document = await self._get(issuer, issuer.discovery_uri)
+            document = await self._get(issuer, discovery_uri(issuer))
             body = document.body
             if not isinstance(body, dict) or body.get("issuer") != issuer.issuer:
                 raise JwksFetchError("invalid", "discovery document names another issuer")
@@ -380,7 +380,7 @@ class JwksCache:
             )
             return entry.jwks_uri
         entry.jwks_uri = jwks_uri
-        entry.discovery_expires_at = now + issuer.cache_lifetime(document.max_age_s)
+        entry.discovery_expires_at = now + cache_lifetime(issuer, document.max_age_s)
         return jwks_uri
 
     async def _fetch(self, entry: _Entry) -> None:
@@ -414,7 +414,7 @@ class JwksCache:
             # the stored ones (RFC 9111 §4.3.4).
             if document.max_age_s is not None or not document.not_modified:
                 entry.max_age_s = document.max_age_s
-            lifetime = issuer.cache_lifetime(entry.max_age_s)
+            lifetime = cache_lifetime(issuer, entry.max_age_s)
             result = "not_modified" if document.not_modified else "success"
             entry.key_set = key_set
             entry.etag, entry.last_modified = document.etag, document.last_modified
@@ -476,3 +476,15 @@ class JwksCache:
             finally:
                 sleep.cancel()
                 woken.cancel()
+
+
+def discovery_uri(issuer: IssuerConfig) -> str:
+    """Where OpenID discovery looks (OpenID Connect Discovery 1.0 §4)."""
+    return issuer.issuer.rstrip("/") + "/.well-known/openid-configuration"
+
+
+def cache_lifetime(issuer: IssuerConfig, max_age_s: float | None) -> float:
+    """The key-set lifetime for a response's max-age, clamped to the issuer's bounds."""
+    if max_age_s is None:
+        return issuer.jwks_cache_ttl_s
+    return min(max(max_age_s, issuer.jwks_cache_min_ttl_s), issuer.jwks_cache_max_ttl_s)

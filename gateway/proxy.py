@@ -27,7 +27,7 @@ from .headers import (
 )
 from .metrics import GatewayMetrics
 from .reasons import Reason
-from .routing import valid_host
+from .routing import rewritten, valid_host
 from .server import ClientGone, HttpRequest, RequestBody
 from .tunnel import Tunnel
 from .upstream import ResponseHead, UpstreamClosed, UpstreamConnection, UpstreamPool, UpstreamPools
@@ -228,7 +228,7 @@ class Forwarder:
         if route.rewrite is not None or hidden.query:
             path, sep, query = target.partition("?")
             if route.rewrite is not None:
-                path = route.rewrite.apply(path)
+                path = rewritten(route.rewrite, path)
             if hidden.query:
                 query = _without_params(query, hidden.query)
             target = path + (sep + query if query else "")

@@ -7,7 +7,7 @@ import ipaddress
 import re
 from typing import Final
 
-from .config import RouteConfig
+from .config import PathRewrite, RouteConfig, RouteMatch
 from .errors import Rejection
 from .reasons import Reason
 
@@ -133,7 +133,7 @@ class RouteTable:
     def match(self, method: str, path: str, host: str = "") -> RouteConfig | None:
         """The route for a request with this method, (already checked) raw path and host, or ``None``."""
         for route in self._routes:
-            if route.match.matches(method, path, host):
+            if matches(route.match, method, path, host):
                 if (
                     self._keeps_slashes
                     and not route.keep_escaped_slashes
@@ -142,3 +142,37 @@ class RouteTable:
                     raise Rejection(Reason.REQUEST_REJECTED, "encoded slash")
                 return route
         return None
+
+
+def matches_host(match: RouteMatch, host: str) -> bool:
+    """Whether the request's host (lower-case, without port) is one the route serves."""
+    if not match.hosts and not match.host_suffixes:
+        return True
+    return host in match.hosts or any(
+        host.endswith(s) and len(host) > len(s) for s in match.host_suffixes
+    )
+
+
+def matches(match: RouteMatch, method: str, path: str, host: str = "") -> bool:
+    """Whether a request with this method, raw path and host takes the route.
+
+    ``path`` matches exactly; ``path_prefix`` matches whole segments (``/api`` matches ``/api``
+    and ``/api/x`` but not ``/apix``).  ``methods`` empty means any."""
+    if match.methods and method not in match.methods:
+        return False
+    if not matches_host(match, host):
+        return False
+    if match.path is not None:
+        return path == match.path
+    prefix = match.path_prefix
+    assert prefix is not None
+    if prefix == "/":
+        return True
+    return path == prefix or path.startswith(prefix + "/")
+
+
+def rewritten(rewrite: PathRewrite, path: str) -> str:
+    """The forwarded path: the matched prefix replaced (or stripped)."""
+    rest = path[len(rewrite.prefix) :] if rewrite.prefix != "/" else path
+    result = rewrite.replacement + rest
+    return result if result.startswith("/") else "/" + result

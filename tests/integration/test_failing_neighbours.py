@@ -25,7 +25,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.config import DEFAULT_JWKS_MAX_BYTES
+from gateway.config import ISSUER
 from tests import conftest
 from tests.conftest import Edit, GatewayFactory, RunningGateway
 from tests.fakes import SigningKey
@@ -470,7 +470,9 @@ async def test_identity_provider_going_bad_leaves_the_last_good_keys_working(
 ):
     fake, runner, url = flaky_idp
     gw = await serve(trust(url + "/jwks.json"))
-    assert gw.config.issuers[ISSUER_ID].jwks_max_bytes == DEFAULT_JWKS_MAX_BYTES < HUGE
+    default = ISSUER.keys["jwks_max_bytes"].default
+    assert isinstance(default, int)
+    assert gw.config.issuers[ISSUER_ID].jwks_max_bytes == default < HUGE
     assert await api(gw, token()) == 200
     hits = fake.hits
     probe = LeakProbe.start()

@@ -17,15 +17,7 @@ from typing import Any
 
 import pytest
 
-from gateway.config import (
-    DEFAULT_CLIENT_IDLE_TIMEOUT_S,
-    DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_MAX_CONCURRENT,
-    DEFAULT_MAX_HEADER_BYTES,
-    DEFAULT_MAX_HEADERS,
-    DEFAULT_MAX_QUEUED,
-    Limits,
-)
+from gateway.config import Limits
 from tests import conftest
 from tests.conftest import GatewayFactory, RunningGateway
 from tests.integration.authkit import RawConnection
@@ -38,6 +30,14 @@ from tests.integration.hardening_kit import (
     set_route,
     start_runner,
 )
+
+DEFAULTS = Limits()
+DEFAULT_CLIENT_IDLE_TIMEOUT_S = DEFAULTS.client_idle_timeout_s
+DEFAULT_MAX_BODY_BYTES = DEFAULTS.max_body_bytes
+DEFAULT_MAX_CONCURRENT = DEFAULTS.max_concurrent_requests
+DEFAULT_MAX_HEADER_BYTES = DEFAULTS.max_header_bytes
+DEFAULT_MAX_HEADERS = DEFAULTS.max_headers
+DEFAULT_MAX_QUEUED = DEFAULTS.max_queued_requests
 
 IDLE_S = 0.5  # client_idle_timeout_s where the idle timer is under test
 SLACK_S = 1.5  # loopback and scheduling slack on top of it

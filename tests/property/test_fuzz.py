@@ -28,13 +28,15 @@ import math
 from typing import Any
 from urllib.parse import unquote
 
+import jsonschema
 import pytest
 import yaml
-from hypothesis import event, example, given
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 from jwt.algorithms import get_default_algorithms
 
 from gateway import ConfigError, GatewayConfig, loads_config
+from gateway.config import config_schema
 from gateway.errors import Rejection
 from gateway.routing import RouteTable, check_raw_path
 from tests.conftest import ALL_ALGORITHMS, AUDIENCE, ISSUER, metric_value
@@ -472,6 +474,30 @@ def test_the_valid_config_loads() -> None:
 @given(document=mutated_configs())
 def test_mutated_config_loads_or_raises_config_error(document: dict[str, Any]) -> None:
     _loads_or_config_error(yaml.safe_dump(document, sort_keys=False, allow_unicode=True))
+
+
+SCHEMA = jsonschema.Draft202012Validator(config_schema())
+
+
+@settings(max_examples=80)  # each example validates twice; the loader property runs the full count
+@given(document=mutated_configs())
+def test_the_schema_is_never_stricter_than_the_loader_and_refuses_its_unknown_keys(
+    document: dict[str, Any],
+) -> None:
+    """What the loader accepts, an editor using the JSON Schema must not flag; an unknown key the
+    loader refuses, the schema refuses too (the schema may refuse more: rules between keys it
+    cannot express are the loader's alone)."""
+    text = yaml.safe_dump(document, sort_keys=False, allow_unicode=True)
+    reread = yaml.safe_load(text)
+    try:
+        loads_config(text)
+    except ConfigError as exc:
+        if exc.problem.startswith("unknown key"):
+            event("unknown key")
+            assert not SCHEMA.is_valid(reread), str(exc)
+        return
+    event("loads")
+    assert [e.message for e in SCHEMA.iter_errors(reread)] == []
 
 
 @given(document=yaml_documents)

@@ -9,6 +9,7 @@ import pytest
 
 from gateway.claims import claim_headers, identity_headers, render_claim
 from gateway.config import (
+    ClaimFormat,
     ClaimHeader,
     IssuerConfig,
     RouteConfig,
@@ -278,14 +279,14 @@ def test_json_format_carries_every_value_exactly(roles: Any, text: str) -> None:
     the checked value."""
     import json
 
-    mapping = (ClaimHeader("X-Roles", ("roles",), "json"),)
+    mapping = (ClaimHeader("X-Roles", ("roles",), ClaimFormat.JSON),)
     out = claim_headers({"roles": roles}, mapping)
     assert out == {"X-Roles": text}
     assert json.loads(out["X-Roles"]) == roles
 
 
 def test_json_format_header() -> None:
-    mapping = (ClaimHeader("X-Roles", ("roles",), "json"),)
+    mapping = (ClaimHeader("X-Roles", ("roles",), ClaimFormat.JSON),)
     assert claim_headers({"roles": ["a", "b"]}, mapping) == {"X-Roles": '["a","b"]'}
 
 

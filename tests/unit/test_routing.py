@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 
-from gateway.config import RouteConfig, RouteMatch, Upstream
+from gateway.config import PathRewrite, RouteConfig, RouteMatch, Upstream
 from gateway.errors import Rejection
 from gateway.reasons import Reason
-from gateway.routing import RouteTable, check_raw_path, request_host, valid_host
+from gateway.routing import RouteTable, check_raw_path, request_host, rewritten, valid_host
 
 UNRESERVED = frozenset(
     [*range(0x30, 0x3A), *range(0x41, 0x5B), *range(0x61, 0x7B), 0x2D, 0x2E, 0x5F, 0x7E]
@@ -454,3 +454,22 @@ def test_the_table_asks_for_the_host_when_a_route_names_one(
     """The gate hands the request's host to ``match`` only when ``uses_hosts``: were it False
     with a host route, that route would never match."""
     assert RouteTable(routes).uses_hosts is uses_hosts
+
+
+@pytest.mark.parametrize(
+    ("prefix", "replacement", "path", "forwarded"),
+    [
+        pytest.param("/svc", "", "/svc/orders/1", "/orders/1", id="strip"),
+        pytest.param("/svc", "", "/svc", "/", id="strip-the-prefix-itself"),
+        pytest.param("/svc", "", "/svc/", "/", id="strip-to-a-slash"),
+        pytest.param("/old", "/v2", "/old/x", "/v2/x", id="replace"),
+        pytest.param("/old", "/v2", "/old", "/v2", id="replace-the-prefix-itself"),
+        pytest.param("/a/b", "/c/d", "/a/b/c", "/c/d/c", id="replace-multi-segment"),
+        pytest.param("/", "/v2", "/x", "/v2/x", id="root-prefix-keeps-the-path"),
+        pytest.param("/", "", "/x", "/x", id="root-prefix-stripped-is-the-path"),
+    ],
+)
+def test_a_rewrite_replaces_only_the_matched_prefix(
+    prefix: str, replacement: str, path: str, forwarded: str
+) -> None:
+    assert rewritten(PathRewrite(prefix, replacement), path) == forwarded
