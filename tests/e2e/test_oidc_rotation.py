@@ -28,7 +28,6 @@ import os
 import secrets
 import shutil
 import signal
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from gateway import create_app, loads_config
 from gateway.app import JWKS_KEY
 from gateway.jwks import RETRY_INITIAL_S
 from tests.conftest import GatewayTestServer
+from tests.e2e.node import installed
 from tests.fakes import EchoUpstream
 from tests.integration.e2e_helpers import free_port, wait_until
 
@@ -76,7 +76,6 @@ STEP_WAIT_S = COOLDOWN_S + 1.0  # between steps: the README's bound (one cooldow
 SLACK_S = 0.5  # loopback latency, a polling tick and one fetch, on top of a design bound
 READY_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
-NPM_CI_TIMEOUT_S = 180.0
 RESTARTS = 3
 
 
@@ -84,25 +83,7 @@ RESTARTS = 3
 @pytest.fixture(scope="session")
 def oidc_dir() -> Path:
     """tests/e2e/oidc with its node_modules installed (``npm ci`` once if they are missing)."""
-    if (OIDC_DIR / "node_modules" / "oidc-provider" / "package.json").is_file():
-        return OIDC_DIR
-    npm = shutil.which("npm")
-    if npm is None:
-        pytest.fail(f"node is installed but npm is not: cannot run 'npm ci' in {OIDC_DIR}")
-    try:
-        done = subprocess.run(  # noqa: S603 - fixed argv, no shell
-            [npm, "ci", "--no-audit", "--no-fund"],
-            cwd=OIDC_DIR,
-            capture_output=True,
-            text=True,
-            timeout=NPM_CI_TIMEOUT_S,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"'npm ci' in {OIDC_DIR} took over {NPM_CI_TIMEOUT_S:g}s")
-    if done.returncode != 0:
-        pytest.fail(f"'npm ci' in {OIDC_DIR} failed ({done.returncode}):\n{done.stderr[-2000:]}")
-    return OIDC_DIR
+    return installed(OIDC_DIR, "oidc-provider")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import signal
 import subprocess
@@ -271,3 +272,21 @@ def test_gateway_run_logs_policy_shadowing_at_start(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2
     assert all(line.startswith("event=policy_shadowing problem=routes[0]") for line in lines)
+
+
+def test_schema_prints_the_shipped_json_schema_and_the_reference_table():
+    from importlib import resources
+
+    printed = gateway_cli("schema")
+    assert printed.returncode == 0, printed.stderr
+    # The installed package carries the same file editors are pointed at.
+    shipped = resources.files("gateway").joinpath("config.schema.json").read_text("utf-8")
+    assert printed.stdout == shipped
+    schema = json.loads(printed.stdout)
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert "routes" in schema["required"]
+
+    table = gateway_cli("schema", "--markdown")
+    assert table.returncode == 0, table.stderr
+    assert "| `routes[].auth.audiences` | required |" in table.stdout
+    assert table.stdout.strip() in (ROOT / "README.md").read_text("utf-8")
