@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from importlib import resources
@@ -87,10 +88,21 @@ def create_echo_app() -> web.Application:
     return app
 
 
-def _demo_config(path: Path | None) -> GatewayConfig:
+def demo_config(
+    path: Path | None, *, port: int | None = None, admin_port: int | None = None
+) -> GatewayConfig:
+    """The demo YAML (``path``, or the packaged demo.yaml), its listen and admin ports overridden."""
     if path is not None:
-        return load_config(path)
-    return loads_config(resources.files("gateway").joinpath("demo.yaml").read_text("utf-8"))
+        config = load_config(path)
+    else:
+        config = loads_config(resources.files("gateway").joinpath("demo.yaml").read_text("utf-8"))
+    if port is not None:
+        config = dataclasses.replace(config, listen=dataclasses.replace(config.listen, port=port))
+    if admin_port is not None:
+        config = dataclasses.replace(
+            config, admin=dataclasses.replace(config.admin, port=admin_port)
+        )
+    return config
 
 
 def instructions(config: GatewayConfig, idp: DemoIdentityProvider) -> str:
@@ -130,11 +142,17 @@ def instructions(config: GatewayConfig, idp: DemoIdentityProvider) -> str:
     return "\n".join(lines)
 
 
-async def run_demo(config_path: Path | None) -> int:
-    """Start the demo IdP and echo upstream where the demo config points, then serve the gateway."""
+async def run_demo(
+    config_path: Path | None, *, port: int | None = None, admin_port: int | None = None
+) -> int:
+    """Start the demo IdP and echo upstream where the demo config points, then serve the gateway.
+
+    ``port`` and ``admin_port`` (``--port``, ``--admin-port``) override the config's listen and
+    admin ports.
+    """
     from .service import serve
 
-    config = _demo_config(config_path)
+    config = demo_config(config_path, port=port, admin_port=admin_port)
     issuer = next(iter(config.issuers.values()))
     idp = DemoIdentityProvider(issuer.issuer)
     # The demo IdP serves where the issuer URL points; the gateway finds its keys by discovery.
@@ -158,4 +176,4 @@ async def run_demo(config_path: Path | None) -> int:
     return 0
 
 
-__all__ = ["DemoIdentityProvider", "create_echo_app", "instructions", "run_demo"]
+__all__ = ["DemoIdentityProvider", "create_echo_app", "demo_config", "instructions", "run_demo"]

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 import yaml
 
+from gateway.demo import demo_config as load_demo_config
 from tests.integration.e2e_helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,9 +105,15 @@ def test_run_with_a_bad_config_exits_1_with_the_message(tmp_path):
 
 # --- the demo ------------------------------------------------------------------------------
 def demo_config(tmp_path: Path) -> tuple[Path, dict[str, int]]:
-    """gateway/demo.yaml with its four ports moved to free loopback ports."""
+    """gateway/demo.yaml with its four ports moved to free loopback ports.
+
+    ``ports`` also holds two more free ports, ``port`` and ``admin_port``, for ``--port`` and
+    ``--admin-port``: a demo that ignored them would listen on ``listen`` and ``admin`` instead.
+    """
     doc: dict[str, Any] = yaml.safe_load((ROOT / "gateway" / "demo.yaml").read_text())
-    ports = {name: free_port() for name in ("listen", "admin", "idp", "upstream")}
+    names = ("listen", "admin", "idp", "upstream", "port", "admin_port")
+    ports = {name: free_port() for name in names}
+    assert len(set(ports.values())) == len(names), ports
     doc["listen"]["port"] = ports["listen"]
     doc["admin"]["port"] = ports["admin"]
     issuer = doc["issuers"]["demo"]
@@ -117,6 +124,31 @@ def demo_config(tmp_path: Path) -> tuple[Path, dict[str, int]]:
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path, ports
+
+
+def test_the_packaged_demo_config_is_the_one_in_config():
+    # README: `config/demo.yaml` is what `gateway demo` runs (the packaged copy is what it reads).
+    assert (ROOT / "gateway" / "demo.yaml").read_bytes() == (
+        ROOT / "config" / "demo.yaml"
+    ).read_bytes()
+
+
+def test_demo_ports_default_to_the_demo_config_and_flags_override_them():
+    packaged = load_demo_config(None)
+    assert (packaged.listen.port, packaged.admin.port) == (8080, 9100)  # what the README names
+    moved = load_demo_config(None, port=18080, admin_port=19100)
+    assert (moved.listen.port, moved.admin.port) == (18080, 19100)
+    assert moved.listen.host == moved.admin.host == "127.0.0.1"
+    assert moved.issuers == packaged.issuers
+    assert moved.routes == packaged.routes
+
+
+@pytest.mark.parametrize("flag", ["--port", "--admin-port"])
+@pytest.mark.parametrize("value", ["0", "65536", "http"])
+def test_demo_refuses_a_port_it_could_not_print(flag: str, value: str):
+    result = gateway_cli("demo", flag, value)
+    assert result.returncode == 2
+    assert f"argument {flag}: expected" in result.stderr
 
 
 async def read_instructions(process: asyncio.subprocess.Process, deadline: float) -> list[str]:
@@ -149,6 +181,7 @@ def parse_curls(lines: list[str]) -> dict[str, list[tuple[str | None, str]]]:
 
 
 async def test_demo_prints_working_curls_and_stops_cleanly_on_sigint(tmp_path):
+    # --port and --admin-port move the gateway and the admin listener off the config's ports.
     config, ports = demo_config(tmp_path)
     stderr_path = tmp_path / "demo.stderr"
     with stderr_path.open("wb") as stderr:
@@ -159,6 +192,10 @@ async def test_demo_prints_working_curls_and_stops_cleanly_on_sigint(tmp_path):
             "demo",
             "--config",
             str(config),
+            "--port",
+            str(ports["port"]),
+            "--admin-port",
+            str(ports["admin_port"]),
             cwd=ROOT,
             stdout=asyncio.subprocess.PIPE,
             stderr=stderr,
@@ -167,7 +204,7 @@ async def test_demo_prints_working_curls_and_stops_cleanly_on_sigint(tmp_path):
         lines = await read_instructions(process, time.monotonic() + 20)
         assert "gateway demo is running. Try:" in lines
         curls = parse_curls(lines)
-        base = f"http://127.0.0.1:{ports['listen']}"
+        base = f"http://127.0.0.1:{ports['port']}"
         (valid, valid_url), (spoof_token, spoof_url) = curls["1"][0], curls["2"][0]
         (expired, expired_url), (forged, forged_url) = curls["3"][0], curls["4"][0]
         assert valid
@@ -177,8 +214,8 @@ async def test_demo_prints_working_curls_and_stops_cleanly_on_sigint(tmp_path):
         assert valid_url == f"{base}/api/orders/42"
         assert {u for _, u in curls["5"]} == {f"{base}/api/orders/42", f"{base}/status"}
         assert [u for _, u in curls["admin"]] == [
-            f"http://127.0.0.1:{ports['admin']}/metrics",
-            f"http://127.0.0.1:{ports['admin']}/readyz",
+            f"http://127.0.0.1:{ports['admin_port']}/metrics",
+            f"http://127.0.0.1:{ports['admin_port']}/readyz",
         ]
 
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
@@ -207,9 +244,9 @@ async def test_demo_prints_working_curls_and_stops_cleanly_on_sigint(tmp_path):
             assert (status, body["error"]["reason"]) == (401, "token_missing")
             status, body = await get(f"{base}/status")
             assert (status, body["path"]) == (200, "/status")
-            status, body = await get(f"http://127.0.0.1:{ports['admin']}/readyz")
+            status, body = await get(f"http://127.0.0.1:{ports['admin_port']}/readyz")
             assert (status, body["status"]) == (200, "ready")
-            async with http.get(f"http://127.0.0.1:{ports['admin']}/metrics") as response:
+            async with http.get(f"http://127.0.0.1:{ports['admin_port']}/metrics") as response:
                 metrics = await response.text()
             assert 'gateway_requests_total{reason="ok",route="orders"} 2.0' in metrics
 
