@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import ipaddress
 import sys
 import time
@@ -18,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from .config import GatewayConfig, load_config, loads_config
+from .errors import ConfigError
 
 DEMO_AUDIENCE: Final = "orders-api"
 TOKEN_LIFETIME_S: Final = 600  # a /token token; the demo prints a fresh one for every try
@@ -198,7 +200,11 @@ async def run_demo(
     """
     from .service import serve
 
-    config = demo_config(config_path, port=port, admin_port=admin_port)
+    try:
+        config = demo_config(config_path, port=port, admin_port=admin_port)
+    except ConfigError as exc:
+        print(f"{config_path}: {exc}", file=sys.stderr)
+        return 1
     issuer = next(iter(config.issuers.values()))
     # The demo IdP serves where the issuer URL points; the gateway finds its keys by discovery.
     origin = urlsplit(issuer.issuer)
@@ -222,6 +228,14 @@ async def run_demo(
             runners.append(runner)
             await web.TCPSite(runner, host, bind_port).start()
         await serve(config, on_ready=instructions(config, idp))
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        print(f"gateway demo: {exc.strerror}; the demo listens on {config.listen.port} (gateway), "
+              f"{config.admin.port} (admin), {origin.port or 80} (identity provider) and "
+              f"{upstream.port} (upstream): --port and --admin-port move the first two, a "
+              f"--config file (see config/demo.yaml) any of them", file=sys.stderr)  # fmt: skip
+        return 1
     finally:
         for runner in runners:
             await runner.cleanup()

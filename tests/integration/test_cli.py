@@ -9,6 +9,7 @@ import json
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -167,6 +168,28 @@ def test_demo_keeps_its_token_minting_identity_provider_on_loopback(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "listens on loopback only" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_demo_names_a_busy_port_and_the_flag_that_moves_it(tmp_path):
+    path, ports = demo_config(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        result = gateway_cli("demo", "--config", str(path), "--port", str(taken))
+    assert result.returncode == 1, result.stderr
+    assert f"('127.0.0.1', {taken}): address already in use" in result.stderr
+    assert f"the demo listens on {taken} (gateway), {ports['admin']} (admin)" in result.stderr
+    assert "--port and --admin-port move the first two" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_names_the_yaml_path_of_a_bad_config(tmp_path):
+    bad = tmp_path / "demo.yaml"
+    bad.write_text(BAD_CONFIG)
+    result = gateway_cli("demo", "--config", str(bad))
+    assert result.returncode == 1
+    assert f"{bad}: {BAD_MESSAGE}" in result.stderr.splitlines()
 
 
 async def read_instructions(process: asyncio.subprocess.Process, deadline: float) -> list[str]:
