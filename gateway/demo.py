@@ -22,7 +22,7 @@ from .config import GatewayConfig, load_config, loads_config
 from .errors import ConfigError
 
 DEMO_AUDIENCE: Final = "orders-api"
-TOKEN_LIFETIME_S: Final = 600  # a /token token; the demo prints a fresh one for every try
+TOKEN_LIFETIME_S: Final = 600  # how long a valid token from /token lasts (each call mints one)
 TOKEN_KINDS: Final = ("valid", "expired", "forged")
 
 
