@@ -32,6 +32,17 @@ def _workers(value: str) -> int:
     return count
 
 
+def _port(value: str) -> int:
+    """A TCP port to listen on, 1 to 65535."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError("expected 1 to 65535")
+    return port
+
+
 def _header(value: str) -> tuple[str, str]:
     """``explain --header 'Name: value'``."""
     name, colon, text = value.partition(":")
@@ -94,6 +105,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--config", "-c", type=Path, default=None,
                       help="demo YAML (default: the packaged demo.yaml)")  # fmt: skip
+    demo.add_argument("--port", type=_port, default=None,
+                      help="the gateway's port (default: the demo YAML's listen.port, 8080)")  # fmt: skip
+    demo.add_argument("--admin-port", type=_port, default=None,
+                      help="the admin port (default: the demo YAML's admin.port, 9100)")  # fmt: skip
     return parser
 
 
@@ -160,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        return asyncio.run(run_demo(args.config))
+        return asyncio.run(run_demo(args.config, port=args.port, admin_port=args.admin_port))
     try:
         config = load_config(args.config)
     except ConfigError as exc:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import re
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jwt
 import pytest
 import yaml
 
+from gateway.demo import demo_config as load_demo_config
 from tests.integration.e2e_helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,9 +110,15 @@ def test_run_with_a_bad_config_exits_1_with_the_message(tmp_path):
 
 # --- the demo ------------------------------------------------------------------------------
 def demo_config(tmp_path: Path) -> tuple[Path, dict[str, int]]:
-    """gateway/demo.yaml with its four ports moved to free loopback ports."""
+    """gateway/demo.yaml with its four ports moved to free loopback ports.
+
+    ``ports`` also holds two more free ports, ``port`` and ``admin_port``, for ``--port`` and
+    ``--admin-port``: a demo that ignored them would listen on ``listen`` and ``admin`` instead.
+    """
     doc: dict[str, Any] = yaml.safe_load((ROOT / "gateway" / "demo.yaml").read_text())
-    ports = {name: free_port() for name in ("listen", "admin", "idp", "upstream")}
+    names = ("listen", "admin", "idp", "upstream", "port", "admin_port")
+    ports = {name: free_port() for name in names}
+    assert len(set(ports.values())) == len(names), ports
     doc["listen"]["port"] = ports["listen"]
     doc["admin"]["port"] = ports["admin"]
     issuer = doc["issuers"]["demo"]
@@ -118,6 +129,67 @@ def demo_config(tmp_path: Path) -> tuple[Path, dict[str, int]]:
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path, ports
+
+
+def test_the_packaged_demo_config_is_the_one_in_config():
+    # README: `config/demo.yaml` is what `gateway demo` runs (the packaged copy is what it reads).
+    assert (ROOT / "gateway" / "demo.yaml").read_bytes() == (
+        ROOT / "config" / "demo.yaml"
+    ).read_bytes()
+
+
+def test_demo_ports_default_to_the_demo_config_and_flags_override_them():
+    packaged = load_demo_config(None)
+    assert (packaged.listen.port, packaged.admin.port) == (8080, 9100)  # what the README names
+    moved = load_demo_config(None, port=18080, admin_port=19100)
+    assert (moved.listen.port, moved.admin.port) == (18080, 19100)
+    assert moved.listen.host == moved.admin.host == "127.0.0.1"
+    assert moved.issuers == packaged.issuers
+    assert moved.routes == packaged.routes
+
+
+@pytest.mark.parametrize("flag", ["--port", "--admin-port"])
+@pytest.mark.parametrize("value", ["0", "65536", "http"])
+def test_demo_refuses_a_port_it_could_not_print(flag: str, value: str):
+    result = gateway_cli("demo", flag, value)
+    assert result.returncode == 2
+    assert f"argument {flag}: expected" in result.stderr
+
+
+def test_demo_keeps_its_token_minting_identity_provider_on_loopback(tmp_path):
+    # /token hands a valid token to anyone who asks: a config that would serve it elsewhere is refused.
+    path, _ = demo_config(tmp_path)
+    doc = yaml.safe_load(path.read_text())
+    # The config allows any issuer string once jwks_uri (loopback here) says where the keys are;
+    # TEST-NET-1 is never this host's address, so nothing is served if the check is missing.
+    doc["issuers"]["demo"]["issuer"] = "http://192.0.2.1:9400"
+    path.write_text(yaml.safe_dump(doc))
+    result = gateway_cli("demo", "--config", str(path))
+    assert result.returncode == 2, result.stderr
+    assert "listens on loopback only" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_names_a_busy_port_and_the_flag_that_moves_it(tmp_path):
+    path, ports = demo_config(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        result = gateway_cli("demo", "--config", str(path), "--port", str(taken))
+    assert result.returncode == 1, result.stderr
+    assert f"('127.0.0.1', {taken}): address already in use" in result.stderr
+    assert f"the demo listens on {taken} (gateway), {ports['admin']} (admin)" in result.stderr
+    assert "--port and --admin-port move the first two" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_names_the_yaml_path_of_a_bad_config(tmp_path):
+    bad = tmp_path / "demo.yaml"
+    bad.write_text(BAD_CONFIG)
+    result = gateway_cli("demo", "--config", str(bad))
+    assert result.returncode == 1
+    assert f"{bad}: {BAD_MESSAGE}" in result.stderr.splitlines()
 
 
 async def read_instructions(process: asyncio.subprocess.Process, deadline: float) -> list[str]:
@@ -133,23 +205,82 @@ async def read_instructions(process: asyncio.subprocess.Process, deadline: float
     return lines
 
 
-def parse_curls(lines: list[str]) -> dict[str, list[tuple[str | None, str]]]:
-    """Map each numbered heading ('1', '2', ...; 'admin' for the last) to its (token, url) pairs."""
-    out: dict[str, list[tuple[str | None, str]]] = {}
+@dataclasses.dataclass
+class Answer:
+    """What one printed ``curl`` got: status, body (JSON when it is JSON) and, after a ``|``,
+    the lines the printed filter let through."""
+
+    url: str
+    status: int
+    body: Any
+    filtered: list[str] | None = None
+
+
+ASSIGN = re.compile(r"([A-Z]+)=\$\(curl -s (\S+)\)")
+
+
+async def run_printed(
+    lines: list[str], http: aiohttp.ClientSession
+) -> tuple[dict[str, str], dict[str, list[Answer]]]:
+    """Run the demo's printed commands as a shell would, in order: ``NAME=$(curl -s URL)`` sets
+    a variable; ``curl [-s|-si] [-H 'Name: value']... URL [| filter]`` is sent with ``$NAME``
+    expanded, and its filter (a ``grep``) runs for real on the body.  Any other line fails.
+
+    Returns the variables and, for each numbered heading ('1', '2', ...; 'admin' for the last),
+    the answers of its curls.
+    """
+    variables: dict[str, str] = {}
+    answers: dict[str, list[Answer]] = {}
     heading = ""
-    for line in lines:
+    body_lines = lines[lines.index("gateway demo is running. Try:") + 1 : -1]
+    for line in body_lines:
+        if not line:
+            continue
         if line.startswith("# "):
             number = re.match(r"# (\d+)\.", line)
             heading = number.group(1) if number else "admin"
-        elif line.startswith("curl"):
-            tok = re.search(r"Authorization: Bearer ([A-Za-z0-9_.-]+)'", line)
-            url = re.search(r"(http://\S+)", line)
-            assert url is not None, line
-            out.setdefault(heading, []).append((tok.group(1) if tok else None, url.group(1)))
-    return out
+            continue
+        if assign := ASSIGN.fullmatch(line):
+            (url,) = shlex.split(assign.group(2))
+            async with http.get(url) as response:
+                assert response.status == 200, (line, await response.text())
+                variables[assign.group(1)] = (await response.text()).rstrip("\n")
+            continue
+        command, bar, filter_command = line.partition(" | ")
+        words = shlex.split(re.sub(r"\$([A-Z]+)", lambda m: variables[m.group(1)], command))
+        assert words[0] == "curl", line
+        headers: dict[str, str] = {}
+        urls: list[str] = []
+        rest = iter(words[1:])
+        for word in rest:
+            if word == "-H":
+                name, _, value = next(rest).partition(":")
+                headers[name] = value.strip()
+            elif word.startswith("http://"):
+                urls.append(word)
+            else:
+                assert word in ("-s", "-si"), (word, line)
+        (url,) = urls
+        async with http.get(url, headers=headers) as response:
+            text = await response.text()
+            body = json.loads(text) if response.content_type == "application/json" else text
+            answer = Answer(url, response.status, body)
+        if bar:
+            grep = await asyncio.create_subprocess_exec(
+                *shlex.split(filter_command),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await asyncio.wait_for(grep.communicate(text.encode()), 10)
+            assert grep.returncode == 0, (filter_command, err)
+            answer.filtered = out.decode().splitlines()
+        answers.setdefault(heading, []).append(answer)
+    return variables, answers
 
 
 async def test_demo_prints_working_curls_and_stops_cleanly_on_sigint(tmp_path):
+    # --port and --admin-port move the gateway and the admin listener off the config's ports.
     config, ports = demo_config(tmp_path)
     stderr_path = tmp_path / "demo.stderr"
     with stderr_path.open("wb") as stderr:
@@ -160,59 +291,103 @@ async def test_demo_prints_working_curls_and_stops_cleanly_on_sigint(tmp_path):
             "demo",
             "--config",
             str(config),
+            "--port",
+            str(ports["port"]),
+            "--admin-port",
+            str(ports["admin_port"]),
             cwd=ROOT,
             stdout=asyncio.subprocess.PIPE,
             stderr=stderr,
         )
     try:
         lines = await read_instructions(process, time.monotonic() + 20)
-        assert "gateway demo is running. Try:" in lines
-        curls = parse_curls(lines)
-        base = f"http://127.0.0.1:{ports['listen']}"
-        (valid, valid_url), (spoof_token, spoof_url) = curls["1"][0], curls["2"][0]
-        (expired, expired_url), (forged, forged_url) = curls["3"][0], curls["4"][0]
-        assert valid
-        assert expired
-        assert forged
-        assert spoof_token == valid
-        assert valid_url == f"{base}/api/orders/42"
-        assert {u for _, u in curls["5"]} == {f"{base}/api/orders/42", f"{base}/status"}
-        assert [u for _, u in curls["admin"]] == [
-            f"http://127.0.0.1:{ports['admin']}/metrics",
-            f"http://127.0.0.1:{ports['admin']}/readyz",
-        ]
+        printed = "\n".join(lines)
+        # No token is printed: each comes from the demo IdP when its command runs, so the
+        # commands keep working for as long as the demo runs.
+        assert "eyJ" not in printed
+        base = f"http://127.0.0.1:{ports['port']}"
+        admin = f"http://127.0.0.1:{ports['admin_port']}"
+        token_url = f"http://127.0.0.1:{ports['idp']}/token"
+        assert f"TOKEN=$(curl -s {token_url})" in lines
+        assert f":{ports['listen']}" not in printed
+        assert f":{ports['admin']}" not in printed
 
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+            variables, answers = await run_printed(lines, http)
+            assert set(variables) == {"TOKEN", "EXPIRED", "FORGED"}
+            assert len(set(variables.values())) == 3
 
-            async def get(url: str, tok: str | None = None, **headers: str) -> tuple[int, Any]:
-                if tok:
-                    headers["Authorization"] = f"Bearer {tok}"
-                async with http.get(url, headers=headers) as response:
-                    return response.status, await response.json()
+            (valid,) = answers["1"]
+            assert (valid.url, valid.status) == (f"{base}/api/orders/42", 200), valid.body
+            assert valid.body["headers"]["X-User-Sub"] == "alice"
+            assert valid.body["headers"]["X-User-Email"] == "alice@example.com"
+            assert valid.body["headers"]["X-Tenant-Id"] == "acme"
+            assert "Authorization" not in valid.body["headers"]
+            (spoofed,) = answers["2"]
+            assert (spoofed.status, spoofed.body["headers"]["X-User-Sub"]) == (200, "alice")
+            assert [(a.status, a.body["error"]["reason"]) for a in answers["3"]] == [
+                (401, "token_expired")
+            ]
+            assert [(a.status, a.body["error"]["reason"]) for a in answers["4"]] == [
+                (401, "signature_invalid")
+            ]
+            missing, public = answers["5"]
+            assert (missing.url, missing.status) == (f"{base}/api/orders/42", 401)
+            assert missing.body["error"]["reason"] == "token_missing"
+            assert (public.url, public.status, public.body["path"]) == (
+                f"{base}/status",
+                200,
+                "/status",
+            )
 
-            status, body = await get(valid_url, valid)
-            assert status == 200, body
-            assert body["headers"]["X-User-Sub"] == "alice"
-            assert body["headers"]["X-User-Email"] == "alice@example.com"
-            assert body["headers"]["X-Tenant-Id"] == "acme"
-            assert "Authorization" not in body["headers"]
+            # The metrics example shows the few lines worth reading: the requests the tries made,
+            # the key set's age, readiness.
+            metrics, ready = answers["admin"]
+            assert (metrics.url, metrics.status) == (f"{admin}/metrics", 200)
+            assert metrics.filtered is not None
+            assert len(metrics.filtered) == 7, metrics.filtered
+            assert set(metrics.filtered[:-2]) == {
+                'gateway_requests_total{reason="ok",route="orders"} 2.0',
+                'gateway_requests_total{reason="token_expired",route="orders"} 1.0',
+                'gateway_requests_total{reason="signature_invalid",route="orders"} 1.0',
+                'gateway_requests_total{reason="token_missing",route="orders"} 1.0',
+                'gateway_requests_total{reason="ok",route="status"} 1.0',
+            }
+            assert re.fullmatch(
+                r'gateway_jwks_age_seconds\{issuer="demo"\} \d+\.\d+(e-\d+)?', metrics.filtered[-2]
+            )
+            assert metrics.filtered[-1] == "gateway_ready 1.0"
+            assert (ready.url, ready.status, ready.body["status"]) == (
+                f"{admin}/readyz",
+                200,
+                "ready",
+            )
 
-            status, body = await get(spoof_url, valid, **{"X-User-Sub": "root"})
-            assert (status, body["headers"]["X-User-Sub"]) == (200, "alice")
+            # /token mints a fresh, short-lived token on every call; each gets through the gateway.
+            async def mint(kind: str | None = None) -> str:
+                async with http.get(token_url, params={"kind": kind} if kind else None) as response:
+                    assert response.status == 200
+                    assert response.headers["Cache-Control"] == "no-store"
+                    return await response.text()
 
-            status, body = await get(expired_url, expired)
-            assert (status, body["error"]["reason"]) == (401, "token_expired")
-            status, body = await get(forged_url, forged)
-            assert (status, body["error"]["reason"]) == (401, "signature_invalid")
-            status, body = await get(f"{base}/api/orders/42")
-            assert (status, body["error"]["reason"]) == (401, "token_missing")
-            status, body = await get(f"{base}/status")
-            assert (status, body["path"]) == (200, "/status")
-            status, body = await get(f"http://127.0.0.1:{ports['admin']}/readyz")
-            assert (status, body["status"]) == (200, "ready")
-            async with http.get(f"http://127.0.0.1:{ports['admin']}/metrics") as response:
-                metrics = await response.text()
-            assert 'gateway_requests_total{reason="ok",route="orders"} 2.0' in metrics
+            first, second = await mint(), await mint()
+            assert first != second
+            now = time.time()
+            for token in (first, second):
+                claims = jwt.decode(token, options={"verify_signature": False})
+                assert 300 <= claims["exp"] - claims["iat"] <= 900
+                assert claims["exp"] > now + 300
+                assert {k: claims[k] for k in ("sub", "aud", "scope", "email", "org")} == {
+                    "sub": "alice", "aud": "orders-api", "scope": "orders:read",
+                    "email": "alice@example.com", "org": {"tenant_id": "acme"},
+                }  # fmt: skip
+                headers = {"Authorization": f"Bearer {token}"}
+                async with http.get(f"{base}/api/orders/7", headers=headers) as response:
+                    assert response.status == 200, await response.text()
+            assert await mint("expired") != variables["EXPIRED"]
+            async with http.get(token_url, params={"kind": "admin"}) as response:
+                assert response.status == 400
+                assert "expected one of: valid, expired, forged" in await response.text()
 
         process.send_signal(signal.SIGINT)
         code = await asyncio.wait_for(process.wait(), 10)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from gateway.demo import TOKEN_LIFETIME_S, demo_config
 from gateway.metrics import GatewayMetrics
 from gateway.reasons import Reason
 
@@ -30,3 +31,15 @@ def _metric_names() -> list[str]:
 @pytest.mark.parametrize("name", _metric_names())
 def test_every_metric_is_in_the_readme_table(name: str) -> None:
     assert f"| `{name}` |" in README, name
+
+
+def test_the_quick_start_names_the_demo_ports_and_token_lifetime() -> None:
+    quick_start = README[README.index("## Quick start") : README.index("## How a request flows")]
+    demo = demo_config(None)
+    (issuer,) = demo.issuers.values()
+    upstreams = {route.upstream.port for route in demo.routes if route.upstream is not None}
+    for port in (demo.listen.port, demo.admin.port, *upstreams):
+        assert f"`127.0.0.1:{port}`" in quick_start, port
+    assert f"`{issuer.issuer.removeprefix('http://')}`" in quick_start, issuer.issuer
+    assert f"TOKEN=$(curl -s {issuer.issuer}/token)" in quick_start
+    assert f"valid for {TOKEN_LIFETIME_S // 60} minutes" in quick_start
