@@ -18,6 +18,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from .binding import SenderCheck
 from .clock import SYSTEM_CLOCK, Clock
 from .config import AuthMode, GatewayConfig, GatewayMode, load_config
 from .documents import DocumentFetcher, HttpDocumentFetcher
@@ -70,6 +71,9 @@ class Gateway:
             if config.token_cache_size
             else None
         )
+        # Survives reloads too: a reload must not make a used DPoP proof usable again.
+        self.sender = SenderCheck(config, clock)
+        metrics.watch_replay_cache(self.sender.replay)
 
     @property
     def handler(self) -> GatewayHandler | ForwardAuthHandler:
@@ -88,7 +92,8 @@ class Gateway:
 
     def _build_handler(self, config: GatewayConfig) -> GatewayHandler | ForwardAuthHandler:
         verifier = Verifier(self.jwks, self.clock, self.token_cache)
-        gate = Gate(config, verifier, self.metrics)
+        self.sender.reconfigure(config)
+        gate = Gate(config, verifier, self.metrics, self.sender)
         if config.mode is GatewayMode.FORWARD_AUTH:
             return ForwardAuthHandler(config, gate, self.metrics)
         # Pools and admission bounds outlive the config: a reload never doubles either.

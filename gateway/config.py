@@ -393,13 +393,13 @@ UPSTREAM_DEFAULTS: Final = Section(
 
 
 # --- issuers ---------------------------------------------------------------------------
-def _read_algorithms(node: Node) -> frozenset[str]:
+def _read_algorithms(node: Node, what: str = "a JWKS issuer") -> frozenset[str]:
     algs: list[str] = []
     for item in node.seq(non_empty=True):
         alg = item.string()
         if alg.lower() == "none" or alg.upper().startswith("HS"):
             raise item.fail(
-                f"unsafe algorithm {alg!r} for a JWKS issuer",
+                f"unsafe algorithm {alg!r} for {what}",
                 f"one of: {', '.join(ASYMMETRIC_ALGORITHMS)}",
             )
         if alg not in ASYMMETRIC_ALGORITHMS:
@@ -408,6 +408,11 @@ def _read_algorithms(node: Node) -> frozenset[str]:
             )
         algs.append(alg)
     return frozenset(algs)
+
+
+_ALGORITHMS_SCHEMA: Final = {
+    "type": "array", "minItems": 1, "items": {"enum": list(ASYMMETRIC_ALGORITHMS)},
+}  # fmt: skip
 
 
 def _read_jwks_uri(node: Node) -> str:
@@ -437,10 +442,7 @@ class IssuerConfig:
         bare=True,
     )
     algorithms: frozenset[str] = required(
-        Custom(
-            _read_algorithms,
-            {"type": "array", "minItems": 1, "items": {"enum": list(ASYMMETRIC_ALGORITHMS)}},
-        ),
+        Custom(_read_algorithms, _ALGORITHMS_SCHEMA),
         "non-empty subset of RS256/384/512, PS256/384/512, ES256/384/512, EdDSA; `none` and "
         "`HS*` are refused",
     )
@@ -869,6 +871,14 @@ class AuthMode(enum.StrEnum):
     REPORT_ONLY = "report-only"  # verified, counted and logged, but forwarded whatever the outcome
 
 
+class BindingMode(enum.StrEnum):
+    """Whether a route asks for sender-constrained tokens (DPoP, certificate-bound)."""
+
+    OFF = "off"  # not checked (a DPoP-bound token as Bearer is refused all the same)
+    ALLOWED = "allowed"  # a bound token must prove its binding; an unbound token still passes
+    REQUIRED = "required"  # only bound tokens, with their proof
+
+
 class GatewayMode(enum.StrEnum):
     """What the listener does with an admitted request."""
 
@@ -1174,6 +1184,21 @@ class AuthPolicy:
         Choice(AuthMode),
         "`required`, `optional` (no token: forwarded without identity) or `report-only` "
         "(forwarded whatever the outcome)",
+    )
+    dpop: BindingMode = setting(
+        BindingMode.OFF,
+        Choice(BindingMode),
+        "DPoP (RFC 9449): `required` (only `Authorization: DPoP` with a valid `DPoP` proof "
+        "and a token whose `cnf.jkt` is the proof's key), `allowed` (that, or a token with no "
+        "binding as Bearer) or `off`. A DPoP-bound token sent as Bearer is refused on every "
+        "route",
+    )
+    certificate_bound: BindingMode = setting(
+        BindingMode.OFF,
+        Choice(BindingMode),
+        "certificate-bound tokens (RFC 8705): `required` (the token's `cnf.x5t#S256` must be "
+        "the SHA-256 of the client certificate), `allowed` (checked when the token has one) or "
+        "`off`. Needs `listen.tls.client_ca_file` or `client_cert_header`",
     )
     token_sources: tuple[TokenSource, ...] = setting(
         (BEARER_HEADER,),
@@ -1557,6 +1582,85 @@ def _read_strip_headers(node: Node) -> frozenset[str]:
     return frozenset(names)
 
 
+def _read_origin(node: Node) -> str:
+    parts = _read_url(
+        node, what="an origin such as https://api.example.com", https_only=False, origin_only=True
+    )
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+@dataclass(frozen=True, slots=True)
+class DpopSettings:
+    """How DPoP proofs are checked, for every route with ``auth.dpop``."""
+
+    algorithms: frozenset[str] = setting(
+        frozenset(ASYMMETRIC_ALGORITHMS),
+        Custom(lambda n: _read_algorithms(n, "DPoP proofs"), _ALGORITHMS_SCHEMA),
+        "the proof algorithms accepted (the `algs` of the DPoP challenge); `none` and `HS*` "
+        "are refused",
+        shown="all asymmetric ones",
+    )
+    proof_max_age_s: float = setting(
+        60.0,
+        _SECONDS,
+        "a proof's `iat` may be at most this old; its `jti` is remembered this long (plus "
+        "`proof_leeway_s`), so each proof serves one request",
+    )
+    proof_leeway_s: float = setting(
+        5.0,
+        Seconds(allow_zero=True, at_most=600.0),
+        "clock skew allowed on a proof's `iat`, either way",
+    )
+    replay_cache_size: int = setting(
+        100_000,
+        Integer(1, 10_000_000),
+        "proofs remembered per process (`gateway_dpop_replay_cache_entries`); when full the "
+        "oldest is forgotten first (`gateway_dpop_replay_evictions_total`): size it above "
+        "proofs per second times the window",
+    )
+    public_url: str | None = optional(
+        Custom(_read_origin, _ORIGIN),
+        "the origin clients address (`https://api.example.com`), which a proof's `htu` must "
+        "name; by default the request's scheme and `Host` (a trusted proxy's "
+        "`X-Forwarded-Proto` and `X-Forwarded-Host`)",
+        shown="from the request",
+    )
+
+
+DPOP: Final = Section("dpop", DpopSettings, doc="How DPoP proofs are checked.")
+
+
+class CertHeaderFormat(enum.StrEnum):
+    """How a TLS-terminating proxy passes the client certificate on."""
+
+    XFCC = "xfcc"  # Envoy's X-Forwarded-Client-Cert: Hash=<hex SHA-256 of the DER>;...
+    PEM = "pem"  # nginx's $ssl_client_escaped_cert: the URL-encoded PEM
+
+
+@dataclass(frozen=True, slots=True)
+class ClientCertHeader:
+    """Where a trusted proxy in front puts the verified client certificate."""
+
+    name: str = required(
+        Custom(_read_header_name, _STRING),
+        "the header, e.g. `X-Forwarded-Client-Cert` (Envoy) or `X-SSL-Client-Cert` (nginx); "
+        "read only from `trusted_proxies`, removed from everyone else's requests",
+    )
+    format: CertHeaderFormat = setting(
+        CertHeaderFormat.XFCC,
+        Choice(CertHeaderFormat),
+        "`xfcc`: Envoy's `Hash=...;Cert=...` (the first element, the one the proxy added); "
+        "`pem`: a URL-encoded PEM certificate (nginx `$ssl_client_escaped_cert`)",
+    )
+
+
+CLIENT_CERT_HEADER: Final = Section(
+    "client_cert_header",
+    ClientCertHeader,
+    doc="The client certificate as a TLS-terminating proxy in front passes it on.",
+)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GatewayConfig:
     """The whole, validated configuration."""
@@ -1637,6 +1741,14 @@ class GatewayConfig:
         shown="`{}`",
         bare=True,
     )
+    dpop: DpopSettings = setting(
+        DpopSettings(), Nested(DPOP), "how DPoP proofs are checked", shown="the keys below"
+    )
+    client_cert_header: ClientCertHeader | None = optional(
+        Nested(CLIENT_CERT_HEADER),
+        "take the client certificate from a trusted proxy's header instead of this listener's "
+        "TLS (for `auth.certificate_bound` behind a TLS-terminating proxy)",
+    )
     routes: tuple[RouteConfig, ...] = required(
         Custom(
             _read_routes,
@@ -1681,7 +1793,25 @@ def _build_gateway(values: Values) -> GatewayConfig:
         )
     routes_node = _within(root.child("routes"), issuers=issuers, limits=limits, mode=mode)
     del context
-    return GatewayConfig(**values.fields(routes=_read_routes(routes_node)))
+    config = GatewayConfig(**values.fields(routes=_read_routes(routes_node)))
+    has_certificates = config.client_cert_header is not None or (
+        config.listen.tls is not None and config.listen.tls.client_ca_file is not None
+    )
+    for index, route in enumerate(config.routes):
+        if route.auth is not None and route.auth.certificate_bound is not BindingMode.OFF:
+            if not has_certificates:
+                raise (
+                    root.child("routes")
+                    .child(index)
+                    .child("auth")
+                    .child("certificate_bound")
+                    .fail(
+                        "no client certificate to check tokens against",
+                        "listen.tls.client_ca_file (client certificates on this listener) or "
+                        "client_cert_header (from a TLS-terminating proxy in trusted_proxies)",
+                    )
+                )
+    return config
 
 
 CONFIG: Final = Section(

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from .reasons import Reason
+from .reasons import DpopChallenge, Reason
 
 
 class GatewayError(Exception):
@@ -37,6 +37,8 @@ class Rejection(GatewayError):
         self.reason = reason
         self.detail = detail
         self.scope = scope
+        # Set by the gate on a route that speaks DPoP: its challenge goes with the answer.
+        self.dpop: DpopChallenge | None = None
         super().__init__(f"{reason}: {detail}" if detail else str(reason))
 
 

@@ -37,7 +37,7 @@ from .gate import Gate, is_cors_preflight
 from .headers import AUTH_OUTCOME_HEADER
 from .jwks import JwksCache
 from .metrics import GatewayMetrics
-from .reasons import REASON_SPECS, Reason, www_authenticate
+from .reasons import REASON_SPECS, Reason, challenges
 from .record import RequestRecord
 from .verifier import CheckFailed, VerifiedToken, Verifier, checks, parse_token, token_facts
 
@@ -243,8 +243,9 @@ async def explain(
         assert decision.rejection is not None
         rejection = decision.rejection
         print(f"result: {_answer(rejection.reason)}", file=out)
-        challenge = www_authenticate(rejection.reason, config.realm, rejection.scope)
-        if challenge:
+        for challenge in challenges(
+            rejection.reason, config.realm, rejection.scope, rejection.dpop
+        ):
             print(f"WWW-Authenticate: {challenge}", file=out)
         return 1
     print("result: admitted; the upstream would receive:", file=out)

@@ -150,7 +150,9 @@ class ForwardAuthHandler:
                 raise Rejection(Reason.CALLER_UNTRUSTED, "peer not in trusted_proxies")
             method, target, host = original_request(caller, request, raw_path)
             record.method, record.target = method, target
-            admitted = await self._gate.admit(method, target, host, request.headers, record)
+            admitted = await self._gate.admit(
+                method, target, host, request.headers, record, request
+            )
         except Rejection as rejection:
             # Answered here rather than by the middleware: the nginx copy of the body below.
             self._metrics.forward_auth_decision(caller.value, allowed=False)

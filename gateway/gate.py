@@ -7,13 +7,16 @@ with the same decision.  One code path decides, whichever way the answer leaves.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from multidict import CIMultiDictProxy
 
+from .binding import DPOP_HEADER, SenderCheck
 from .claims import identity_headers
-from .config import AuthMode, GatewayConfig, RouteConfig
+from .clock import SYSTEM_CLOCK
+from .config import AuthMode, BindingMode, GatewayConfig, RouteConfig, TokenSource
 from .errors import Rejection
-from .extractor import extract_token
+from .extractor import FoundToken, extract_token
 from .headers import AUTH_OUTCOME_HEADER
 from .metrics import GatewayMetrics
 from .reasons import Reason
@@ -21,12 +24,20 @@ from .record import RequestRecord
 from .routing import RouteTable, request_host, valid_host
 from .verifier import Verifier
 
+if TYPE_CHECKING:
+    from .server import HttpRequest
+
 
 def is_cors_preflight(method: str, headers: CIMultiDictProxy[str]) -> bool:
     """An OPTIONS request that announces a CORS preflight (Fetch standard §3.2.2)."""
     return (
         method == "OPTIONS" and "Origin" in headers and "Access-Control-Request-Method" in headers
     )
+
+
+# What a bound token's sender is checked by, as the client addressed the request: method, raw
+# path, host, headers and the request as received (scheme, peer, client certificate).
+_Request = tuple[str, str, str, CIMultiDictProxy[str], "HttpRequest | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,13 +52,30 @@ class Admitted:
 class Gate:
     """Admits a request only after its route's policy is satisfied."""
 
-    __slots__ = ("_max_token_bytes", "_metrics", "_table", "_verifier")
+    __slots__ = ("_max_token_bytes", "_metrics", "_sender", "_sources", "_table", "_verifier")
 
-    def __init__(self, config: GatewayConfig, verifier: Verifier, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        verifier: Verifier,
+        metrics: GatewayMetrics,
+        sender: SenderCheck | None = None,
+    ) -> None:
         self._table = RouteTable(config.routes)
         self._max_token_bytes = config.max_token_bytes
         self._verifier = verifier
         self._metrics = metrics
+        self._sender = sender if sender is not None else SenderCheck(config, SYSTEM_CLOCK)
+        # Where each route looks for its token: a DPoP route also reads Authorization: DPoP.
+        self._sources: dict[str, tuple[TokenSource, ...]] = {
+            route.id: (
+                (*route.auth.token_sources, DPOP_HEADER)
+                if route.auth.dpop is not BindingMode.OFF
+                else route.auth.token_sources
+            )
+            for route in config.routes
+            if route.auth is not None
+        }
 
     async def admit(
         self,
@@ -56,9 +84,12 @@ class Gate:
         host: str,
         headers: CIMultiDictProxy[str],
         record: RequestRecord,
+        connection: HttpRequest | None = None,
     ) -> Admitted:
         """The route and identity headers for a request with this method, raw target (path and
-        query as received), ``Host`` and headers; raises ``Rejection`` when it may not pass."""
+        query as received), ``Host`` and headers; raises ``Rejection`` when it may not pass.
+        ``connection`` (the request as received) tells a bound token's sender: its scheme,
+        peer and client certificate."""
         if not valid_host(host):
             # Only a host[:port] reaches host matching and X-Forwarded-Host.
             raise Rejection(Reason.REQUEST_REJECTED, "invalid Host")
@@ -73,38 +104,64 @@ class Gate:
         injected: dict[str, str] = {}
         policy = route.auth
         if policy is not None and not (route.cors_preflight and is_cors_preflight(method, headers)):
+            request = (method, raw_path, host, headers, connection)
             if policy.mode is AuthMode.REPORT_ONLY:
-                injected = await self._report_only(headers, route, query, record)
+                injected = await self._report_only(request, route, query, record)
             else:
-                found = extract_token(headers, query, policy.token_sources, self._max_token_bytes)
-                if found is not None:
-                    injected = await self._verify(route, found.token, record)
-                elif policy.mode is AuthMode.REQUIRED:
-                    raise Rejection(Reason.TOKEN_MISSING, "no token")
+                try:
+                    found = extract_token(
+                        headers, query, self._sources[route.id], self._max_token_bytes
+                    )
+                    if found is not None:
+                        injected = await self._verify(route, found, request, record)
+                    elif policy.mode is AuthMode.REQUIRED:
+                        raise Rejection(Reason.TOKEN_MISSING, "no token")
+                except Rejection as rejection:
+                    rejection.dpop = self._sender.challenge(route)
+                    raise
         # Most paths carry no escape to decode: the target is then the one received, as is.
         target = raw_target if path == raw_path else path + sep + query
         return Admitted(route, injected, target)
 
     async def _verify(
-        self, route: RouteConfig, token: str, record: RequestRecord
+        self, route: RouteConfig, found: FoundToken, request: _Request, record: RequestRecord
     ) -> dict[str, str]:
-        assert route.auth is not None
-        verified = await self._verifier.verify(token, route.auth)
+        policy = route.auth
+        assert policy is not None
+        verified = await self._verifier.verify(found.token, policy)
         record.issuer = verified.issuer.id
         record.kid = verified.kid
+        if (
+            "cnf" in verified.claims
+            or found.source is DPOP_HEADER
+            or policy.dpop is BindingMode.REQUIRED
+            or policy.certificate_bound is BindingMode.REQUIRED
+        ):
+            method, raw_path, host, headers, connection = request
+            self._sender.check(
+                route,
+                found.source,
+                found.token,
+                verified.claims,
+                method=method,
+                raw_path=raw_path,
+                host=host,
+                headers=headers,
+                connection=connection,
+            )
         return identity_headers(verified, route)
 
     async def _report_only(
-        self, headers: CIMultiDictProxy[str], route: RouteConfig, query: str, record: RequestRecord
+        self, request: _Request, route: RouteConfig, query: str, record: RequestRecord
     ) -> dict[str, str]:
         """Verify as a required route would, but admit whatever the outcome, saying which."""
         assert route.auth is not None
         injected: dict[str, str] = {}
         try:
-            found = extract_token(headers, query, route.auth.token_sources, self._max_token_bytes)
+            found = extract_token(request[3], query, self._sources[route.id], self._max_token_bytes)
             if found is None:
                 raise Rejection(Reason.TOKEN_MISSING, "no token")
-            injected = await self._verify(route, found.token, record)
+            injected = await self._verify(route, found, request, record)
             outcome = Reason.OK
         except Rejection as rejection:
             outcome = rejection.reason

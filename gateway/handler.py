@@ -18,7 +18,7 @@ class GatewayHandler:
 
     async def __call__(self, request: HttpRequest) -> Answer | None:
         admitted = await self._gate.admit(
-            request.method, request.target, request.host, request.headers, request.record
+            request.method, request.target, request.host, request.headers, request.record, request
         )
         # Only now, with every check passed, does anything reach the upstream.
         await self._forwarder.forward(request, admitted.route, admitted.target, admitted.injected)

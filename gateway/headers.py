@@ -93,9 +93,13 @@ def token_carriers(route: RouteConfig) -> Carriers:
     if route.auth.forward_token:
         return _KEEP_ALL
     sources = route.auth.token_sources
+    # A DPoP proof is made for this hop only; the upstream has no use for it.
+    proof = {"dpop"} if route.auth.dpop != "off" else set()
     return Carriers(
         frozenset(
-            {"authorization"} | {header_key(s.name) for s in sources if s.location == "header"}
+            {"authorization"}
+            | proof
+            | {header_key(s.name) for s in sources if s.location == "header"}
         ),
         frozenset(s.name for s in sources if s.location == "cookie"),
         frozenset(s.name for s in sources if s.location == "query"),

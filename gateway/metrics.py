@@ -260,6 +260,18 @@ class GatewayMetrics:
             ["result"],
             registry=registry,
         )
+        self.dpop_replay_entries = Gauge(
+            "gateway_dpop_replay_cache_entries",
+            "DPoP proofs remembered to refuse their replay (at most dpop.replay_cache_size).",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.dpop_replay_evictions = Counter(
+            "gateway_dpop_replay_evictions",
+            "DPoP proofs forgotten before their window closed because the replay cache was full "
+            "(raise dpop.replay_cache_size when this grows).",
+            registry=registry,
+        )
         self.ready = Gauge(
             "gateway_ready",
             "1 while the gateway is ready: every issuer that gates readiness has keys.",
@@ -276,6 +288,10 @@ class GatewayMetrics:
         self._decision_children: dict[tuple[str, bool], Any] = {}
         self.add_routes(route_ids, report_only_route_ids)
         self.add_issuers(issuer_ids)
+
+    def watch_replay_cache(self, cache: Any) -> None:
+        """Count the DPoP replay cache's size and early evictions."""
+        cache.observe(self.dpop_replay_entries.set, self.dpop_replay_evictions.inc)
 
     def add_routes(
         self, route_ids: Iterable[str], report_only_route_ids: Iterable[str] = ()

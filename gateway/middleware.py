@@ -14,7 +14,7 @@ from .errors import Rejection
 from .headers import REQUEST_ID_HEADER
 from .logs import REQUEST_LOGGER, kv
 from .metrics import GatewayMetrics
-from .reasons import REASON_SPECS, Reason, www_authenticate
+from .reasons import REASON_SPECS, DpopChallenge, Reason, challenges
 from .record import RequestRecord, request_id_from
 from .server import Answer, HttpRequest
 
@@ -32,12 +32,13 @@ def _rejection_body(reason: Reason) -> bytes:
     return json.dumps(body).encode()
 
 
-def rejection_response(reason: Reason, realm: str, scope: str | None = None) -> Answer:
+def rejection_response(
+    reason: Reason, realm: str, scope: str | None = None, dpop: DpopChallenge | None = None
+) -> Answer:
     """The answer to a rejected request: status, challenge and a fixed JSON body from the spec."""
     spec = REASON_SPECS[reason]
     headers = [("Content-Type", "application/json"), ("Cache-Control", "no-store")]
-    challenge = www_authenticate(reason, realm, scope)
-    if challenge is not None:
+    for challenge in challenges(reason, realm, scope, dpop):
         headers.append(("WWW-Authenticate", challenge))
     return Answer(spec.status or 500, headers, _rejection_body(reason))
 
@@ -47,7 +48,7 @@ def answer_rejection(record: RequestRecord, rejection: Rejection, realm: str) ->
     turned into a response, by the observer and by the forward-auth handler alike."""
     record.reason = rejection.reason
     record.detail = rejection.detail
-    return rejection_response(rejection.reason, realm, rejection.scope)
+    return rejection_response(rejection.reason, realm, rejection.scope, rejection.dpop)
 
 
 class Observer:

@@ -156,6 +156,9 @@ class Forwarder:
         # From a peer that is not a trusted proxy, also every name that claims to say who the
         # client is or what it asked for (X-Forwarded-* goes by prefix, in upstream_headers).
         untrusted = CLIENT_ORIGIN_HEADERS | config.strip_untrusted_headers
+        if config.client_cert_header is not None:
+            # Only a trusted proxy may say which certificate the client showed.
+            untrusted = untrusted | {header_key(config.client_cert_header.name)}
         self._hops: dict[str, RouteHop] = {}
         for route in config.routes:
             if route.upstream is None:

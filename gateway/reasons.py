@@ -49,6 +49,11 @@ class Reason(enum.StrEnum):
     CLAIM_INVALID = "claim_invalid"
     AUDIENCE_NOT_ALLOWED = "audience_not_allowed"
     INSUFFICIENT_SCOPE = "insufficient_scope"
+    DPOP_REQUIRED = "dpop_required"
+    DPOP_PROOF_INVALID = "dpop_proof_invalid"
+    DPOP_PROOF_REPLAYED = "dpop_proof_replayed"
+    DPOP_BINDING_MISMATCH = "dpop_binding_mismatch"
+    CERT_BINDING_MISMATCH = "cert_binding_mismatch"
     JWKS_UNAVAILABLE = "jwks_unavailable"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     CLIENT_TIMEOUT = "client_timeout"
@@ -78,6 +83,8 @@ class ReasonSpec:
     log_level: int
     challenge: bool = False
     bearer_error: str | None = None
+    # The RFC 9449 §7.1 ``error`` of the ``DPoP`` challenge a DPoP route adds (none: no error).
+    dpop_error: str | None = None
 
 
 _INFO: Final = logging.INFO
@@ -86,7 +93,15 @@ _ERR: Final = logging.ERROR
 
 
 def _invalid_token(message: str, log_level: int = _INFO) -> ReasonSpec:
-    return ReasonSpec(401, message, Outcome.REJECTED, log_level, True, "invalid_token")
+    return ReasonSpec(
+        401, message, Outcome.REJECTED, log_level, True, "invalid_token", "invalid_token"
+    )
+
+
+def _invalid_proof(message: str) -> ReasonSpec:
+    """A DPoP proof failed: the DPoP challenge says invalid_dpop_proof, a Bearer one (on an
+    ``allowed`` route) says nothing about a scheme the client did not use."""
+    return ReasonSpec(401, message, Outcome.REJECTED, _WARN, True, None, "invalid_dpop_proof")
 
 
 REASON_SPECS: Final[Mapping[Reason, ReasonSpec]] = MappingProxyType(
@@ -124,6 +139,7 @@ REASON_SPECS: Final[Mapping[Reason, ReasonSpec]] = MappingProxyType(
             _INFO,
             True,
             "invalid_request",
+            "invalid_request",
         ),
         # forward_auth mode: a check from a peer outside trusted_proxies describes a request
         # nobody vouches for; refusing it keeps the decision API from being an oracle.
@@ -153,6 +169,25 @@ REASON_SPECS: Final[Mapping[Reason, ReasonSpec]] = MappingProxyType(
             _INFO,
             True,
             "insufficient_scope",
+            "insufficient_scope",
+        ),
+        # Sender-constrained tokens (RFC 9449 DPoP, RFC 8705 certificate-bound).
+        Reason.DPOP_REQUIRED: ReasonSpec(
+            401,
+            "This route requires a DPoP-bound token and proof.",
+            Outcome.REJECTED,
+            _INFO,
+            True,
+            None,
+            "invalid_token",
+        ),
+        Reason.DPOP_PROOF_INVALID: _invalid_proof("The DPoP proof is invalid."),
+        Reason.DPOP_PROOF_REPLAYED: _invalid_proof("The DPoP proof was already used."),
+        Reason.DPOP_BINDING_MISMATCH: _invalid_token(
+            "The token is not bound to the key of the DPoP proof.", _WARN
+        ),
+        Reason.CERT_BINDING_MISMATCH: _invalid_token(
+            "The token is not bound to the client certificate.", _WARN
         ),
         # 503, not 401: the client cannot fix it, and it keeps the 401 rate meaningful.
         Reason.JWKS_UNAVAILABLE: ReasonSpec(
@@ -189,6 +224,41 @@ REASON_SPECS: Final[Mapping[Reason, ReasonSpec]] = MappingProxyType(
     }
 )
 """The single table from which every response, log line and label is derived."""
+
+
+@dataclass(frozen=True, slots=True)
+class DpopChallenge:
+    """How a route that speaks DPoP challenges (RFC 9449 §7.1): the algorithms it accepts for
+    proofs, and whether plain Bearer tokens are accepted too (an ``allowed`` route)."""
+
+    algs: str
+    bearer_too: bool
+
+
+def challenges(
+    reason: Reason, realm: str, scope: str | None = None, dpop: DpopChallenge | None = None
+) -> list[str]:
+    """The ``WWW-Authenticate`` values for ``reason``: the RFC 6750 Bearer challenge, or on a
+    DPoP route the RFC 9449 DPoP challenge (after a Bearer one where Bearer is accepted)."""
+    spec = REASON_SPECS[reason]
+    if not spec.challenge:
+        return []
+    if dpop is None:
+        bearer = www_authenticate(reason, realm, scope)
+        return [bearer] if bearer is not None else []
+    out = []
+    if dpop.bearer_too:
+        bearer = www_authenticate(reason, realm, scope)
+        if bearer is not None:
+            out.append(bearer)
+    parts = [f'DPoP realm="{realm}"', f'algs="{dpop.algs}"']
+    if spec.dpop_error is not None:
+        parts.append(f'error="{spec.dpop_error}"')
+        parts.append(f'error_description="{spec.message}"')
+    if scope and reason is Reason.INSUFFICIENT_SCOPE:
+        parts.append(f'scope="{scope}"')
+    out.append(", ".join(parts))
+    return out
 
 
 def www_authenticate(reason: Reason, realm: str, scope: str | None = None) -> str | None:

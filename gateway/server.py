@@ -196,6 +196,16 @@ class HttpRequest:
     def body_exists(self) -> bool:
         return self.body is not None
 
+    def peer_certificate(self) -> bytes | None:
+        """The DER of the client certificate this TLS connection verified, if any."""
+        conn = self._conn
+        transport = conn.transport if conn is not None else None
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        if ssl_object is None:
+            return None
+        der: bytes | None = ssl_object.getpeercert(binary_form=True)
+        return der
+
     @property
     def client_gone(self) -> bool:
         conn = self._conn
