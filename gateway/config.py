@@ -137,6 +137,16 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """Where spans go (OTLP/HTTP), which share of new traces is sampled, and the service name."""
+
+    endpoint: str  # the OTLP/HTTP traces URL (an origin gets /v1/traces)
+    sample_ratio: float = 1.0  # of the traces the gateway starts; a client's decision stands
+    service_name: str = "gateway"
+    export_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamDefaults:
     """Timeouts and pool size for every upstream hop."""
 
@@ -402,6 +412,7 @@ class GatewayConfig:
     mode: GatewayMode = GatewayMode.PROXY
     # More request headers removed from untrusted peers, as header_key spells them.
     strip_untrusted_headers: frozenset[str] = frozenset()
+    tracing: TracingConfig | None = None
 
     def trusts(self, peer: str | None) -> bool:
         """Whether a connection from ``peer`` (an IP address) comes from a trusted proxy."""
@@ -583,6 +594,42 @@ def _read_admin(node: _Node) -> AdminConfig:
     return AdminConfig(
         host=_opt(node, "host", lambda n: n.string(), DEFAULT_ADMIN_HOST),
         port=_opt(node, "port", lambda n: n.integer(low=0, high=65535), DEFAULT_ADMIN_PORT),
+    )
+
+
+def _read_tracing(node: _Node) -> TracingConfig:
+    node.mapping(
+        frozenset({"endpoint", "sample_ratio", "service_name", "export_timeout_s"}),
+        frozenset({"endpoint"}),
+    )
+    from .tracing import otel_missing  # imports OpenTelemetry: only with a tracing block
+
+    missing = otel_missing()
+    if missing is not None:
+        raise node.fail(
+            f"needs OpenTelemetry, but {missing} is not installed",
+            "the otel extra: pip install 'gateway[otel]'",
+        )
+    endpoint, parts = _read_url(
+        node.child("endpoint"),
+        what="an http(s) OTLP/HTTP traces URL",
+        https_only=False,
+        origin_only=False,
+    )
+    if parts.path in ("", "/") and not parts.query:
+        endpoint = endpoint.rstrip("/") + "/v1/traces"
+
+    def share(n: _Node) -> float:
+        value = n.value
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise n.fail(f"got {_show(value)}", "a share from 0 to 1")
+        return float(value)
+
+    return TracingConfig(
+        endpoint=endpoint,
+        sample_ratio=_opt(node, "sample_ratio", share, 1.0),
+        service_name=_opt(node, "service_name", lambda n: n.string(), "gateway"),
+        export_timeout_s=_opt(node, "export_timeout_s", lambda n: n.number(), 10.0),
     )
 
 
@@ -1250,7 +1297,7 @@ def _read_route(
 _TOP_KEYS: Final = frozenset(
     {"mode", "listen", "admin", "realm", "trusted_proxies", "strip_untrusted_headers",
      "upstream_defaults", "max_token_bytes", "limits", "token_cache_size",
-     "token_cache_max_bytes", "issuers", "routes"}
+     "token_cache_max_bytes", "issuers", "routes", "tracing"}
 )  # fmt: skip
 
 
@@ -1338,6 +1385,7 @@ def parse_config(document: Any, base_dir: Path | None = None) -> GatewayConfig:
         issuers=MappingProxyType(issuers),
         routes=tuple(routes),
         mode=mode,
+        tracing=_opt(root, "tracing", _read_tracing, None),
     )  # fmt: skip
 
 

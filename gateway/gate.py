@@ -89,7 +89,12 @@ class Gate:
         self, route: RouteConfig, token: str, record: RequestRecord
     ) -> dict[str, str]:
         assert route.auth is not None
-        verified = await self._verifier.verify(token, route.auth)
+        span = record.span
+        verified = await (
+            self._verifier.verify(token, route.auth)
+            if span is None
+            else span.verify(self._verifier, token, route.auth, route.id)
+        )
         record.issuer = verified.issuer.id
         record.kid = verified.kid
         return identity_headers(verified, route)

@@ -22,7 +22,11 @@ KEYS = sorted(
     | set(config._ISSUER_KEYS)
     | set(config._ROUTE_KEYS)
     | set(config._AUTH_KEYS)
-    | {f.name for cls in (config.ListenConfig, config.AdminConfig) for f in dataclasses.fields(cls)}
+    | {
+        f.name
+        for cls in (config.ListenConfig, config.AdminConfig, config.TracingConfig)
+        for f in dataclasses.fields(cls)
+    }
     | {f.name for f in dataclasses.fields(config.UpstreamDefaults)}
     | {f.name for f in dataclasses.fields(config.Limits)}
     | {"path", "path_prefix", "methods", "hosts", "strip_prefix", "replace_prefix"}
