@@ -13,6 +13,7 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -33,8 +34,12 @@ from .middleware import Observer, rejection_response
 from .proxy import Forwarder, admissions_for
 from .server import GatewayRunner, HttpServer
 from .token_cache import TokenCache
+from .tracing import Tracing, build_provider
 from .upstream import UpstreamPools
 from .verifier import Verifier
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +60,17 @@ def _report_only_routes(config: GatewayConfig) -> list[str]:
 class Gateway:
     """The running gateway: its current config and handler, key cache, sessions and metrics."""
 
-    def __init__(self, config: GatewayConfig, metrics: GatewayMetrics, clock: Clock) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        metrics: GatewayMetrics,
+        clock: Clock,
+        tracing: Tracing | None = None,
+    ) -> None:
         self.config = config
         self.metrics = metrics
         self.clock = clock
+        self.tracing = tracing  # spans, with a tracing block (set at start: a reload keeps it)
         self.draining = False
         self._handler: GatewayHandler | ForwardAuthHandler | None = None
         self._jwks: JwksCache | None = None
@@ -105,6 +117,8 @@ class Gateway:
         self._jwks = jwks
         self._upstream_pools = upstream_pools
         self._handler = self._build_handler(self.config)
+        if self.tracing is not None:
+            self.tracing.key_fetches = lambda: jwks.fetches_completed
         jwks.start()
 
     def apply(self, config: GatewayConfig) -> None:
@@ -116,6 +130,7 @@ class Gateway:
              dataclasses.replace(config.listen, tls=None)),
             ("listen.tls", _tls_restart_settings(old), _tls_restart_settings(config)),
             ("admin", old.admin, config.admin),
+            ("tracing", old.tracing, config.tracing),
             ("upstream_defaults.max_connections", old.upstream_defaults.max_connections,
              config.upstream_defaults.max_connections),
         ):  # fmt: skip
@@ -166,6 +181,7 @@ def create_app(
     clock: Clock = SYSTEM_CLOCK,
     document_fetcher: DocumentFetcherFactory | None = None,
     multiprocess: bool = False,
+    tracer_provider: TracerProvider | None = None,
 ) -> web.Application:
     """Build the proxy application for ``config``.
 
@@ -173,7 +189,9 @@ def create_app(
     is given, the clock (tests pass a fake one), and the factory of the fetcher of
     discovery and JWKS documents (default: HTTP through the app's JWKS session).
     The upstream and JWKS client sessions are created on start-up and closed on
-    clean-up.  ``multiprocess`` is set by worker processes (``--workers``).
+    clean-up.  ``multiprocess`` is set by worker processes (``--workers``).  Spans are
+    recorded with a ``tracing`` block, through ``tracer_provider`` when one is given (else one
+    built from the block: OTLP/HTTP export); the provider is shut down (flushed) on clean-up.
     """
     registry = registry if registry is not None else CollectorRegistry()
     metrics = GatewayMetrics(registry, multiprocess=multiprocess)
@@ -181,7 +199,10 @@ def create_app(
     metrics.add_issuers(config.issuers)
     if config.mode is GatewayMode.FORWARD_AUTH:
         metrics.add_forward_auth_callers(c.value for c in Caller)
-    gateway = Gateway(config, metrics, clock)
+    if tracer_provider is None and config.tracing is not None:
+        tracer_provider = build_provider(config.tracing)
+    tracing = Tracing(tracer_provider) if tracer_provider is not None else None
+    gateway = Gateway(config, metrics, clock, tracing)
     # The app is the lifecycle container (start-up and clean-up, shared keys); the proxy
     # listener is the gateway's own HttpServer (``gateway_runner``), not aiohttp's.
     app = web.Application()
@@ -209,6 +230,9 @@ def create_app(
             await jwks.close()
             await upstream_pools.close()
             await jwks_session.close()
+            if tracing is not None:
+                # Exports what is still queued (bounded by the export timeout), off the loop.
+                await asyncio.to_thread(tracing.shutdown)
 
     app.cleanup_ctx.append(resources)
 
@@ -224,6 +248,7 @@ def http_server(app: web.Application) -> HttpServer:
         lambda: gateway.handler,
         lambda: gateway.config.realm,
         lambda: gateway.draining,
+        gateway.tracing,
     )
     return HttpServer(
         observer,

@@ -51,6 +51,7 @@ from .schema import (
     Key,
     Nested,
     Node,
+    Ratio,
     Seconds,
     Section,
     Text,
@@ -275,6 +276,57 @@ class AdminConfig:
 
 
 ADMIN: Final = Section("admin", AdminConfig, doc="The admin listener.")
+
+
+def _read_traces_endpoint(node: Node) -> str:
+    parts = _read_url(
+        node, what="an http(s) OTLP/HTTP traces URL", https_only=False, origin_only=False
+    )
+    endpoint = node.string()
+    if parts.path in ("", "/") and not parts.query:
+        endpoint = endpoint.rstrip("/") + "/v1/traces"
+    return endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """Where spans go (OTLP/HTTP), which share of new traces is sampled, and the service name."""
+
+    endpoint: str = required(
+        Custom(_read_traces_endpoint, {**_STRING, "pattern": "^https?://"}),
+        "the OTLP/HTTP traces URL spans are exported to (an origin gets `/v1/traces`), e.g. "
+        "`http://otel-collector:4318`",
+    )
+    sample_ratio: float = setting(
+        1.0,
+        Ratio(),
+        "share of the traces the gateway starts that are recorded (0 to 1); a client's "
+        "sampled flag in `traceparent` stands",
+    )
+    service_name: str = setting("gateway", Text(), "`service.name` of the spans")
+    export_timeout_s: float = setting(
+        10.0, _SECONDS, "longest one batch export to the endpoint may take"
+    )
+
+
+def _build_tracing(values: Values) -> TracingConfig:
+    from .tracing import otel_missing  # imports OpenTelemetry: only with a tracing block
+
+    missing = otel_missing()
+    if missing is not None:
+        raise values.node.fail(
+            f"needs OpenTelemetry, but {missing} is not installed",
+            "the otel extra: pip install 'gateway[otel]'",
+        )
+    return TracingConfig(**values.fields())
+
+
+TRACING: Final = Section(
+    "tracing",
+    TracingConfig,
+    doc="OpenTelemetry spans, exported over OTLP/HTTP (needs the otel extra).",
+    build=_build_tracing,
+)
 
 
 # --- limits, upstream defaults ------------------------------------------------------------
@@ -1749,6 +1801,12 @@ class GatewayConfig:
         "take the client certificate from a trusted proxy's header instead of this listener's "
         "TLS (for `auth.certificate_bound` behind a TLS-terminating proxy)",
     )
+    tracing: TracingConfig | None = optional(
+        Nested(TRACING),
+        "record OpenTelemetry spans (request, verification, upstream call) and export them; "
+        "without it the W3C trace context is still continued and forwarded, and logged",
+        shown="— (no spans)",
+    )
     routes: tuple[RouteConfig, ...] = required(
         Custom(
             _read_routes,
@@ -1798,19 +1856,19 @@ def _build_gateway(values: Values) -> GatewayConfig:
         config.listen.tls is not None and config.listen.tls.client_ca_file is not None
     )
     for index, route in enumerate(config.routes):
-        if route.auth is not None and route.auth.certificate_bound is not BindingMode.OFF:
-            if not has_certificates:
-                raise (
-                    root.child("routes")
-                    .child(index)
-                    .child("auth")
-                    .child("certificate_bound")
-                    .fail(
-                        "no client certificate to check tokens against",
-                        "listen.tls.client_ca_file (client certificates on this listener) or "
-                        "client_cert_header (from a TLS-terminating proxy in trusted_proxies)",
-                    )
-                )
+        bound = route.auth is not None and route.auth.certificate_bound is not BindingMode.OFF
+        if bound and not has_certificates:
+            where = root.child("routes").child(index).child("auth")
+            raise where.child("certificate_bound").fail(
+                "no client certificate to check tokens against",
+                "listen.tls.client_ca_file (client certificates on this listener) or "
+                "client_cert_header (from a TLS-terminating proxy in trusted_proxies)",
+            )
+        if bound and mode is GatewayMode.FORWARD_AUTH and config.client_cert_header is None:
+            # The listener's own TLS peer is the caller (nginx, Envoy), not the client.
+            raise root.child("client_cert_header").fail(
+                "missing", "the header the caller passes the client certificate in"
+            )
     return config
 
 

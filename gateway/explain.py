@@ -39,6 +39,7 @@ from .jwks import JwksCache
 from .metrics import GatewayMetrics
 from .reasons import REASON_SPECS, Reason, challenges
 from .record import RequestRecord
+from .tracing import VerifyNotes
 from .verifier import CheckFailed, VerifiedToken, Verifier, checks, parse_token, token_facts
 
 _ELIDED: Final = "<token>"  # how the request lines show the token
@@ -104,10 +105,12 @@ class _Watched(Verifier):
     token = ""
     outcome: VerifiedToken | Rejection | None = None
 
-    async def verify(self, token: str, policy: AuthPolicy) -> VerifiedToken:
+    async def verify(
+        self, token: str, policy: AuthPolicy, notes: VerifyNotes | None = None
+    ) -> VerifiedToken:
         self.token = token
         try:
-            verified = await super().verify(token, policy)
+            verified = await super().verify(token, policy, notes)
         except Rejection as rejection:
             self.outcome = rejection
             raise

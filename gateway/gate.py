@@ -128,7 +128,12 @@ class Gate:
     ) -> dict[str, str]:
         policy = route.auth
         assert policy is not None
-        verified = await self._verifier.verify(found.token, policy)
+        span = record.span
+        verified = await (
+            self._verifier.verify(found.token, policy)
+            if span is None
+            else span.verify(self._verifier, found.token, policy, route.id)
+        )
         record.issuer = verified.issuer.id
         record.kid = verified.kid
         if (

@@ -26,9 +26,13 @@ HOP_BY_HOP_HEADERS: Final = frozenset(
         "te", "trailer", "transfer-encoding", "upgrade",
     }
 )  # fmt: skip
-# Headers the gateway never lets a route inject: framing, routing and credentials.
-RESERVED_HEADERS: Final = HOP_BY_HOP_HEADERS | frozenset(
-    {"authorization", "host", "content-length", "content-type", "cookie", "set-cookie"}
+# W3C Trace Context: the gateway forwards its own (gateway/tracing.py), never the client's.
+TRACE_CONTEXT_HEADERS: Final = frozenset({"traceparent", "tracestate"})
+# Headers the gateway never lets a route inject: framing, routing, credentials, trace context.
+RESERVED_HEADERS: Final = (
+    HOP_BY_HOP_HEADERS
+    | TRACE_CONTEXT_HEADERS
+    | frozenset({"authorization", "host", "content-length", "content-type", "cookie", "set-cookie"})
 )
 FORWARDED_HEADERS: Final = frozenset(
     {"forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip"}

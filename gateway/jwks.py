@@ -110,6 +110,7 @@ class JwksCache:
         self._metrics = metrics
         self._clock = clock
         self._started = False
+        self.fetches_completed = 0  # key-set fetches finished, of every issuer (for tracing)
         self._refreshers: dict[str, asyncio.Task[None]] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._entries: dict[str, _Entry] = {}
@@ -430,6 +431,7 @@ class JwksCache:
         finally:
             entry.inflight = None
             entry.completed += 1
+            self.fetches_completed += 1
             entry.wakeup.set()
             entry.attempted.set()
 

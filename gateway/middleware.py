@@ -14,9 +14,10 @@ from .errors import Rejection
 from .headers import REQUEST_ID_HEADER
 from .logs import REQUEST_LOGGER, kv
 from .metrics import GatewayMetrics
-from .reasons import REASON_SPECS, DpopChallenge, Reason, challenges
+from .reasons import REASON_SPECS, DpopChallenge, Outcome, Reason, challenges
 from .record import RequestRecord, request_id_from
 from .server import Answer, HttpRequest
+from .tracing import Tracing, incoming
 
 log = logging.getLogger(REQUEST_LOGGER)
 
@@ -55,7 +56,7 @@ class Observer:
     """Runs the current handler for each request; turns rejections into answers and records
     every request once (count, duration, one log line)."""
 
-    __slots__ = ("_draining", "_handler", "_metrics", "_realm")
+    __slots__ = ("_draining", "_handler", "_metrics", "_realm", "_tracing")
 
     def __init__(
         self,
@@ -63,15 +64,21 @@ class Observer:
         handler: Callable[[], RequestHandler],
         realm: Callable[[], str],
         draining: Callable[[], bool],
+        tracing: Tracing | None = None,
     ) -> None:
         self._metrics = metrics
         self._handler = handler
         self._realm = realm
         self._draining = draining
+        self._tracing = tracing
 
     async def __call__(self, request: HttpRequest) -> None:
         record = request.record
-        record.request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
+        headers = request.headers
+        record.request_id = request_id_from(headers.get(REQUEST_ID_HEADER))
+        record.trace = trace = incoming(headers)
+        if self._tracing is not None:
+            record.span = self._tracing.request(trace, request.method)
         started = time.perf_counter()
         answer: Answer | None
         try:
@@ -105,12 +112,22 @@ class Observer:
     def _record(self, request: HttpRequest, record: RequestRecord, duration: float) -> None:
         self._metrics.observe_request(record.route, record.reason, duration)
         spec = REASON_SPECS[record.reason]
+        span = record.span
+        if span is not None:
+            record.span = None
+            span.end(
+                record,
+                (record.target or request.target).partition("?")[0],
+                spec.outcome is Outcome.ERROR,
+            )
         if log.isEnabledFor(spec.log_level):
+            trace = record.trace
             log.log(
                 spec.log_level,
                 kv(
                     event="request",
                     request_id=record.request_id,
+                    trace_id=trace.trace_id if trace is not None else None,
                     route=record.route,
                     caller=record.caller,
                     method=record.method or request.method,

@@ -20,6 +20,7 @@ from .headers import (
     PROXY_OWN_HEADERS,
     REQUEST_ID_HEADER,
     RESPONSE_HOP_BY_HOP_HEADERS,
+    TRACE_CONTEXT_HEADERS,
     Carriers,
     header_key,
     headers_to_strip,
@@ -150,8 +151,12 @@ class Forwarder:
         admission = dict(admissions) if admissions is not None else admissions_for(config)
         # Per route: every name never copied upstream, so a request needs one set lookup
         # per header (a Connection header adds the names it lists).
+        # The client's trace context is replaced by the gateway's (gateway/tracing.py).
         base = (
-            headers_to_strip(config.owned_headers, ()) | PROXY_OWN_HEADERS | METHOD_OVERRIDE_HEADERS
+            headers_to_strip(config.owned_headers, ())
+            | PROXY_OWN_HEADERS
+            | METHOD_OVERRIDE_HEADERS
+            | TRACE_CONTEXT_HEADERS
         )
         # From a peer that is not a trusted proxy, also every name that claims to say who the
         # client is or what it asked for (X-Forwarded-* goes by prefix, in upstream_headers).
@@ -200,7 +205,14 @@ class Forwarder:
                     continue
             out.add(name, value)
         out.update(injected)
-        out[REQUEST_ID_HEADER] = request.record.request_id
+        record = request.record
+        out[REQUEST_ID_HEADER] = record.request_id
+        trace = record.trace
+        if trace is not None:
+            # The client's were stripped above: the upstream gets exactly one of each.
+            out.add("traceparent", trace.traceparent())
+            if trace.tracestate is not None:
+                out.add("tracestate", trace.tracestate)
         prior_for = ", ".join(inbound.getall("X-Forwarded-For", [])) if trusted else ""
         out["X-Forwarded-For"] = f"{prior_for}, {peer}" if prior_for else (peer or "unknown")
         out["X-Forwarded-Proto"] = (
@@ -225,8 +237,12 @@ class Forwarder:
         """Forward ``request`` to ``route``'s upstream: method, ``target`` (the path as the gate
         matched it, the query as received), except a configured prefix rewrite and a
         query-parameter token, which is removed."""
-        headers = self.upstream_headers(request, route, injected)
         hop = self._hops[route.id]
+        span = request.record.span
+        if span is not None:
+            # Before the headers are built: the traceparent forwarded names this client span.
+            span.upstream(route.id, hop.pool.origin.host, hop.pool.origin.port)
+        headers = self.upstream_headers(request, route, injected)
         hidden = hop.carriers
         if route.rewrite is not None or hidden.query:
             path, sep, query = target.partition("?")
@@ -268,6 +284,8 @@ class Forwarder:
         async with hop.admission:
             started = time.perf_counter()
             conn, response = await self._exchange(request, hop.pool, head, meter, chunked, upgrade)
+            if span is not None:
+                span.upstream_answered(response.status)
             self._metrics.observe_upstream(route.id, response.status, time.perf_counter() - started)
             if not conn.upgraded:
                 try:

@@ -6,10 +6,13 @@ import itertools
 import os
 import re
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from .metrics import UNMATCHED_ROUTE
 from .reasons import Reason
+
+if TYPE_CHECKING:
+    from .tracing import RequestSpan, TraceContext
 
 
 @dataclass(slots=True)
@@ -28,6 +31,8 @@ class RequestRecord:
     caller: str | None = None
     method: str | None = None
     target: str | None = None
+    trace: TraceContext | None = None  # the trace it continues or starts (set by the observer)
+    span: RequestSpan | None = None  # its server span, when tracing is configured
 
 
 _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:@+=/-]{1,128}")

@@ -39,7 +39,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from jwt import PyJWK
 
@@ -49,6 +49,9 @@ from .errors import Rejection
 from .jwks import KeyLookup
 from .reasons import Reason
 from .token_cache import TokenCache, entry_weight
+
+if TYPE_CHECKING:
+    from .tracing import VerifyNotes
 
 _SEGMENT: Final = re.compile(r"[A-Za-z0-9_-]*")
 
@@ -251,12 +254,18 @@ class Verifier:
         self._clock = clock
         self._cache = cache
 
-    async def verify(self, token: str, policy: AuthPolicy) -> VerifiedToken:
-        """Verify ``token`` for ``policy``; raise ``CheckFailed`` naming the first failed check."""
+    async def verify(
+        self, token: str, policy: AuthPolicy, notes: VerifyNotes | None = None
+    ) -> VerifiedToken:
+        """Verify ``token`` for ``policy``; raise ``CheckFailed`` naming the first failed check.
+        A traced verification passes ``notes``: told whether the cache answered, and on a miss
+        whether the key was cached."""
         cache = self._cache
         if cache is not None:
             hit = cache.get(token)
             if hit is not None and self._still_valid(hit, policy):
+                if notes is not None:
+                    notes.cache_hit = True
                 self._check_claims(hit.claims, hit.issuer, policy)
                 return hit
         try:
@@ -282,6 +291,12 @@ class Verifier:
         if not _typ_accepted(typ, issuer.typ):
             raise CheckFailed(TYP, Reason.TOKEN_TYPE_INVALID, "typ not accepted")
         kid = header.get("kid")
+        if notes is not None:
+            # Not cached (and not a static set): the lookup waits for the issuer's key set.
+            notes.key_cached = (
+                issuer.static_jwks is not None
+                or self._keys.current_key(issuer, kid, alg) is not None
+            )
         try:
             key: PyJWK = await self._keys.get_key(issuer, kid, alg)
         except Rejection as rejection:

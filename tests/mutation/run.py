@@ -112,7 +112,13 @@ GROUPS: Final = {
             "tests/integration/test_limits.py",
             "tests/integration/test_websocket.py",
             "tests/integration/test_attacks.py",
+            "tests/integration/test_tracing.py",
         ),
+    ),
+    # W3C trace context (which traceparent is continued, started, forwarded) and the spans.
+    "tracing": Group(
+        ("gateway/tracing.py",),
+        ("tests/unit/test_tracing.py", "tests/integration/test_tracing.py"),
     ),
     # The per-issuer key cache: discovery, cooldown, stale-while-revalidate, refresh, backoff.
     "jwks": Group(
