@@ -121,7 +121,7 @@ def check_proof(
     try:
         key = PyJWK(jwk, algorithm=alg)
         valid = key.Algorithm.verify(parsed.signing_input, key.key, parsed.signature)
-    except (PyJWTError, ValueError, TypeError, KeyError):
+    except (PyJWTError, ValueError, TypeError, KeyError, AttributeError):
         raise Rejection(Reason.DPOP_PROOF_INVALID, "jwk does not fit alg") from None
     if not valid:
         raise Rejection(Reason.DPOP_PROOF_INVALID, "signature does not verify")

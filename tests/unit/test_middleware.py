@@ -25,7 +25,7 @@ from gateway.headers import REQUEST_ID_HEADER
 from gateway.logs import REQUEST_LOGGER
 from gateway.metrics import UNMATCHED_ROUTE, GatewayMetrics
 from gateway.middleware import Observer, rejection_response
-from gateway.reasons import REASON_SPECS, Reason
+from gateway.reasons import REASON_SPECS, DpopChallenge, Reason
 from gateway.server import Answer, HttpRequest, HttpServer
 from tests.conftest import metric_value
 
@@ -45,6 +45,8 @@ _INVALID_TOKEN = [
     Reason.CLAIM_MISSING,
     Reason.CLAIM_INVALID,
     Reason.AUDIENCE_NOT_ALLOWED,
+    Reason.DPOP_BINDING_MISMATCH,
+    Reason.CERT_BINDING_MISMATCH,
 ]
 # What a client sees for each reason that is answered: the status, and the RFC 6750 error of the
 # challenge (None: no WWW-Authenticate at all; "": a challenge without an error).
@@ -59,6 +61,10 @@ ANSWERS: dict[Reason, tuple[int, str | None]] = {
     Reason.INVALID_REQUEST: (400, "invalid_request"),
     Reason.CALLER_UNTRUSTED: (403, None),
     Reason.TOKEN_MISSING: (401, ""),
+    # Without a DPoP route's challenge (see test_dpop_challenges): a Bearer one, no error.
+    Reason.DPOP_REQUIRED: (401, ""),
+    Reason.DPOP_PROOF_INVALID: (401, ""),
+    Reason.DPOP_PROOF_REPLAYED: (401, ""),
     **{reason: (401, "invalid_token") for reason in _INVALID_TOKEN},
     Reason.INSUFFICIENT_SCOPE: (403, "insufficient_scope"),
     Reason.JWKS_UNAVAILABLE: (503, None),
@@ -74,6 +80,51 @@ ANSWERS: dict[Reason, tuple[int, str | None]] = {
 def test_the_table_covers_every_reason_that_is_answered() -> None:
     answered = {reason for reason in Reason if REASON_SPECS[reason].status is not None}
     assert set(ANSWERS) == answered
+
+
+@pytest.mark.parametrize(
+    ("reason", "bearer_too", "expected"),
+    [
+        pytest.param(
+            Reason.DPOP_PROOF_INVALID,
+            False,
+            [
+                'DPoP realm="gw", algs="ES256 RS256", error="invalid_dpop_proof", '
+                'error_description="The DPoP proof is invalid."'
+            ],
+            id="required-route-proof",
+        ),
+        pytest.param(
+            Reason.DPOP_PROOF_REPLAYED,
+            True,
+            [
+                'Bearer realm="gw"',
+                'DPoP realm="gw", algs="ES256 RS256", error="invalid_dpop_proof", '
+                'error_description="The DPoP proof was already used."',
+            ],
+            id="allowed-route-replay",
+        ),
+        pytest.param(
+            Reason.TOKEN_MISSING,
+            True,
+            ['Bearer realm="gw"', 'DPoP realm="gw", algs="ES256 RS256"'],
+            id="allowed-route-no-token",
+        ),
+        pytest.param(
+            Reason.TOKEN_EXPIRED,
+            False,
+            [
+                'DPoP realm="gw", algs="ES256 RS256", error="invalid_token", '
+                'error_description="The token has expired."'
+            ],
+            id="required-route-expired",
+        ),
+    ],
+)
+def test_dpop_challenges(reason: Reason, bearer_too: bool, expected: list[str]) -> None:
+    # RFC 9449 §7.1: a DPoP route challenges with DPoP and its algs; Bearer too where accepted.
+    response = rejection_response(reason, REALM, dpop=DpopChallenge("ES256 RS256", bearer_too))
+    assert [v for k, v in response.headers if k == "WWW-Authenticate"] == expected
 
 
 @pytest.mark.parametrize(("reason", "answer"), ANSWERS.items(), ids=[r.value for r in ANSWERS])

@@ -51,14 +51,38 @@ def test_401_reasons_carry_a_bearer_challenge(reason: Reason) -> None:
     if reason is Reason.TOKEN_MISSING:
         # RFC 6750 §3.1: a request without credentials gets no error code.
         assert spec.bearer_error is None
+    elif reason in DPOP_ONLY:
+        # About the DPoP scheme: the Bearer challenge beside it says nothing of it.
+        assert spec.bearer_error is None
+        assert spec.dpop_error is not None
     else:
         assert spec.bearer_error == "invalid_token"
 
 
-def test_token_missing_is_the_only_401_without_error_code() -> None:
-    assert [r for r in REJECTION_401 if REASON_SPECS[r].bearer_error is None] == [
-        Reason.TOKEN_MISSING
-    ]
+DPOP_ONLY = {Reason.DPOP_REQUIRED, Reason.DPOP_PROOF_INVALID, Reason.DPOP_PROOF_REPLAYED}
+
+
+def test_only_token_missing_and_dpop_reasons_are_401s_without_a_bearer_error_code() -> None:
+    assert {r for r in REJECTION_401 if REASON_SPECS[r].bearer_error is None} == {
+        Reason.TOKEN_MISSING,
+        *DPOP_ONLY,
+    }
+
+
+@pytest.mark.parametrize(
+    ("reason", "dpop_error"),
+    [
+        (Reason.DPOP_PROOF_INVALID, "invalid_dpop_proof"),
+        (Reason.DPOP_PROOF_REPLAYED, "invalid_dpop_proof"),
+        (Reason.DPOP_BINDING_MISMATCH, "invalid_token"),
+        (Reason.DPOP_REQUIRED, "invalid_token"),
+        (Reason.TOKEN_EXPIRED, "invalid_token"),
+        (Reason.INSUFFICIENT_SCOPE, "insufficient_scope"),
+        (Reason.TOKEN_MISSING, None),
+    ],
+)
+def test_dpop_challenges_carry_the_rfc_9449_error(reason: Reason, dpop_error: str | None) -> None:
+    assert REASON_SPECS[reason].dpop_error == dpop_error
 
 
 @pytest.mark.parametrize(
