@@ -931,6 +931,16 @@ class BindingMode(enum.StrEnum):
     REQUIRED = "required"  # only bound tokens, with their proof
 
 
+def _read_binding(node: Node) -> BindingMode:
+    # YAML 1.1 reads a bare `off` as false: the same answer.
+    if node.value is False:
+        return BindingMode.OFF
+    return BindingMode(node.choice([m.value for m in BindingMode]))
+
+
+_BINDING: Final = Custom(_read_binding, {"enum": [*(m.value for m in BindingMode), False]})
+
+
 class GatewayMode(enum.StrEnum):
     """What the listener does with an admitted request."""
 
@@ -1239,7 +1249,7 @@ class AuthPolicy:
     )
     dpop: BindingMode = setting(
         BindingMode.OFF,
-        Choice(BindingMode),
+        _BINDING,
         "DPoP (RFC 9449): `required` (only `Authorization: DPoP` with a valid `DPoP` proof "
         "and a token whose `cnf.jkt` is the proof's key), `allowed` (that, or a token with no "
         "binding as Bearer) or `off`. A DPoP-bound token sent as Bearer is refused on every "
@@ -1247,7 +1257,7 @@ class AuthPolicy:
     )
     certificate_bound: BindingMode = setting(
         BindingMode.OFF,
-        Choice(BindingMode),
+        _BINDING,
         "certificate-bound tokens (RFC 8705): `required` (the token's `cnf.x5t#S256` must be "
         "the SHA-256 of the client certificate), `allowed` (checked when the token has one) or "
         "`off`. Needs `listen.tls.client_ca_file` or `client_cert_header`",

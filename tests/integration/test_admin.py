@@ -30,6 +30,8 @@ EXPECTED_FAMILIES = {
     "gateway_forward_auth_decisions": "counter",
     "gateway_upgrades": "counter",
     "gateway_tunnels_open": "gauge",
+    "gateway_dpop_replay_cache_entries": "gauge",
+    "gateway_dpop_replay_evictions": "counter",
     "gateway_jwks_fetches": "counter",
     "gateway_jwks_kid_misses": "counter",
     "gateway_jwks_refetch_suppressed": "counter",
