@@ -12,6 +12,7 @@ would be accepted, so a proof is good for one request only.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 from collections import OrderedDict
@@ -43,13 +44,29 @@ def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def jwk_thumbprint(jwk: dict[str, Any]) -> str:
-    """The RFC 7638 SHA-256 thumbprint of a public JWK, base64url (``cnf.jkt``)."""
+def _canonical(jwk: dict[str, Any]) -> str:
+    """The RFC 7638 §3.2 JSON of a public JWK's required members (nothing else)."""
     members = _THUMBPRINT_MEMBERS.get(jwk.get("kty"))  # type: ignore[arg-type]
     if members is None or not all(isinstance(jwk.get(m), str) for m in members):
         raise Rejection(Reason.DPOP_PROOF_INVALID, "jwk is not an RSA, EC or OKP public key")
-    canonical = json.dumps({m: jwk[m] for m in members}, separators=(",", ":"), sort_keys=True)
+    return json.dumps({m: jwk[m] for m in members}, separators=(",", ":"), sort_keys=True)
+
+
+def _digest(canonical: str) -> str:
     return b64url(hashlib.sha256(canonical.encode("utf-8")).digest())
+
+
+def jwk_thumbprint(jwk: dict[str, Any]) -> str:
+    """The RFC 7638 SHA-256 thumbprint of a public JWK, base64url (``cnf.jkt``)."""
+    return _digest(_canonical(jwk))
+
+
+@functools.lru_cache(maxsize=4096)
+def _proof_key(canonical: str, alg: str) -> PyJWK:
+    """The verification key of a proof's jwk, built from its required members only: a client
+    signs every request with the same key, and building one (an EC point, an RSA modulus)
+    costs more than checking a signature with it."""
+    return PyJWK(json.loads(canonical), algorithm=alg)
 
 
 def access_token_hash(token: str) -> str:
@@ -117,9 +134,10 @@ def check_proof(
     private = [m for m in PRIVATE_MEMBERS if m in jwk]
     if private:
         raise Rejection(Reason.DPOP_PROOF_INVALID, f"jwk has private members {private}")
-    jkt = jwk_thumbprint(jwk)
+    canonical = _canonical(jwk)
+    jkt = _digest(canonical)
     try:
-        key = PyJWK(jwk, algorithm=alg)
+        key = _proof_key(canonical, alg)
         valid = key.Algorithm.verify(parsed.signing_input, key.key, parsed.signature)
     except (PyJWTError, ValueError, TypeError, KeyError, AttributeError):
         raise Rejection(Reason.DPOP_PROOF_INVALID, "jwk does not fit alg") from None
