@@ -119,7 +119,7 @@ async def test_an_xfcc_chain_of_several_elements_is_not_trusted(
     owner = ca.issue_cert("a@example.test")
     gw = await make_gateway(bound("required"), from_header("xfcc"))
     digest = hashlib.sha256(der(owner)).hexdigest()
-    chain = f"Hash={digest};Subject=\"CN=a\",Hash={'0' * 64}"
+    chain = f'Hash={digest};Subject="CN=a",Hash={"0" * 64}'
     access = bearer(token(cnf={"x5t#S256": x5t(owner)}))
     assert await reason_of(gw, {**access, XFCC: chain}) == (401, "cert_binding_mismatch")
 

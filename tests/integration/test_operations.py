@@ -701,7 +701,10 @@ async def test_sigterm_turns_unready_refuses_new_connections_and_drains_in_fligh
     assert await gw.wait_exit(drain_s + 2 - (time.monotonic() - signalled)) == 0
     log = gw.log()
     assert "event=shutdown" in log
-    assert re.search(r"event=request request_id=slow-1 route=public .*status=200 reason=ok", log)
+    assert re.search(
+        r"event=request request_id=slow-1 trace_id=[0-9a-f]{32} route=public .*status=200 reason=ok",
+        log,
+    )
 
 
 async def test_sigterm_ends_a_request_that_never_finishes_at_the_shutdown_timeout(

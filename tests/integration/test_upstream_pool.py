@@ -465,7 +465,14 @@ def names(seen: Seen) -> list[str]:
     return sorted(name.lower() for name, _ in seen.headers)
 
 
-FORWARDING = ["x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-request-id"]
+# The gateway adds these to every request (traceparent: the W3C trace context it continues).
+FORWARDING = [
+    "traceparent",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-request-id",
+]
 
 
 async def test_a_bare_get_reaches_the_upstream_with_only_host_and_forwarding_headers(
