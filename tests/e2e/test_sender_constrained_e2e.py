@@ -16,7 +16,10 @@ The gateway is a real ``python -m gateway run`` process with a TLS listener that
 client certificates against a trustme CA (``client_cert: optional``), in front of an echo
 upstream; it finds the provider by OpenID discovery.  Route ``/dpop`` has ``auth.dpop:
 required``, route ``/mtls`` ``auth.certificate_bound: required``.  With these real tokens: the
-holder gets through, and each attack is refused with its reason and challenge.
+holder gets through, and each attack is refused with its reason, its challenge and (in the
+access log's ``detail``) the check that refused it.  Behind a TLS-terminating proxy instead, the
+gateway on plain http reads the certificate from the proxy's header (``client_cert_header``,
+only from ``trusted_proxies``), the same header the provider read.
 
 Real processes, real time, bounded waits; no mocks.
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -238,15 +242,12 @@ def gateway_document(issuer: str, upstream: EchoUpstream, pki: Pki) -> dict[str,
     }
 
 
-@pytest.fixture
-async def gateway(
-    provider: OidcProvider, upstream: EchoUpstream, pki: Pki, tmp_path: Path
-) -> AsyncIterator[GatewayProcess]:
-    """``python -m gateway run`` on its own loopback ports; ended by PID at the end."""
-    document = gateway_document(provider.issuer, upstream, pki)
-    config_path = tmp_path / "gateway.yaml"
+@contextlib.asynccontextmanager
+async def gateway_run(document: dict[str, Any], directory: Path) -> AsyncIterator[GatewayProcess]:
+    """``python -m gateway run`` with ``document``, ready; ended by PID on the way out."""
+    config_path = directory / f"{document['listen']['port']}.yaml"
     config_path.write_text(yaml.safe_dump(document))
-    log_path = tmp_path / "gateway.stderr"
+    log_path = config_path.with_suffix(".stderr")
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     with log_path.open("wb") as stderr:
         process = await asyncio.create_subprocess_exec(
@@ -278,6 +279,15 @@ async def gateway(
 
 
 @pytest.fixture
+async def gateway(
+    provider: OidcProvider, upstream: EchoUpstream, pki: Pki, tmp_path: Path
+) -> AsyncIterator[GatewayProcess]:
+    """The gateway with its TLS listener verifying client certificates."""
+    async with gateway_run(gateway_document(provider.issuer, upstream, pki), tmp_path) as gw:
+        yield gw
+
+
+@pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     # A fresh connection per request: the client certificate belongs to the connection.
     async with aiohttp.ClientSession(
@@ -298,13 +308,15 @@ class Answer:
 async def call(
     session: aiohttp.ClientSession,
     gw: GatewayProcess,
-    context: ssl.SSLContext,
+    context: ssl.SSLContext | None,
     path: str,
     headers: dict[str, str],
     method: str = "GET",
 ) -> Answer:
-    url = f"https://127.0.0.1:{gw.port}{path}"
-    async with session.request(method, url, headers=headers, ssl=context) as response:
+    """One request to the gateway: over TLS with ``context``, plain http without."""
+    scheme = "http" if context is None else "https"
+    url = f"{scheme}://127.0.0.1:{gw.port}{path}"
+    async with session.request(method, url, headers=headers, ssl=context or True) as response:
         body = await response.json()
         challenges = response.headers.getall("WWW-Authenticate", [])
         if response.status == 200:
@@ -596,3 +608,74 @@ async def test_a_certificate_bound_token_from_the_provider_passes_only_with_its_
     # The DPoP route does not take it as DPoP-less Bearer either (dpop: required).
     dpop_route = await call(session, gateway, pki.context(pki.holder), "/dpop/orders", headers)
     assert (dpop_route.status, dpop_route.reason) == (401, "dpop_required")
+
+
+async def test_behind_a_tls_terminating_proxy_the_certificate_comes_from_its_header(
+    provider: OidcProvider,
+    upstream: EchoUpstream,
+    session: aiohttp.ClientSession,
+    pki: Pki,
+    tmp_path: Path,
+) -> None:
+    """A proxy like nginx terminates TLS and passes the client certificate, URL-encoded PEM
+    (``$ssl_client_escaped_cert``), in one header to both the provider and the gateway: the
+    gateway (plain http, ``client_cert_header`` from ``trusted_proxies``) reads the same value
+    the provider bound the token to.  The test plays the proxy on 127.0.0.1."""
+    discovered = await discover(session, provider.issuer)
+    forwarded = {CERT_HEADER: quote(pem_of(pki.holder))}
+    status, body = await token_request(
+        session, discovered.token_endpoint, client_id=MTLS_CLIENT_ID, headers=forwarded
+    )
+    assert status == 200, body
+    token = body["access_token"]
+    assert verified_claims(token, discovered, provider.issuer)["cnf"] == {
+        "x5t#S256": x5t_s256(pki.holder)
+    }
+
+    document = gateway_document(provider.issuer, upstream, pki)
+    del document["listen"]["tls"]
+    document["trusted_proxies"] = ["127.0.0.1/32"]
+    document["client_cert_header"] = {"name": CERT_HEADER, "format": "pem"}
+    headers = {"Authorization": f"Bearer {token}"}
+    async with gateway_run(document, tmp_path) as gw:
+        ok = await call(session, gw, None, "/mtls/orders", {**headers, **forwarded})
+        assert (ok.status, ok.reason) == (200, "ok"), ok
+        cases = [
+            Attack(
+                "the proxy forwards another certificate",
+                {**headers, CERT_HEADER: quote(pem_of(pki.other))},
+                BOUND,
+                "another client certificate",
+            ),
+            Attack("the proxy forwards none", headers, BOUND, "no client certificate"),
+        ]
+        got = [
+            await call(
+                session, gw, None, "/mtls/orders", {**a.headers, "X-Request-ID": a.request_id(n)}
+            )
+            for n, a in enumerate(cases)
+        ]
+        # A thief holding the token and the (public) certificate, but not behind the proxy:
+        # from 127.0.0.2, not in trusted_proxies, the header is not believed.
+        thief = Attack(
+            "a forged header from an untrusted peer",
+            {**headers, **forwarded},
+            BOUND,
+            "no client certificate",
+        )
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True, local_addr=("127.0.0.2", 0)),
+            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
+        ) as elsewhere:
+            got.append(
+                await call(
+                    elsewhere,
+                    gw,
+                    None,
+                    "/mtls/orders",
+                    {**thief.headers, "X-Request-ID": thief.request_id(len(cases))},
+                )
+            )
+        cases.append(thief)
+        assert [(g.status, g.reason) for g in got] == [(401, BOUND)] * len(cases)
+        await assert_logged(gw, cases)
