@@ -110,9 +110,10 @@ def new_key(kid: str) -> Key:
 class OidcProvider:
     """``node provider.mjs`` on one loopback port; restarted on the same port with new keys."""
 
-    def __init__(self, directory: Path, workdir: Path) -> None:
+    def __init__(self, directory: Path, workdir: Path, env: dict[str, str] | None = None) -> None:
         self.directory = directory
         self.workdir = workdir
+        self.env = dict(env or {})  # on top of the defaults below (MTLS=1, ...)
         self.port = free_port()
         self.issuer = f"http://127.0.0.1:{self.port}"
         self.jwks_file = workdir / "jwks.json"
@@ -143,6 +144,7 @@ class OidcProvider:
             "RESOURCE": RESOURCE,
             "SCOPE": SCOPE,
             "JWKS_MAX_AGE": str(PROVIDER_MAX_AGE_S),
+            **self.env,
         }
         assert NODE is not None
         self.process = await asyncio.create_subprocess_exec(
