@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import socket
 from collections.abc import AsyncIterator
 
@@ -241,3 +242,42 @@ async def test_an_upstream_answers_connection_level_headers_stay_on_the_upstream
         assert body == b"2\r\nok\r\n0\r\n\r\n"
     finally:
         await close(writer)
+
+
+async def read_to_end(reader: asyncio.StreamReader) -> bytes:
+    """Everything the gateway sends until it closes the connection (a hang fails the test)."""
+    return await asyncio.wait_for(reader.read(), WITHIN)
+
+
+async def test_a_101_without_an_upgrade_header_is_answered_502_not_tunnelled(
+    make_gateway: GatewayFactory, raw_upstreams: list[RawUpstream]
+) -> None:
+    """RFC 9110 §7.8: a 101 must name the protocol it switches to.  One that does not is no
+    handshake: the client gets 502 upstream_unavailable and a closed connection, and no
+    tunnel is opened."""
+    upstream_closed = asyncio.Event()
+
+    async def switch_to_nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+        )
+        await writer.drain()
+        await asyncio.wait_for(reader.read(), WITHIN)  # until the gateway hangs up
+        upstream_closed.set()
+        writer.close()
+
+    gw, reader, writer = await through(make_gateway, raw_upstreams, switch_to_nothing)
+    try:
+        writer.write(HANDSHAKE)
+        answer = await read_to_end(reader)
+    finally:
+        await close(writer)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502 "), answer[:200]
+    assert json.loads(body)["error"]["reason"] == "upstream_unavailable"
+    await asyncio.wait_for(upstream_closed.wait(), WITHIN)
+    assert gw.metric("gateway_requests_total", route="public", reason="upstream_unavailable") == 1
+    assert gw.metric("gateway_upgrades_total", route="public") == 0
+    assert gw.metric("gateway_tunnels_open") == 0
