@@ -158,6 +158,8 @@ async def raw_upstream(
             await behaviour(reader, writer)
         except (OSError, asyncio.IncompleteReadError):
             writer.transport.abort()
+        finally:
+            writer.close()
 
     server = await asyncio.start_server(serve, sock=listener)
     try:
@@ -166,6 +168,7 @@ async def raw_upstream(
         server.close()
         for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await server.wait_closed()
 
 
