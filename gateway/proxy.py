@@ -410,6 +410,11 @@ class Forwarder:
         record = request.record
         if conn.transport is None or request.connection.transport is None:
             raise Rejection(Reason.UPSTREAM_UNAVAILABLE, "upstream closed after its 101")
+        # RFC 9110 §7.8: a 101 names the protocol switched to; one that does not is no
+        # handshake the client could go on with.
+        protocol = next((v for n, v in upstream.headers if n.lower() == "upgrade"), "").strip()
+        if not protocol:
+            raise Rejection(Reason.UPSTREAM_UNAVAILABLE, "101 without Upgrade")
         headers = [
             (name, value)
             for name, value in upstream.headers
@@ -417,7 +422,7 @@ class Forwarder:
         ]
         headers += [
             ("Connection", "Upgrade"),
-            ("Upgrade", next((v for n, v in upstream.headers if n.lower() == "upgrade"), "")),
+            ("Upgrade", protocol),
             (REQUEST_ID_HEADER, record.request_id),
         ]
         tunnel = Tunnel(

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
+import logging
 import socket
 from collections.abc import AsyncIterator
 
@@ -25,6 +27,7 @@ from tests.integration.hardening_kit import (
     point_routes_at,
     read_request_head,
     set_limits,
+    set_route,
 )
 
 WITHIN = 5.0
@@ -241,3 +244,84 @@ async def test_an_upstream_answers_connection_level_headers_stay_on_the_upstream
         assert body == b"2\r\nok\r\n0\r\n\r\n"
     finally:
         await close(writer)
+
+
+async def read_to_end(reader: asyncio.StreamReader) -> bytes:
+    """Everything the gateway sends until it closes the connection (a hang fails the test)."""
+    return await asyncio.wait_for(reader.read(), WITHIN)
+
+
+async def test_an_upstream_that_closes_right_after_its_101_ends_the_tunnel_and_frees_the_slot(
+    make_gateway: GatewayFactory, raw_upstreams: list[RawUpstream], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The upstream writes its 101 and closes in the same breath: the client gets the 101 and
+    then a clean close (the tunnel ends as the upstream leaves, or, had the gateway seen the
+    close before the tunnel opened, a 502), never a hang or a traceback; the route's only
+    admission slot is free again for the next request."""
+
+    async def accept_then_leave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await read_request_head(reader)
+        if b"upgrade: websocket" in head.lower():
+            writer.write(UPSTREAM_101)  # and the FIN right behind it
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        writer.close()
+
+    upstream = RawUpstream(accept_then_leave)
+    raw_upstreams.append(upstream)
+    gw = await make_gateway(
+        point_routes_at(await upstream.start()),
+        set_route("public", max_concurrent_requests=1, max_queued_requests=1),
+        served=True,
+    )
+    caplog.set_level(logging.WARNING)
+    for _ in range(2):  # a second tunnel the same way: nothing of the first is left holding
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        try:
+            writer.write(HANDSHAKE)
+            answer = await read_to_end(reader)
+        finally:
+            await close(writer)
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 "), answer[:200]
+        assert rest == b""  # the upstream sent nothing after its 101
+    await wait_until(lambda: gw.metric("gateway_tunnels_open") == 0, what="tunnels closed")
+    assert gw.metric("gateway_upgrades_total", route="public") == 2
+    plain = await asyncio.wait_for(gw.client.get("/public/after"), WITHIN)
+    assert plain.status == 200
+    assert await plain.text() == "ok"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_a_101_without_an_upgrade_header_is_answered_502_not_tunnelled(
+    make_gateway: GatewayFactory, raw_upstreams: list[RawUpstream]
+) -> None:
+    """RFC 9110 §7.8: a 101 must name the protocol it switches to.  One that does not is no
+    handshake: the client gets 502 upstream_unavailable and a closed connection, and no
+    tunnel is opened."""
+    upstream_closed = asyncio.Event()
+
+    async def switch_to_nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+        )
+        await writer.drain()
+        await asyncio.wait_for(reader.read(), WITHIN)  # until the gateway hangs up
+        upstream_closed.set()
+        writer.close()
+
+    gw, reader, writer = await through(make_gateway, raw_upstreams, switch_to_nothing)
+    try:
+        writer.write(HANDSHAKE)
+        answer = await read_to_end(reader)
+    finally:
+        await close(writer)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502 "), answer[:200]
+    assert json.loads(body)["error"]["reason"] == "upstream_unavailable"
+    await asyncio.wait_for(upstream_closed.wait(), WITHIN)
+    assert gw.metric("gateway_requests_total", route="public", reason="upstream_unavailable") == 1
+    assert gw.metric("gateway_upgrades_total", route="public") == 0
+    assert gw.metric("gateway_tunnels_open") == 0

@@ -316,6 +316,12 @@ LIMITED = {
         get(f"/public/{M}", *(f"X-Extra-{i}: v" for i in range(10))),  # 11 with Host
         "too_many_headers",
     ),
+    # An upgrade request is refused like any other (llhttp still reports the upgrade after
+    # the head: nothing of it was queued, so there is no request to upgrade).
+    "upgrade-with-a-header-line-too-long": (
+        get(f"/public/{M}", "Upgrade: websocket", "Connection: Upgrade", "X-Big: " + "a" * 3000),
+        "header_line_too_long",
+    ),
 }
 
 
@@ -387,6 +393,30 @@ async def test_a_valid_request_before_a_malformed_one_is_answered_then_the_400(
     assert f"route={UNMATCHED_ROUTE}" in refused
     assert "reason=request_malformed" in refused
     assert_not_logged(caplog, MARKER)
+
+
+async def test_an_upgrade_refused_for_its_head_upgrades_no_request_queued_before_it(
+    serve: GatewayFactory, upstream: EchoUpstream
+) -> None:
+    """Pipelined in one send: a GET naming ``Upgrade: websocket`` without ``Connection:
+    Upgrade`` (no handshake: served plain, its Upgrade dropped as hop-by-hop), then a real
+    handshake whose head is too large.  The refused handshake upgrades nothing: the GET before
+    it still goes upstream as the plain request it was, never as a WebSocket handshake."""
+    gw = await serve(set_limits(max_header_bytes=2048))
+    conn = await RawConnection.open(gw.port)
+    try:
+        await conn.send(
+            get("/public/first", "Upgrade: websocket")
+            + get("/public/ws", "Upgrade: websocket", "Connection: Upgrade", "X-Big: " + "a" * 3000)
+        )
+        first = await conn.response(within=WITHIN)
+        await conn.closed_by_server(within=WITHIN)
+    finally:
+        await conn.close()
+    assert first.json()["path"] == "/public/first"
+    assert values_of(echoed(first), "Upgrade") == []
+    assert values_of(echoed(first), "Connection") == []
+    assert upstream.hits == 1
 
 
 async def test_a_request_pipelined_after_a_malformed_one_is_never_forwarded(serve, upstream):
@@ -657,3 +687,49 @@ async def test_a_chunked_body_that_turns_malformed_mid_upload_is_400_and_aborted
     assert reply.json()["error"]["reason"] == Reason.REQUEST_MALFORMED.value
     assert gw.metric("gateway_requests_total", route="public", reason="request_malformed") == 1
     assert requests_total(gw) == 1  # counted once, under its route
+
+
+# --- 8. what a refusal leaves behind --------------------------------------------------------------
+async def test_a_connection_refused_for_its_body_is_forgotten_and_its_place_taken(
+    serve: GatewayFactory, upstream: EchoUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request whose head was fine and whose chunked body was not is refused with 400, and
+    its closed connection no longer counts against ``limits.max_connections``: the next client
+    is served, not turned away with 503; nothing is logged as an error on the way."""
+    caplog.set_level(logging.WARNING)
+    gw = await serve(set_limits(max_connections=1))
+    server = gw.runner.server
+    assert server is not None
+    reply, _ = await refuse(
+        gw,
+        request(
+            "POST /public/up HTTP/1.1",
+            HOST,
+            "Transfer-Encoding: chunked",
+            body=b"5\r\nhello\r\nzz-not-a-chunk-size\r\n",
+        ),
+    )
+    assert reply.status == 400
+    assert reply.json()["error"]["reason"] == Reason.REQUEST_MALFORMED.value
+    await wait_until(lambda: not server.connections, what="the refused connection forgotten")
+    served, _ = await refuse(gw, get("/public/next", "Connection: close"))
+    assert served.status == 200
+    assert served.json()["path"] == "/public/next"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_a_refusal_before_any_route_is_timed_in_the_lowest_duration_bucket(
+    serve: GatewayFactory, upstream: EchoUpstream
+) -> None:
+    """The listener answers a malformed request (400) or an oversized head (431) on its own, at
+    once: each is one observation of gateway_request_duration_seconds under the unmatched
+    route, in its lowest bucket, not a second's worth of latency."""
+    gw = await serve(set_limits(max_header_bytes=2048))
+    for data in (request("get /public/x HTTP/1.1", HOST), get("/public/x", "X-Big: " + "a" * 3000)):
+        reply, _ = await refuse(gw, data)
+        assert reply.status in (400, 431)
+    name = "gateway_request_duration_seconds"
+    labels = {"route": UNMATCHED_ROUTE, "outcome": "rejected"}
+    assert gw.metric(f"{name}_count", **labels) == 2
+    assert gw.metric(f"{name}_bucket", le="0.0005", **labels) == 2
+    assert gw.metric(f"{name}_sum", **labels) < 0.001

@@ -83,6 +83,7 @@ GROUPS: Final = {
         (
             "tests/integration/test_http_server.py",
             "tests/integration/test_hop_edges.py",
+            "tests/integration/test_backpressure.py",
             "tests/integration/test_limits.py",
             "tests/integration/test_attacks.py",
             "tests/integration/test_websocket.py",
@@ -106,6 +107,7 @@ GROUPS: Final = {
             "tests/integration/test_proxy_flow.py",
             "tests/integration/test_upstream_pool.py",
             "tests/integration/test_hop_edges.py",
+            "tests/integration/test_backpressure.py",
             "tests/integration/test_upstream_tls.py",
             "tests/integration/test_failing_neighbours.py",
             "tests/integration/test_large_bodies.py",
