@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, settings
 from prometheus_client import CollectorRegistry
 
 from gateway import loads_config
-from tests.conftest import RunningGateway, base_config, start_gateway
+from tests.conftest import AUDIENCE, RunningGateway, base_config, start_gateway
 from tests.fakes import EchoUpstream, FakeClock, FakeIdP, SigningKey, generate_key
 from tests.integration.authkit import send_until_closed
 
@@ -101,7 +101,13 @@ class ThreadedGateway:
         idp_port = await self._serve(self.idp.app())
         self.idp.jwks_uri = f"http://127.0.0.1:{idp_port}/jwks.json"
         self.upstream.url = f"http://127.0.0.1:{await self._serve(self.upstream.app())}"
-        config = loads_config(yaml.safe_dump(base_config(self.idp, self.upstream)))
+        document = base_config(self.idp, self.upstream)
+        # A DPoP route: the DPoP header is fuzzed like Authorization.
+        document["routes"].append({
+            "id": "dpop", "match": {"path_prefix": "/dpop"}, "upstream": self.upstream.url,
+            "auth": {"issuers": ["test"], "audiences": [AUDIENCE], "dpop": "required"},
+        })  # fmt: skip
+        config = loads_config(yaml.safe_dump(document))
         self.gateway = await start_gateway(
             config, registry=self.registry, clock=self.clock, admin=False
         )

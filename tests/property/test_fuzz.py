@@ -40,7 +40,8 @@ from gateway.config import config_schema
 from gateway.errors import Rejection
 from gateway.routing import RouteTable, check_raw_path
 from tests.conftest import ALL_ALGORITHMS, AUDIENCE, ISSUER, metric_value
-from tests.fakes import generate_key
+from tests.fakes import generate_key, make_token
+from tests.integration.senderkit import DpopClient
 from tests.property.conftest import RawReply, ThreadedGateway
 
 # --- (a) hostile requests ---------------------------------------------------------------------
@@ -672,3 +673,82 @@ def test_an_accepted_path_routes_the_same_raw_and_decoded_with_reserved_characte
     if checked is None:
         return
     assert _route_id(table, checked) == _route_id(table, unquote(checked)), path
+
+
+# --- (a) the DPoP header, fuzzed like Authorization -------------------------------------------
+_DPOP_HOLDER = DpopClient("ES256")
+_proof_tweaks = st.fixed_dictionaries(
+    {},
+    optional={
+        "htm": st.sampled_from(["POST", "get", "", "GET "]) | st.text(max_size=8),
+        "htu": st.text(max_size=40)
+        | st.sampled_from(["http://127.0.0.1/dpop/x", "https://x/dpop/x"]),
+        "iat": st.integers() | st.floats(allow_nan=False) | st.text(max_size=5) | st.none(),
+        "jti": st.text(max_size=300) | st.integers() | st.none(),
+        "ath": st.text(B64URL, max_size=43) | st.none(),
+    },
+)
+_header_tweaks = st.fixed_dictionaries(
+    {},
+    optional={
+        "typ": st.sampled_from(["JWT", "dpop+JWT", "", "at+jwt"]) | st.none(),
+        "alg": st.sampled_from(["none", "HS256", "RS256", "ES384", "EdDSA", ""]),
+        "jwk": st.none()
+        | st.dictionaries(
+            st.sampled_from(["kty", "crv", "x", "y", "n", "e", "d"]), st.text(B64URL, max_size=20)
+        ),
+        "crit": st.lists(st.text(max_size=5), max_size=2),
+    },
+)
+
+
+@st.composite
+def dpop_headers(draw: st.DrawFn) -> bytes:
+    """A DPoP header value that is never a valid proof for the request it comes with."""
+    kind = draw(st.sampled_from(["tweaked", "flipped", "junk", "jwt-like"]))
+    if kind == "junk":
+        return draw(st.binary(max_size=300).map(_no_crlf))
+    if kind == "jwt-like":
+        return draw(jwt_like()).encode("utf-8", "surrogateescape")
+    claims = draw(_proof_tweaks)
+    header = draw(_header_tweaks)
+    if kind == "tweaked" and not claims and not header:
+        claims = {"htm": "DELETE"}
+    try:
+        proof = _DPOP_HOLDER.proof(
+            "GET", "http://127.0.0.1/dpop/x", None, now=0, header=header, **claims
+        )
+    except Exception:  # a tweak PyJWT will not sign with: send the claims unsigned
+        proof = (
+            "e30."
+            + base64.urlsafe_b64encode(json.dumps(claims, default=str).encode())
+            .decode()
+            .rstrip("=")
+            + "."
+        )
+    if kind == "flipped":
+        at = draw(st.integers(0, len(proof) - 1))
+        replacement = draw(st.sampled_from(B64URL + ".").filter(lambda c: c != proof[at]))
+        proof = proof[:at] + replacement + proof[at + 1 :]
+    return proof.encode()
+
+
+@given(
+    method=st.sampled_from(["GET", "POST"]),
+    scheme=st.sampled_from(["DPoP ", "dpop ", "Bearer ", "DPoP  "]),
+    proofs=st.lists(dpop_headers(), min_size=0, max_size=2),
+)
+@example(method="GET", scheme="DPoP ", proofs=[b""])
+@example(method="GET", scheme="DPoP ", proofs=[])
+def test_any_dpop_header_is_refused_without_forwarding(
+    threaded_gateway: ThreadedGateway, method: str, scheme: str, proofs: list[bytes]
+) -> None:
+    """A DPoP-bound token with anything but a fresh valid proof of its key never passes."""
+    gateway = threaded_gateway
+    token = make_token(
+        gateway.keys[0], gateway.clock, iss=ISSUER, aud=AUDIENCE, sub="alice",
+        cnf={"jkt": _DPOP_HOLDER.jkt},
+    )  # fmt: skip
+    headers = [(b"Authorization", (scheme + token).encode())]
+    headers += [(b"DPoP", proof) for proof in proofs]
+    _assert_refused_not_forwarded(gateway, _head(method, "/dpop/x", gateway.port, headers))
