@@ -74,6 +74,7 @@ def access_token_hash(token: str) -> str:
     return b64url(hashlib.sha256(token.encode("ascii")).digest())
 
 
+@functools.lru_cache(maxsize=4096)  # pure; a client names the same few URLs again and again
 def normalized_htu(url: str) -> str | None:
     """A URL as ``htu`` is compared (RFC 9449 §4.3 step 9, RFC 3986 §6.2.2-6.2.3): scheme and
     host lower-case, the default port dropped, an empty path as ``/``, without query and
