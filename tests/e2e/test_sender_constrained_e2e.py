@@ -26,16 +26,13 @@ Real processes, real time, bounded waits; no mocks.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import hashlib
 import hmac
 import json
-import os
 import shutil
 import ssl
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -47,7 +44,6 @@ import aiohttp
 import jwt
 import pytest
 import trustme
-import yaml
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from tests.e2e.node import installed
@@ -70,7 +66,7 @@ from tests.e2e.test_oidc_rotation import (  # after the skip: it needs node too
     OidcProvider,
     new_key,
 )
-from tests.integration.test_operations import ROOT, GatewayProcess
+from tests.integration.test_operations import GatewayProcess, spawn_gateway
 
 MTLS_CLIENT_ID = "gateway-e2e-mtls"
 CERT_HEADER = "X-SSL-Client-Cert"  # what the provider's getCertificate reads (URL-encoded PEM)
@@ -245,32 +241,7 @@ def gateway_document(issuer: str, upstream: EchoUpstream, pki: Pki) -> dict[str,
 @contextlib.asynccontextmanager
 async def gateway_run(document: dict[str, Any], directory: Path) -> AsyncIterator[GatewayProcess]:
     """``python -m gateway run`` with ``document``, ready; ended by PID on the way out."""
-    config_path = directory / f"{document['listen']['port']}.yaml"
-    config_path.write_text(yaml.safe_dump(document))
-    log_path = config_path.with_suffix(".stderr")
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    with log_path.open("wb") as stderr:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway",
-            "run",
-            "--config",
-            str(config_path),
-            cwd=ROOT,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    gw = GatewayProcess(
-        process,
-        config_path,
-        log_path,
-        document,
-        document["listen"]["port"],
-        document["admin"]["port"],
-    )
+    gw = await spawn_gateway(document, directory / f"{document['listen']['port']}.yaml")
     try:
         await gw.wait_ready()  # /readyz: the keys were found by discovery
         yield gw

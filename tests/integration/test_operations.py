@@ -296,6 +296,38 @@ class GatewayProcess:
 GatewayRunner = Callable[..., Awaitable[GatewayProcess]]
 
 
+async def spawn_gateway(
+    document: dict[str, Any],
+    config_path: Path,
+    *,
+    options: tuple[str, ...] = (),
+    args: tuple[str, ...] = (),
+) -> GatewayProcess:
+    """``python -m gateway [options] run --config F [args]`` on ``document`` written to
+    ``config_path``, its stderr beside it; not waited for (``wait_ready``)."""
+    config_path.write_text(yaml.safe_dump(document))  # noqa: ASYNC240 - a small file, written once
+    log_path = config_path.with_suffix(".stderr")
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    with log_path.open("wb") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway",
+            *options,
+            "run",
+            "--config",
+            str(config_path),
+            *args,
+            cwd=ROOT,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    port, admin_port = document["listen"]["port"], document["admin"]["port"]
+    return GatewayProcess(process, config_path, log_path, document, port, admin_port)
+
+
 @pytest.fixture
 async def run_gateway(idp, upstream, tmp_path) -> AsyncIterator[GatewayRunner]:
     """Start ``python -m gateway [options] run --config F [args]`` on free loopback ports."""
@@ -320,28 +352,9 @@ async def run_gateway(idp, upstream, tmp_path) -> AsyncIterator[GatewayRunner]:
         document["upstream_defaults"]["timeout_s"] = 30
         if edit is not None:
             edit(document)
-        name = f"gateway{len(started)}"
-        config_path = tmp_path / f"{name}.yaml"
-        config_path.write_text(yaml.safe_dump(document))
-        log_path = tmp_path / f"{name}.stderr"
-        env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-        with log_path.open("wb") as stderr:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "gateway",
-                *options,
-                "run",
-                "--config",
-                str(config_path),
-                *args,
-                cwd=ROOT,
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=stderr,
-            )
-        gateway = GatewayProcess(process, config_path, log_path, document, port, admin_port)
+        gateway = await spawn_gateway(
+            document, tmp_path / f"gateway{len(started)}.yaml", options=options, args=args
+        )
         started.append(gateway)
         await gateway.wait_ready()
         return gateway

@@ -710,7 +710,7 @@ def dpop_headers(draw: st.DrawFn) -> bytes:
         return draw(st.binary(max_size=300).map(_no_crlf))
     if kind == "jwt-like":
         return draw(jwt_like()).encode("utf-8", "surrogateescape")
-    claims = draw(_proof_tweaks)
+    claims: dict[str, Any] = draw(_proof_tweaks)
     header = draw(_header_tweaks)
     if kind == "tweaked" and not claims and not header:
         claims = {"htm": "DELETE"}
