@@ -34,7 +34,7 @@ from .config import (
     TokenLocation,
     TokenSource,
 )
-from .dpop import ReplayCache, b64url, check_proof
+from .dpop import Nonces, ReplayCache, b64url, check_proof
 from .errors import Rejection
 from .reasons import DpopChallenge, Reason
 from .routing import valid_host
@@ -104,7 +104,9 @@ class SenderCheck:
     Holds the DPoP replay cache, which outlives reloads (a reload must not make a used proof
     usable again); ``reconfigure`` takes a new config's settings."""
 
-    __slots__ = ("_cert_header", "_challenges", "_clock", "_dpop", "_origin", "_trusts", "replay")
+    __slots__ = (
+        "_cert_header", "_challenges", "_clock", "_dpop", "_nonces", "_origin", "_trusts", "replay",
+    )  # fmt: skip
 
     def __init__(self, config: GatewayConfig, clock: Clock) -> None:
         self._clock = clock
@@ -114,6 +116,7 @@ class SenderCheck:
         self._trusts = config.trusts
         self._origin = config.dpop.public_url
         self._challenges: dict[str, DpopChallenge] = {}
+        self._nonces: Nonces | None = None
         self.reconfigure(config)
 
     def reconfigure(self, config: GatewayConfig) -> None:
@@ -122,6 +125,12 @@ class SenderCheck:
         self._trusts = config.trusts
         self._origin = config.dpop.public_url
         self.replay.max_entries = config.dpop.replay_cache_size
+        if not config.dpop.nonce:
+            self._nonces = None
+        elif self._nonces is None:  # kept across reloads: issued nonces stay good
+            self._nonces = Nonces(self._clock, config.dpop.nonce_lifetime_s)
+        else:
+            self._nonces.lifetime_s = config.dpop.nonce_lifetime_s
         algs = " ".join(sorted(config.dpop.algorithms))
         self._challenges = {
             route.id: DpopChallenge(algs, route.auth.dpop is BindingMode.ALLOWED)
@@ -130,8 +139,12 @@ class SenderCheck:
         }
 
     def challenge(self, route: RouteConfig) -> DpopChallenge | None:
-        """The DPoP challenge a rejection on ``route`` carries, if the route speaks DPoP."""
-        return self._challenges.get(route.id)
+        """The DPoP challenge a rejection on ``route`` carries, if the route speaks DPoP (with
+        the current nonce when nonces are on)."""
+        challenge = self._challenges.get(route.id)
+        if challenge is None or self._nonces is None:
+            return challenge
+        return DpopChallenge(challenge.algs, challenge.bearer_too, self._nonces.current())
 
     def check(
         self,
@@ -167,6 +180,7 @@ class SenderCheck:
                 now=self._clock.time(),
                 max_age_s=settings.proof_max_age_s,
                 leeway_s=settings.proof_leeway_s,
+                nonces=self._nonces,
             )
             if not isinstance(jkt, str) or jkt != proof.jkt:
                 raise Rejection(

@@ -1680,6 +1680,19 @@ class DpopSettings:
         "oldest is forgotten first (`gateway_dpop_replay_evictions_total`): size it above "
         "proofs per second times the window",
     )
+    nonce: bool = setting(
+        False,
+        Boolean(),
+        "require server nonces (RFC 9449 §9): a proof must carry the current `nonce`, else "
+        '401 `dpop_nonce_required` with `error="use_dpop_nonce"` and a `DPoP-Nonce` header '
+        "to retry with; every DPoP challenge carries the current one",
+    )
+    nonce_lifetime_s: float = setting(
+        300.0,
+        Seconds(at_most=86400.0),
+        "how long a nonce is accepted: a new one each lifetime, the previous one still "
+        "accepted (so between one and two lifetimes)",
+    )
     public_url: str | None = optional(
         Custom(_read_origin, _ORIGIN),
         "the origin clients address (`https://api.example.com`), which a proof's `htu` must "

@@ -14,7 +14,9 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import hmac
 import json
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,6 +97,46 @@ def normalized_htu(url: str) -> str | None:
     return f"{scheme}://{host}{parts.path or '/'}"
 
 
+NONCE_KEY_ENV: Final = "GATEWAY_DPOP_NONCE_KEY"
+
+
+class Nonces:
+    """Server nonces (RFC 9449 §9) without state: a nonce names a time window and carries an
+    HMAC of it; the current and the previous window are accepted.  The key is random per
+    process; the ``--workers`` supervisor gives every worker the same one (``NONCE_KEY_ENV``),
+    so a nonce from one worker is good at another."""
+
+    __slots__ = ("_clock", "_key", "lifetime_s")
+
+    def __init__(self, clock: Clock, lifetime_s: float, key: bytes | None = None) -> None:
+        self._clock = clock
+        self.lifetime_s = lifetime_s
+        shared = os.environ.get(NONCE_KEY_ENV)
+        self._key = (
+            key if key is not None else (bytes.fromhex(shared) if shared else os.urandom(32))
+        )
+
+    def _window(self) -> int:
+        return int(self._clock.time() // self.lifetime_s)
+
+    def _for(self, window: int) -> str:
+        mac = hmac.new(self._key, str(window).encode("ascii"), hashlib.sha256).digest()[:18]
+        return f"{window}.{b64url(mac)}"
+
+    def current(self) -> str:
+        """The nonce a client should put in its next proof."""
+        return self._for(self._window())
+
+    def valid(self, nonce: Any) -> bool:
+        if not isinstance(nonce, str):
+            return False
+        window, dot, _ = nonce.partition(".")
+        if not dot or not window.isdigit() or len(window) > 12:
+            return False
+        now = self._window()
+        return int(window) in (now, now - 1) and hmac.compare_digest(nonce, self._for(int(window)))
+
+
 @dataclass(frozen=True, slots=True)
 class Proof:
     """A proof that passed every check but the binding and replay: the key it names."""
@@ -114,6 +156,7 @@ def check_proof(
     now: float,
     max_age_s: float,
     leeway_s: float,
+    nonces: Nonces | None = None,
 ) -> Proof:
     """Every check of RFC 9449 §4.3 on one proof, except replay and the token's ``cnf.jkt``;
     raises ``DPOP_PROOF_INVALID`` saying (in the detail, for the log) which failed."""
@@ -165,6 +208,8 @@ def check_proof(
         raise Rejection(Reason.DPOP_PROOF_INVALID, "jti is missing or too long")
     if claims.get("ath") != access_token_hash(access_token):
         raise Rejection(Reason.DPOP_PROOF_INVALID, "ath is not the access token's hash")
+    if nonces is not None and not nonces.valid(claims.get("nonce")):
+        raise Rejection(Reason.DPOP_NONCE_REQUIRED, "nonce missing or not current")
     return Proof(jkt, jti, float(iat))
 
 

@@ -41,6 +41,8 @@ def rejection_response(
     headers = [("Content-Type", "application/json"), ("Cache-Control", "no-store")]
     for challenge in challenges(reason, realm, scope, dpop):
         headers.append(("WWW-Authenticate", challenge))
+    if dpop is not None and dpop.nonce is not None:
+        headers.append(("DPoP-Nonce", dpop.nonce))
     return Answer(spec.status or 500, headers, _rejection_body(reason))
 
 

@@ -52,6 +52,7 @@ class Reason(enum.StrEnum):
     DPOP_REQUIRED = "dpop_required"
     DPOP_PROOF_INVALID = "dpop_proof_invalid"
     DPOP_PROOF_REPLAYED = "dpop_proof_replayed"
+    DPOP_NONCE_REQUIRED = "dpop_nonce_required"
     DPOP_BINDING_MISMATCH = "dpop_binding_mismatch"
     CERT_BINDING_MISMATCH = "cert_binding_mismatch"
     JWKS_UNAVAILABLE = "jwks_unavailable"
@@ -183,6 +184,16 @@ REASON_SPECS: Final[Mapping[Reason, ReasonSpec]] = MappingProxyType(
         ),
         Reason.DPOP_PROOF_INVALID: _invalid_proof("The DPoP proof is invalid."),
         Reason.DPOP_PROOF_REPLAYED: _invalid_proof("The DPoP proof was already used."),
+        # RFC 9449 §9: the proof lacks the server's current nonce; the answer carries one.
+        Reason.DPOP_NONCE_REQUIRED: ReasonSpec(
+            401,
+            "A fresh DPoP nonce is required; retry with the one in DPoP-Nonce.",
+            Outcome.REJECTED,
+            _INFO,
+            True,
+            None,
+            "use_dpop_nonce",
+        ),
         Reason.DPOP_BINDING_MISMATCH: _invalid_token(
             "The token is not bound to the key of the DPoP proof.", _WARN
         ),
@@ -233,6 +244,7 @@ class DpopChallenge:
 
     algs: str
     bearer_too: bool
+    nonce: str | None = None  # with dpop.nonce: the current server nonce (a DPoP-Nonce header)
 
 
 def challenges(

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import secrets
 import shutil
 import signal
 import tempfile
@@ -27,6 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, multiprocess
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from .config import GatewayConfig, load_config, loads_config
+from .dpop import NONCE_KEY_ENV
 from .errors import ConfigError
 from .logs import kv, setup_logging
 
@@ -239,6 +241,8 @@ def run_workers(
     metrics_dir = os.path.join(state_dir, "metrics")
     os.mkdir(metrics_dir)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    # One DPoP nonce key for every worker: a nonce one issued is good at the others.
+    os.environ.setdefault(NONCE_KEY_ENV, secrets.token_hex(32))
     try:
         supervisor = Supervisor(config_path, config, count, log_level, log_format)
         asyncio.run(_supervise(supervisor, watch))

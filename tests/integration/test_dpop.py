@@ -378,3 +378,46 @@ async def test_forwarded_scheme_and_host_count_only_from_trusted_proxies(
     forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "api.example.com"}
     expected = (200, "ok") if trusted else (401, "dpop_proof_invalid")
     assert (await call(gw, {**dpop(bound, proof), **forwarded}))[:2] == expected
+
+
+# --- server nonces (RFC 9449 §9) ---------------------------------------------------------------
+async def test_with_nonces_a_proof_without_one_gets_a_nonce_to_retry_with(
+    make_gateway: GatewayFactory, clock: FakeClock, client: DpopClient, bound: str
+) -> None:
+    gw = await make_gateway(dpop_route("required", nonce=True, nonce_lifetime_s=300))
+    first = client.proof("GET", url(gw), bound, now=clock.time())
+    async with gw.client.get("/api/orders", headers=dpop(bound, first)) as response:
+        assert response.status == 401
+        assert (await response.json())["error"]["reason"] == "dpop_nonce_required"
+        assert response.headers.getall("WWW-Authenticate") == [
+            proof_challenge(
+                "use_dpop_nonce",
+                "A fresh DPoP nonce is required; retry with the one in DPoP-Nonce.",
+            )
+        ]
+        nonce = response.headers["DPoP-Nonce"]
+    retry = client.proof("GET", url(gw), bound, now=clock.time(), nonce=nonce)
+    assert (await call(gw, dpop(bound, retry)))[:2] == (200, "ok")
+    # The first proof was refused, not spent: it never counts as seen.
+    assert metric_value(gw.registry, "gateway_dpop_replay_cache_entries") == 1
+
+
+async def test_a_nonce_is_good_for_its_lifetime_and_the_next_then_replaced(
+    make_gateway: GatewayFactory, clock: FakeClock, client: DpopClient, token: Callable[..., str]
+) -> None:
+    bound = token(cnf={"jkt": client.jkt}, exp=int(clock.time()) + 3600)  # outlives the windows
+    gw = await make_gateway(dpop_route("required", nonce=True, nonce_lifetime_s=300))
+    async with gw.client.get("/api/orders", headers={"Authorization": f"DPoP {bound}"}) as reply:
+        nonce = reply.headers["DPoP-Nonce"]  # every DPoP challenge carries the current one
+
+    async def with_nonce(value: str) -> tuple[int, str]:
+        proof = client.proof("GET", url(gw), bound, now=clock.time(), nonce=value)
+        status, reason, _ = await call(gw, dpop(bound, proof))
+        return status, reason
+
+    clock.advance(300)  # the next window: the previous nonce still passes
+    assert await with_nonce(nonce) == (200, "ok")
+    clock.advance(300)  # two windows on: replaced
+    assert await with_nonce(nonce) == (401, "dpop_nonce_required")
+    window, _, mac = nonce.partition(".")
+    assert await with_nonce(f"{int(window) + 2}.{mac}") == (401, "dpop_nonce_required")  # forged

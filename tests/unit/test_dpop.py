@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.dpop import Proof, ReplayCache, access_token_hash, jwk_thumbprint, normalized_htu
+from gateway.dpop import (
+    NONCE_KEY_ENV,
+    Nonces,
+    Proof,
+    ReplayCache,
+    access_token_hash,
+    jwk_thumbprint,
+    normalized_htu,
+)
 from gateway.errors import Rejection
 from gateway.reasons import Reason
 from tests.fakes import FakeClock
@@ -97,3 +105,21 @@ def test_a_full_replay_cache_forgets_its_oldest_and_counts() -> None:
     assert (len(cache), cache.evictions, sizes, len(evicted)) == (2, 1, [1, 2, 2], 1)
     assert cache.first_use(Proof("k", "a", clock.time()), 60)  # the evicted one
     assert not cache.first_use(Proof("k", "c", clock.time()), 60)
+
+
+def test_workers_sharing_the_nonce_key_accept_each_others_nonces(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = FakeClock()
+    monkeypatch.setenv(NONCE_KEY_ENV, "ab" * 32)  # what the --workers supervisor sets
+    one, other = Nonces(clock, 300), Nonces(clock, 300)
+    assert other.valid(one.current())
+    monkeypatch.delenv(NONCE_KEY_ENV)
+    alone = Nonces(clock, 300)  # a key of its own
+    assert not alone.valid(one.current())
+    assert alone.valid(alone.current())
+
+
+@pytest.mark.parametrize("nonce", [None, 7, "", "abc", "1.", ".x", "9" * 13 + ".x"])
+def test_a_nonce_that_is_not_one_of_ours_is_refused(nonce: object) -> None:
+    assert not Nonces(FakeClock(), 300).valid(nonce)

@@ -65,6 +65,7 @@ ANSWERS: dict[Reason, tuple[int, str | None]] = {
     Reason.DPOP_REQUIRED: (401, ""),
     Reason.DPOP_PROOF_INVALID: (401, ""),
     Reason.DPOP_PROOF_REPLAYED: (401, ""),
+    Reason.DPOP_NONCE_REQUIRED: (401, ""),
     **{reason: (401, "invalid_token") for reason in _INVALID_TOKEN},
     Reason.INSUFFICIENT_SCOPE: (403, "insufficient_scope"),
     Reason.JWKS_UNAVAILABLE: (503, None),

@@ -59,7 +59,12 @@ def test_401_reasons_carry_a_bearer_challenge(reason: Reason) -> None:
         assert spec.bearer_error == "invalid_token"
 
 
-DPOP_ONLY = {Reason.DPOP_REQUIRED, Reason.DPOP_PROOF_INVALID, Reason.DPOP_PROOF_REPLAYED}
+DPOP_ONLY = {
+    Reason.DPOP_REQUIRED,
+    Reason.DPOP_PROOF_INVALID,
+    Reason.DPOP_PROOF_REPLAYED,
+    Reason.DPOP_NONCE_REQUIRED,
+}
 
 
 def test_only_token_missing_and_dpop_reasons_are_401s_without_a_bearer_error_code() -> None:
@@ -74,6 +79,7 @@ def test_only_token_missing_and_dpop_reasons_are_401s_without_a_bearer_error_cod
     [
         (Reason.DPOP_PROOF_INVALID, "invalid_dpop_proof"),
         (Reason.DPOP_PROOF_REPLAYED, "invalid_dpop_proof"),
+        (Reason.DPOP_NONCE_REQUIRED, "use_dpop_nonce"),
         (Reason.DPOP_BINDING_MISMATCH, "invalid_token"),
         (Reason.DPOP_REQUIRED, "invalid_token"),
         (Reason.TOKEN_EXPIRED, "invalid_token"),
