@@ -122,6 +122,15 @@ GROUPS: Final = {
         ("gateway/tracing.py",),
         ("tests/unit/test_tracing.py", "tests/integration/test_tracing.py"),
     ),
+    # Sender-constrained tokens: DPoP proofs, the replay cache and nonces, and each binding.
+    "binding": Group(
+        ("gateway/dpop.py", "gateway/binding.py"),
+        (
+            "tests/unit/test_dpop.py",
+            "tests/integration/test_dpop.py",
+            "tests/integration/test_cert_bound.py",
+        ),
+    ),
     # The per-issuer key cache: discovery, cooldown, stale-while-revalidate, refresh, backoff.
     "jwks": Group(
         ("gateway/jwks.py",),
