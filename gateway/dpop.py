@@ -108,13 +108,11 @@ class Nonces:
 
     __slots__ = ("_clock", "_key", "lifetime_s")
 
-    def __init__(self, clock: Clock, lifetime_s: float, key: bytes | None = None) -> None:
+    def __init__(self, clock: Clock, lifetime_s: float) -> None:
         self._clock = clock
         self.lifetime_s = lifetime_s
         shared = os.environ.get(NONCE_KEY_ENV)
-        self._key = (
-            key if key is not None else (bytes.fromhex(shared) if shared else os.urandom(32))
-        )
+        self._key = bytes.fromhex(shared) if shared else os.urandom(32)
 
     def _window(self) -> int:
         return int(self._clock.time() // self.lifetime_s)
@@ -243,7 +241,7 @@ class ReplayCache:
         entries = self._entries
         while entries:
             oldest, until = next(iter(entries.items()))
-            if until > now:
+            if until >= now:  # at `until` itself the proof's iat is still accepted
                 break
             del entries[oldest]
         key = (proof.jkt, proof.jti)

@@ -127,6 +127,7 @@ GROUPS: Final = {
         ("gateway/dpop.py", "gateway/binding.py"),
         (
             "tests/unit/test_dpop.py",
+            "tests/unit/test_binding.py",
             "tests/integration/test_dpop.py",
             "tests/integration/test_cert_bound.py",
         ),

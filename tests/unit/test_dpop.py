@@ -123,3 +123,21 @@ def test_workers_sharing_the_nonce_key_accept_each_others_nonces(
 @pytest.mark.parametrize("nonce", [None, 7, "", "abc", "1.", ".x", "9" * 13 + ".x"])
 def test_a_nonce_that_is_not_one_of_ours_is_refused(nonce: object) -> None:
     assert not Nonces(FakeClock(), 300).valid(nonce)
+
+
+def test_a_proof_is_remembered_up_to_the_last_instant_its_iat_is_accepted() -> None:
+    clock = FakeClock()
+    cache = ReplayCache(10, clock)
+    proof = Proof("k", "j", clock.time())
+    assert cache.first_use(proof, 65)
+    clock.advance(65)  # iat + max_age + leeway: check_proof still accepts this iat
+    assert not cache.first_use(proof, 65)
+
+
+def test_a_replay_cache_of_one_keeps_one_and_counts_every_eviction() -> None:
+    clock = FakeClock()
+    cache = ReplayCache(1, clock)
+    for jti in ("a", "b", "c"):
+        assert cache.first_use(Proof("k", jti, clock.time()), 60)
+    assert (len(cache), cache.evictions) == (1, 2)
+    assert not cache.first_use(Proof("k", "c", clock.time()), 60)
