@@ -438,13 +438,17 @@ class HttpConnection(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             # Upgrade and CONNECT requests: the head was delivered; what follows is not HTTP.
+            # The requests pipelined before it are answered as usual; the connection ends
+            # with the upgrade request's answer, unless that is a 101.
             self._stopped = True
-            self.closing = True
             if self._refusal is None and self._queue:
                 request = self._queue[-1]
                 request.upgrade = True
+                request._closing = True
                 request.early = data[upgrade.args[0] :] if upgrade.args else b""
                 self._upgrading = request
+            else:
+                self.closing = True
         except httptools.HttpParserCallbackError:
             raise  # a bug in a callback below, not the client's fault
         except httptools.HttpParserError as exc:

@@ -419,6 +419,35 @@ async def test_an_upgrade_refused_for_its_head_upgrades_no_request_queued_before
     assert upstream.hits == 1
 
 
+async def test_requests_pipelined_before_a_handshake_are_all_answered_then_its_refusal(
+    serve: GatewayFactory, upstream: EchoUpstream
+) -> None:
+    """Two GETs, then a WebSocket handshake without a token, in one send: both GETs are
+    answered as usual (keep-alive), then the handshake's 401, which ends the connection (what
+    the client sent after its head is not HTTP)."""
+    gw = await serve()
+    handshake = get(
+        "/api/ws", "Upgrade: websocket", "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13",
+    )  # fmt: skip
+    conn = await RawConnection.open(gw.port)
+    try:
+        await conn.send(get("/public/a") + get("/public/b") + handshake)
+        first = await conn.response(within=WITHIN)
+        second = await conn.response(within=WITHIN)
+        refused = await conn.response(within=WITHIN)
+        await conn.closed_by_server(within=WITHIN)
+    finally:
+        await conn.close()
+    assert [first.json()["path"], second.json()["path"]] == ["/public/a", "/public/b"]
+    assert "close" not in first.headers.get("Connection", "")
+    assert "close" not in second.headers.get("Connection", "")
+    assert refused.status == 401
+    assert refused.json()["error"]["reason"] == "token_missing"
+    assert refused.headers["Connection"] == "close"
+    assert upstream.hits == 2
+
+
 async def test_a_request_pipelined_after_a_malformed_one_is_never_forwarded(serve, upstream):
     gw = await serve()
     reply, rest = await refuse(gw, MALFORMED["nul-in-value"][0] + get("/public/after"))
