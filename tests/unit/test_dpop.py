@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import jwt
 import pytest
 
 from gateway.dpop import (
@@ -10,12 +13,14 @@ from gateway.dpop import (
     Proof,
     ReplayCache,
     access_token_hash,
+    check_proof,
     jwk_thumbprint,
     normalized_htu,
 )
 from gateway.errors import Rejection
 from gateway.reasons import Reason
-from tests.fakes import FakeClock
+from tests.fakes import FakeClock, generate_key
+from tests.integration.senderkit import DpopClient
 
 # RFC 7638 §3.1: the example key and its thumbprint.
 RFC_7638_N = (
@@ -141,3 +146,74 @@ def test_a_replay_cache_of_one_keeps_one_and_counts_every_eviction() -> None:
         assert cache.first_use(Proof("k", jti, clock.time()), 60)
     assert (len(cache), cache.evictions) == (1, 2)
     assert not cache.first_use(Proof("k", "c", clock.time()), 60)
+
+
+# --- check_proof's edges, on a fixed clock -------------------------------------------------------
+NOW = 1_000_000.0
+URL = "https://api.example/orders"
+
+
+def _check(client: DpopClient, proof: str, **overrides: Any) -> None:
+    options: dict[str, Any] = {
+        "method": "GET", "url": URL, "access_token": "tok", "algorithms": frozenset({"ES256"}),
+        "now": NOW, "max_age_s": 60.0, "leeway_s": 5.0, **overrides,
+    }  # fmt: skip
+    check_proof(proof, **options)
+
+
+@pytest.fixture(scope="module")
+def holder() -> DpopClient:
+    return DpopClient("ES256")
+
+
+@pytest.mark.parametrize(
+    ("iat", "accepted"), [(NOW + 5, True), (NOW + 6, False), (NOW - 65, True), (NOW - 66, False)]
+)
+def test_iat_is_accepted_up_to_the_edges_of_its_window(
+    holder: DpopClient, iat: float, accepted: bool
+) -> None:
+    proof = holder.proof("GET", URL, "tok", now=iat)
+    if accepted:
+        _check(holder, proof)
+    else:
+        with pytest.raises(Rejection) as refused:
+            _check(holder, proof)
+        assert refused.value.reason is Reason.DPOP_PROOF_INVALID
+
+
+@pytest.mark.parametrize(
+    ("jti", "accepted"),
+    [("", False), (7, False), (None, False), ("j" * 256, True), ("j" * 257, False)],
+)
+def test_jti_must_be_a_string_of_1_to_256_characters(
+    holder: DpopClient, jti: object, accepted: bool
+) -> None:
+    proof = holder.proof("GET", URL, "tok", now=NOW, jti=jti)
+    if accepted:
+        _check(holder, proof)
+    else:
+        with pytest.raises(Rejection) as refused:
+            _check(holder, proof)
+        assert refused.value.reason is Reason.DPOP_PROOF_INVALID
+
+
+def test_a_jwk_that_does_not_fit_the_alg_is_refused(holder: DpopClient) -> None:
+    # An EC key claiming RS256: no key for that algorithm can be built from it.
+    proof = holder.proof("GET", URL, "tok", now=NOW, header={"alg": "ES256"})
+    rs_claims = jwt.decode(proof, options={"verify_signature": False})
+    forged = jwt.encode(
+        rs_claims, generate_key("RS256", "x").private, algorithm="RS256",
+        headers={"typ": "dpop+jwt", "jwk": holder.jwk},
+    )  # fmt: skip
+    with pytest.raises(Rejection) as refused:
+        _check(holder, forged, algorithms=frozenset({"ES256", "RS256"}))
+    assert refused.value.reason is Reason.DPOP_PROOF_INVALID
+
+
+def test_a_large_signed_payload_that_is_not_json_is_refused(holder: DpopClient) -> None:
+    # Over the size decoded before the signature: decoded after it, and refused there.
+    header = {"typ": "dpop+jwt", "jwk": holder.jwk}
+    proof = jwt.api_jws.encode(b"x" * 5000, holder.key.private, algorithm="ES256", headers=header)
+    with pytest.raises(Rejection) as refused:
+        _check(holder, proof)
+    assert refused.value.reason is Reason.DPOP_PROOF_INVALID
