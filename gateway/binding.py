@@ -111,16 +111,12 @@ class SenderCheck:
     def __init__(self, config: GatewayConfig, clock: Clock) -> None:
         self._clock = clock
         self.replay = ReplayCache(config.dpop.replay_cache_size, clock)
-        self._dpop: DpopSettings = config.dpop
-        self._cert_header = config.client_cert_header
-        self._trusts = config.trusts
-        self._origin = config.dpop.public_url
-        self._challenges: dict[str, DpopChallenge] = {}
         self._nonces: Nonces | None = None
         self.reconfigure(config)
 
     def reconfigure(self, config: GatewayConfig) -> None:
-        self._dpop = config.dpop
+        """Take a (new or reloaded) config's settings; the replay cache and nonces stay."""
+        self._dpop: DpopSettings = config.dpop
         self._cert_header = config.client_cert_header
         self._trusts = config.trusts
         self._origin = config.dpop.public_url
@@ -132,7 +128,7 @@ class SenderCheck:
         else:
             self._nonces.lifetime_s = config.dpop.nonce_lifetime_s
         algs = " ".join(sorted(config.dpop.algorithms))
-        self._challenges = {
+        self._challenges: dict[str, DpopChallenge] = {
             route.id: DpopChallenge(algs, route.auth.dpop is BindingMode.ALLOWED)
             for route in config.routes
             if route.auth is not None and route.auth.dpop is not BindingMode.OFF

@@ -63,6 +63,15 @@ def headers(**values: str) -> CIMultiDictProxy[str]:
         pytest.param(f'Hash="{hashlib.sha256(der(OWNER)).hexdigest()}"', id="hash-quoted"),
         pytest.param(f'Cert="{quote(pem(OWNER))}"', id="cert-only"),
         pytest.param(
+            f'Subject="CN=x;O=y";Hash={hashlib.sha256(der(OWNER)).hexdigest()}',
+            id="hash-last-after-a-quoted-semicolon",
+        ),
+        pytest.param(
+            f"Hash={hashlib.sha256(der(OWNER)).hexdigest()};"
+            f'Subject="CN=x;Hash={hashlib.sha256(der(OTHER)).hexdigest()}"',
+            id="a-hash-inside-a-quoted-subject-is-not-a-field",
+        ),
+        pytest.param(
             f"By=spiffe://gw;Hash={hashlib.sha256(der(OWNER)).hexdigest()};"
             'Subject="CN=owner,O=Acme;Inc=1";URI=spiffe://client',
             id="quoted-commas-semicolons-and-equals",
@@ -217,3 +226,34 @@ def test_with_nonces_an_allowed_route_still_challenges_both_schemes(tmp_path: Pa
     challenge = SenderCheck(cfg, FakeClock()).challenge(cfg.routes[0])
     assert challenge is not None
     assert (challenge.bearer_too, challenge.nonce is not None) == (True, True)
+
+
+def test_a_required_route_refuses_an_unbound_token_whatever_the_certificate(tmp_path: Path) -> None:
+    cfg = config(tmp_path, certificate_bound="required")
+    with pytest.raises(Rejection) as refused:
+        check(SenderCheck(cfg, FakeClock()), cfg, {"sub": "a"}, Connection(cert=der(OWNER)))
+    assert refused.value.reason is Reason.CERT_BINDING_MISMATCH
+
+
+def test_from_a_proxy_header_a_request_without_a_connection_shows_no_certificate(
+    tmp_path: Path,
+) -> None:
+    # `gateway explain` judges a request that came over no connection at all.
+    cfg = loads_config(
+        json.dumps({
+            "trusted_proxies": ["10.0.0.1/32"],
+            "client_cert_header": {"name": "X-Forwarded-Client-Cert"},
+            "issuers": {"corp": {"issuer": "https://id.example", "jwks_uri": "https://id.example/k", "algorithms": ["ES256"]}},
+            "routes": [{
+                "id": "api", "match": {"path_prefix": "/"}, "upstream": "http://u:1",
+                "auth": {"issuers": ["corp"], "audiences": ["api"], "certificate_bound": "required"},
+            }],
+        })
+    )  # fmt: skip
+    claims = {"cnf": {"x5t#S256": x5t(OWNER)}}
+    forwarded = headers(X_Forwarded_Client_Cert=f"Hash={hashlib.sha256(der(OWNER)).hexdigest()}")
+    sender = SenderCheck(cfg, FakeClock())
+    check(sender, cfg, claims, Connection(remote="10.0.0.1"), headers=forwarded)
+    with pytest.raises(Rejection) as refused:
+        check(sender, cfg, claims, None, headers=forwarded)
+    assert refused.value.reason is Reason.CERT_BINDING_MISMATCH
