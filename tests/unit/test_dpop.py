@@ -125,7 +125,9 @@ def test_workers_sharing_the_nonce_key_accept_each_others_nonces(
     assert alone.valid(alone.current())
 
 
-@pytest.mark.parametrize("nonce", [None, 7, "", "abc", "1.", ".x", "9" * 21 + ".x", "9" * 5000 + ".x"])
+@pytest.mark.parametrize(
+    "nonce", [None, 7, "", "abc", "1.", ".x", "9" * 21 + ".x", "9" * 5000 + ".x"]
+)
 def test_a_nonce_that_is_not_one_of_ours_is_refused(nonce: object) -> None:
     assert not Nonces(FakeClock(), 300).valid(nonce)
 
