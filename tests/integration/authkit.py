@@ -345,3 +345,9 @@ def assert_not_logged(caplog: pytest.LogCaptureFixture, secret: str) -> None:
         assert secret not in (record.exc_text or ""), record.name
         if record.exc_info:
             assert secret not in logging.Formatter().formatException(record.exc_info)
+
+
+def logged(caplog: Any) -> dict[str, str]:
+    """The fields of the one decision line logged since ``caplog`` was last cleared."""
+    [line] = decision_lines(caplog)
+    return dict(part.split("=", 1) for part in line.split())

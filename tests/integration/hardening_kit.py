@@ -406,3 +406,16 @@ def echo_download_sha256(size: int) -> str:
         digest.update(piece[: min(len(piece), remaining)])
         remaining -= min(len(piece), remaining)
     return digest.hexdigest()
+
+
+async def read_all(reader: asyncio.StreamReader, size: int, within: float) -> str:
+    """Read exactly ``size`` bytes (each read bounded by ``within``); their SHA-256 hex."""
+    digest = hashlib.sha256()
+    received = 0
+    while received < size:
+        chunk = await asyncio.wait_for(reader.read(256 * 1024), within)
+        assert chunk, f"cut off after {received} of {size} bytes"
+        digest.update(chunk)
+        received += len(chunk)
+    assert received == size
+    return digest.hexdigest()

@@ -32,6 +32,7 @@ from tests.integration.e2e_helpers import MIB
 from tests.integration.hardening_kit import (
     block,
     point_routes_at,
+    read_all,
     read_request_head,
     set_limits,
     set_route,
@@ -107,18 +108,6 @@ async def stall_point(sender: Sender) -> int:
     return sender.out
 
 
-async def read_all(reader: asyncio.StreamReader, size: int) -> str:
-    digest = hashlib.sha256()
-    received = 0
-    while received < size:
-        chunk = await asyncio.wait_for(reader.read(256 * 1024), WITHIN)
-        assert chunk, f"cut off after {received} of {size} bytes"
-        digest.update(chunk)
-        received += len(chunk)
-    assert received == size
-    return digest.hexdigest()
-
-
 def stream_sha256() -> str:
     """sha256 of what a ``Sender`` sends."""
     digest = hashlib.sha256()
@@ -191,7 +180,7 @@ async def test_an_upload_to_an_upstream_that_stops_reading_stalls_the_client_the
     async def read_late(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request_head(reader)
         await reading.wait()
-        received.append(await read_all(reader, STREAM))
+        received.append(await read_all(reader, STREAM, WITHIN))
         body = received[0].encode()
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
         await writer.drain()
@@ -251,6 +240,6 @@ async def test_a_tunnel_whose_client_stops_reading_stalls_the_upstream_then_deli
             sender = senders[0]
             out = await stall_point(sender)
             assert out < HELD_BACK, f"the gateway took {out} bytes its client did not read"
-            assert await read_all(reader, STREAM) == stream_sha256()
+            assert await read_all(reader, STREAM, WITHIN) == stream_sha256()
         finally:
             await close(writer)

@@ -18,7 +18,12 @@ from gateway.app import GATEWAY_KEY
 from gateway.errors import ConfigError
 from gateway.reasons import REASON_SPECS, Reason
 from tests.conftest import GatewayFactory, RunningGateway, base_config, bearer
-from tests.integration.authkit import decision_lines, expected_body, expected_challenge, send_raw
+from tests.integration.authkit import (
+    expected_body,
+    expected_challenge,
+    logged,
+    send_raw,
+)
 
 NGINX = "/auth/nginx"
 TRAEFIK = "/auth/traefik"
@@ -41,18 +46,6 @@ def nginx_headers(method: str, uri: str, **extra: str) -> dict[str, str]:
 
 def traefik_headers(method: str, uri: str, **extra: str) -> dict[str, str]:
     return {"X-Forwarded-Method": method, "X-Forwarded-Uri": uri, **extra}
-
-
-def logged(caplog: pytest.LogCaptureFixture) -> dict[str, str]:
-    """The fields of the one decision line logged since ``caplog`` was last cleared."""
-    [line] = decision_lines(caplog)
-    return dict(part.split("=", 1) for part in line.split())
-
-
-@pytest.fixture
-def decisions(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
-    caplog.set_level(logging.DEBUG, logger="gateway.request")
-    return caplog
 
 
 # --- allow ------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import socket
@@ -25,6 +24,7 @@ from tests.integration.hardening_kit import (
     RawUpstream,
     echo_download_sha256,
     point_routes_at,
+    read_all,
     read_request_head,
     set_limits,
     set_route,
@@ -190,15 +190,7 @@ async def test_a_client_that_pauses_reading_then_reads_gets_the_whole_download(
         await asyncio.sleep(0.5)  # not reading: the gateway's socket buffer fills, writing pauses
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WITHIN)
         assert head.startswith(b"HTTP/1.1 200 ")
-        digest = hashlib.sha256()
-        received = 0
-        while received < size:
-            chunk = await asyncio.wait_for(reader.read(256 * 1024), WITHIN)
-            assert chunk, f"cut off after {received} bytes"
-            digest.update(chunk)
-            received += len(chunk)
-        assert received == size
-        assert digest.hexdigest() == echo_download_sha256(size)
+        assert await read_all(reader, size, WITHIN) == echo_download_sha256(size)
     finally:
         await close(writer)
     await wait_until(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +25,7 @@ from gateway.app import GATEWAY_KEY
 from gateway.tracing import parse_traceparent
 from tests.conftest import RunningGateway, bearer
 from tests.fakes import FakeClock, FakeIdP, SigningKey, generate_key
-from tests.integration.authkit import decision_lines, send_raw
+from tests.integration.authkit import logged, send_raw
 from tests.integration.e2e_helpers import free_port
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -44,17 +43,6 @@ def upstream_trace_headers(body: dict[str, Any]) -> tuple[list[str], list[str]]:
         [v for k, v in pairs if k.lower() == "traceparent"],
         [v for k, v in pairs if k.lower() == "tracestate"],
     )
-
-
-def logged(caplog: pytest.LogCaptureFixture) -> dict[str, str]:
-    [line] = decision_lines(caplog)
-    return dict(part.split("=", 1) for part in line.split())
-
-
-@pytest.fixture
-def decisions(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
-    caplog.set_level(logging.DEBUG, logger="gateway.request")
-    return caplog
 
 
 # --- propagation, without a tracing block -------------------------------------------------------
