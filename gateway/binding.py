@@ -57,7 +57,7 @@ def thumbprint_from_header(value: str, fmt: CertHeaderFormat) -> str | None:
             return certificate_thumbprint(ssl.PEM_cert_to_DER_cert(unquote(value)))
         except (ValueError, ssl.SSLError):
             return None
-    if "," in _outside_quotes(value):
+    if len(_split_outside_quotes(value, ",")) > 1:
         return None
     fields: dict[str, str] = {}
     for part in _split_outside_quotes(value, ";"):
@@ -75,11 +75,6 @@ def thumbprint_from_header(value: str, fmt: CertHeaderFormat) -> str | None:
     if cert is not None:
         return thumbprint_from_header(cert, CertHeaderFormat.PEM)
     return None
-
-
-def _outside_quotes(value: str) -> str:
-    """``value`` with every double-quoted run removed (XFCC quotes values holding , ; =)."""
-    return "".join(part for index, part in enumerate(value.split('"')) if index % 2 == 0)
 
 
 def _split_outside_quotes(value: str, sep: str) -> list[str]:

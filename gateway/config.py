@@ -1861,7 +1861,6 @@ class GatewayConfig:
 
 def _build_gateway(values: Values) -> GatewayConfig:
     root = values.node
-    context = _context(root)
     issuers: Mapping[str, IssuerConfig] = values.get("issuers")
     limits: Limits = values.get("limits")
     mode: GatewayMode = values.get("mode")
@@ -1873,7 +1872,6 @@ def _build_gateway(values: Values) -> GatewayConfig:
             "a non-empty list of the networks nginx, Envoy or Traefik call from",
         )
     routes_node = _within(root.child("routes"), issuers=issuers, limits=limits, mode=mode)
-    del context
     config = GatewayConfig(**values.fields(routes=_read_routes(routes_node)))
     has_certificates = config.client_cert_header is not None or (
         config.listen.tls is not None and config.listen.tls.client_ca_file is not None
