@@ -58,6 +58,23 @@ RESPONSE_HOP_BY_HOP_HEADERS: Final = frozenset(
     {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
      "upgrade", "proxy-authenticate"}
 )  # fmt: skip
+# What the relay drops from a response, as the bytes it compares (lower-cased names): the
+# hop-by-hop headers and the upstream's X-Request-ID (the client gets the gateway's).
+RESPONSE_DROPPED: Final = frozenset(
+    name.encode() for name in (*RESPONSE_HOP_BY_HOP_HEADERS, REQUEST_ID_HEADER.lower())
+)
+
+
+def connection_options(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """The names a message's ``Connection`` headers list (lower-cased bytes): hop-by-hop too."""
+    named = {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == b"connection"
+        for token in value.split(b",")
+    }
+    named.discard(b"")
+    return frozenset(named)
 
 
 def header_key(name: str) -> str:

@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import Final
 
 from multidict import CIMultiDict
 
@@ -19,9 +20,10 @@ from .headers import (
     METHOD_OVERRIDE_HEADERS,
     PROXY_OWN_HEADERS,
     REQUEST_ID_HEADER,
-    RESPONSE_HOP_BY_HOP_HEADERS,
+    RESPONSE_DROPPED,
     TRACE_CONTEXT_HEADERS,
     Carriers,
+    connection_options,
     header_key,
     headers_to_strip,
     token_carriers,
@@ -113,6 +115,19 @@ def request_head(
         raise Rejection(Reason.INTERNAL_ERROR, "line break in an upstream header")
     # Header values were decoded with surrogateescape: the client's bytes go on unchanged.
     return text.encode("utf-8", "surrogateescape")
+
+
+REQUEST_ID_BYTES: Final = REQUEST_ID_HEADER.encode()
+
+
+def response_block(headers: list[tuple[bytes, bytes]], dropped: frozenset[bytes]) -> bytes:
+    """An upstream response's header lines as the client gets them (each ending in CRLF),
+    without the names in ``dropped`` (lower-cased).  llhttp refused any CR or LF in them."""
+    parts: list[bytes] = []
+    for name, value in headers:
+        if name.lower() not in dropped:
+            parts += (name, b": ", value, b"\r\n")
+    return b"".join(parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,19 +427,15 @@ class Forwarder:
             raise Rejection(Reason.UPSTREAM_UNAVAILABLE, "upstream closed after its 101")
         # RFC 9110 §7.8: a 101 names the protocol switched to; one that does not is no
         # handshake the client could go on with.
-        protocol = next((v for n, v in upstream.headers if n.lower() == "upgrade"), "").strip()
+        protocol = next((v for n, v in upstream.headers if n.lower() == b"upgrade"), b"").strip()
         if not protocol:
             raise Rejection(Reason.UPSTREAM_UNAVAILABLE, "101 without Upgrade")
-        headers = [
-            (name, value)
-            for name, value in upstream.headers
-            if name.lower() not in RESPONSE_HOP_BY_HOP_HEADERS and name.lower() != "x-request-id"
-        ]
-        headers += [
-            ("Connection", "Upgrade"),
-            ("Upgrade", protocol),
-            (REQUEST_ID_HEADER, record.request_id),
-        ]
+        block = response_block(upstream.headers, RESPONSE_DROPPED)
+        block += b"Connection: Upgrade\r\nUpgrade: %b\r\n%b: %b\r\n" % (
+            protocol,
+            REQUEST_ID_BYTES,
+            record.request_id.encode("ascii"),
+        )
         tunnel = Tunnel(
             request.connection.transport,
             conn.transport,
@@ -432,7 +443,7 @@ class Forwarder:
             max_duration_s=self._tunnel_max_s,
         )
         conn.tunnel = tunnel
-        request.open_tunnel(upstream.reason, headers, tunnel)
+        request.open_tunnel(upstream.reason, block, tunnel)
         record.status = 101
         self._metrics.upgrades.labels(route_id).inc()
         self._metrics.tunnels_open.inc()
@@ -445,29 +456,19 @@ class Forwarder:
     async def _relay(
         self, request: HttpRequest, conn: UpstreamConnection, upstream: ResponseHead
     ) -> None:
-        connection = {
-            token.strip().lower()
-            for name, value in upstream.headers
-            if name.lower() == "connection"
-            for token in value.split(",")
-        }
-        headers = [
-            (name, value)
-            for name, value in upstream.headers
-            if name.lower() not in RESPONSE_HOP_BY_HOP_HEADERS
-            and name.lower() not in connection
-            and name.lower() != "x-request-id"
-        ]
+        dropped = RESPONSE_DROPPED
+        length_framed = upstream.length_framed
+        if upstream.connection:
+            named = connection_options(upstream.headers)
+            dropped = dropped | named
+            length_framed = length_framed and b"content-length" not in named
         record = request.record
-        headers.append((REQUEST_ID_HEADER, record.request_id))
+        block = response_block(upstream.headers, dropped)
+        block += b"%b: %b\r\n" % (REQUEST_ID_BYTES, record.request_id.encode("ascii"))
         status = upstream.status
         bodiless = request.method == "HEAD" or status in (204, 304) or status < 200
         request.start_response(
-            status,
-            upstream.reason,
-            headers,
-            bodiless=bodiless,
-            length_framed=upstream.length_framed and "content-length" not in connection,
+            status, upstream.reason, block, bodiless=bodiless, length_framed=length_framed
         )
         record.status = status
         # From here on the status line is sent: failures are logged and counted, and the

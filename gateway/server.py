@@ -29,7 +29,7 @@ import re
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Any, Final, cast
@@ -223,42 +223,39 @@ class HttpRequest:
 
     def respond(self, answer: Answer) -> None:
         """Send a complete response with a fixed body (the gateway's own: it carries a Date)."""
-        framing = f"Date: {http_date()}\r\nContent-Length: {len(answer.body)}"
-        head = self._head(answer.status, None, answer.headers, framing)
+        block = "".join(f"{name}: {value}\r\n" for name, value in answer.headers)
+        framing = b"Date: %b\r\nContent-Length: %d\r\n" % (http_date(), len(answer.body))
+        head = self._head(
+            answer.status,
+            _REASONS.get(answer.status, b""),
+            block.encode("latin-1", "replace") + framing,
+        )
         # A HEAD is told the length of the body it would have had, and gets none.
         body = b"" if self.method == "HEAD" else answer.body
         self.connection.write(head + body if body else head)
         self.response_started = True
 
     def start_response(
-        self,
-        status: int,
-        reason: str,
-        headers: Iterable[tuple[str, str]],
-        *,
-        bodiless: bool,
-        length_framed: bool,
+        self, status: int, reason: bytes, block: bytes, *, bodiless: bool, length_framed: bool
     ) -> None:
-        """Send a streamed response's head: ``bodiless`` (HEAD, 204, 304), ``length_framed``
-        (a Content-Length among ``headers``), else chunked to an HTTP/1.1 client and
-        close-delimited to an HTTP/1.0 one."""
-        framing = ""
+        """Send a streamed response's head (``block``: its header lines, each ending in CRLF):
+        ``bodiless`` (HEAD, 204, 304), ``length_framed`` (a Content-Length in ``block``), else
+        chunked to an HTTP/1.1 client and close-delimited to an HTTP/1.0 one."""
         if not bodiless and not length_framed:
             if self.version == "1.1":
-                framing = "Transfer-Encoding: chunked"
+                block += b"Transfer-Encoding: chunked\r\n"
                 self._chunked_out = True
             else:
                 self._closing = True
         # Written with the first body bytes (one send instead of two for a small response).
-        self._pending = self._head(status, reason, headers, framing)
+        self._pending = self._head(status, reason, block)
         self.response_started = True
 
-    def open_tunnel(self, reason: str, headers: Iterable[tuple[str, str]], tunnel: Tunnel) -> None:
-        """Send the ``101`` head and join the client connection to ``tunnel``."""
+    def open_tunnel(self, reason: bytes, block: bytes, tunnel: Tunnel) -> None:
+        """Send the ``101`` head (``block``: its header lines) and join the client connection
+        to ``tunnel``."""
         conn = self.connection
-        lines = ["HTTP/1.1 101 " + (reason or "Switching Protocols")]
-        lines.extend(f"{name}: {value}" for name, value in headers)
-        conn.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace"))
+        conn.write(b"HTTP/1.1 101 %b\r\n%b\r\n" % (reason or b"Switching Protocols", block))
         self.response_started = True
         conn.tunnel = tunnel
         conn._upgrading = None
@@ -302,56 +299,47 @@ class HttpRequest:
         """The connection ends with this response."""
         return self._closing or not self.keep_alive or self.connection.closing
 
-    def _head(
-        self, status: int, reason: str | None, headers: Iterable[tuple[str, str]], framing: str
-    ) -> bytes:
+    def _head(self, status: int, reason: bytes, block: bytes) -> bytes:
         conn = self.connection
         if self.body is not None and not self.body.complete:
             # Answered before the body arrived (a refusal, or the upstream's early answer):
             # the rest of the body is not read, so the connection cannot carry another request.
             self._closing = True
-        if reason is None:
-            reason = _REASONS.get(status, "")
-        lines = [f"HTTP/1.1 {status} {reason}"]
-        lines.extend(f"{name}: {value}" for name, value in headers)
-        if framing:
-            lines.append(framing)
         if self.closes_after:
-            lines.append("Connection: close")
             conn.closing = True
-        text = "\r\n".join(lines) + "\r\n\r\n"
-        return text.encode("latin-1", "replace")
+            return b"HTTP/1.1 %d %b\r\n%bConnection: close\r\n\r\n" % (status, reason, block)
+        return b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, reason, block)
 
 
 _REASONS: Final = {
-    100: "Continue",
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    408: "Request Timeout",
-    413: "Content Too Large",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    501: "Not Implemented",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-    505: "HTTP Version Not Supported",
+    100: b"Continue",
+    200: b"OK",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
 }
 
 _date_second = 0
-_date_text = ""
+_date_text = b""
 
 
-def http_date() -> str:
+def http_date() -> bytes:
     """The current time as an HTTP date, formatted at most once a second."""
     global _date_second, _date_text
     now = int(time.time())
     if now != _date_second:
         _date_second = now
-        _date_text = formatdate(now, usegmt=True)
+        _date_text = formatdate(now, usegmt=True).encode("ascii")
     return _date_text
 
 
@@ -788,7 +776,7 @@ class HttpServer:
             )  # fmt: skip
         answer = self._answers(reason)
         body = answer.body
-        lines = [f"HTTP/1.1 {answer.status} {_REASONS.get(answer.status, '')}"]
+        lines = [f"HTTP/1.1 {answer.status} {_REASONS.get(answer.status, b'').decode()}"]
         lines += [f"{name}: {value}" for name, value in answer.headers]
         lines += [f"Content-Length: {len(body)}", "Connection: close"]
         transport = conn.transport

@@ -41,13 +41,15 @@ DEFAULT_IDLE_S: Final = 4.0
 
 @dataclass(frozen=True, slots=True)
 class ResponseHead:
-    """The status line and headers of an upstream response, as received (latin-1 decoded)."""
+    """The status line and headers of an upstream response, as received (bytes, not decoded:
+    they go on to the client unchanged)."""
 
     status: int
-    reason: str
-    headers: list[tuple[str, str]]
+    reason: bytes
+    headers: list[tuple[bytes, bytes]]
     keep_alive: bool
     length_framed: bool = False  # a Content-Length header is among ``headers``
+    connection: bool = False  # a Connection header is among ``headers``
 
 
 class UpstreamClosed(Exception):
@@ -74,8 +76,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._parser: httptools.HttpResponseParser | None = None
         self._head_only = False
         self._status_text = b""
-        self._headers: list[tuple[str, str]] = []
-        self._framing = 0  # bit 1: a Content-Length header, bit 2: Transfer-Encoding
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._framing = 0  # bit 1: Content-Length, bit 2: Transfer-Encoding, bit 4: Connection
         self._parser_reusable = False  # the parser stands at a message boundary
         self._idle_parser: httptools.HttpResponseParser | None = None  # kept for the next
         self._head: ResponseHead | None = None
@@ -160,14 +162,15 @@ class UpstreamConnection(asyncio.Protocol):
         self._status_text += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        text = name.decode("latin-1")
-        if len(name) in (14, 17):
-            key = text.lower()
-            if key == "content-length":
+        if len(name) in (10, 14, 17):
+            key = name.lower()
+            if key == b"content-length":
                 self._framing |= 1
-            elif key == "transfer-encoding":
+            elif key == b"transfer-encoding":
                 self._framing |= 2
-        self._headers.append((text, value.decode("latin-1")))
+            elif key == b"connection":
+                self._framing |= 4
+        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         assert self._parser is not None
@@ -183,10 +186,11 @@ class UpstreamConnection(asyncio.Protocol):
             return
         head = ResponseHead(
             status,
-            self._status_text.decode("latin-1"),
+            self._status_text,
             self._headers,
             self._parser.should_keep_alive(),
             bool(self._framing & 1),
+            bool(self._framing & 4),
         )
         self._head = head
         self._wake_drain()  # an upload waiting for the upstream to read stops: it answered
@@ -195,7 +199,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._head_only or status in (101, 204, 304):
             self._complete = True
         else:
-            self._until_close = not self._framing
+            self._until_close = not self._framing & 3
         if self._head_waiter is not None and not self._head_waiter.done():
             self._head_waiter.set_result(None)
 

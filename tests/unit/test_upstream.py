@@ -496,7 +496,7 @@ async def test_interim_responses_are_skipped(server, pools):
     conn = await acquire(pool)
     conn.begin(b"GET /interim HTTP/1.1\r\nHost: t\r\n\r\n", head_only=False)
     head = await conn.read_head(WAIT_S)
-    assert (head.status, head.headers) == (200, [("Content-Length", "2")])
+    assert (head.status, head.headers) == (200, [(b"Content-Length", b"2")])
     assert await conn.read_body(WAIT_S) == b"ok"
     assert await conn.read_body(WAIT_S) == b""
     assert conn.reusable
