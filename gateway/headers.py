@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .config import RouteConfig
 
 REQUEST_ID_HEADER: Final = "X-Request-ID"
+REQUEST_ID_BYTES: Final = REQUEST_ID_HEADER.encode()  # as the relay writes it
 AUTH_OUTCOME_HEADER: Final = "X-Gateway-Auth-Outcome"  # report-only routes tell the upstream
 
 # RFC 9110 §7.6.1: meaningful for one connection only, never forwarded (a route cannot inject

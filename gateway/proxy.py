@@ -6,7 +6,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Final
 
 from multidict import CIMultiDict
 
@@ -19,6 +18,7 @@ from .headers import (
     FORWARDED_PREFIX,
     METHOD_OVERRIDE_HEADERS,
     PROXY_OWN_HEADERS,
+    REQUEST_ID_BYTES,
     REQUEST_ID_HEADER,
     RESPONSE_DROPPED,
     TRACE_CONTEXT_HEADERS,
@@ -115,9 +115,6 @@ def request_head(
         raise Rejection(Reason.INTERNAL_ERROR, "line break in an upstream header")
     # Header values were decoded with surrogateescape: the client's bytes go on unchanged.
     return text.encode("utf-8", "surrogateescape")
-
-
-REQUEST_ID_BYTES: Final = REQUEST_ID_HEADER.encode()
 
 
 def response_block(headers: list[tuple[bytes, bytes]], dropped: frozenset[bytes]) -> bytes:

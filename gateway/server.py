@@ -223,13 +223,8 @@ class HttpRequest:
 
     def respond(self, answer: Answer) -> None:
         """Send a complete response with a fixed body (the gateway's own: it carries a Date)."""
-        block = "".join(f"{name}: {value}\r\n" for name, value in answer.headers)
-        framing = b"Date: %b\r\nContent-Length: %d\r\n" % (http_date(), len(answer.body))
-        head = self._head(
-            answer.status,
-            _REASONS.get(answer.status, b""),
-            block.encode("latin-1", "replace") + framing,
-        )
+        block = b"Date: %b\r\n%b" % (http_date(), _fixed_lines(answer))
+        head = self._head(answer.status, _REASONS.get(answer.status, b""), block)
         # A HEAD is told the length of the body it would have had, and gets none.
         body = b"" if self.method == "HEAD" else answer.body
         self.connection.write(head + body if body else head)
@@ -328,6 +323,13 @@ _REASONS: Final = {
     504: b"Gateway Timeout",
     505: b"HTTP Version Not Supported",
 }
+
+
+def _fixed_lines(answer: Answer) -> bytes:
+    """The header lines of one of the gateway's own answers: its headers, its Content-Length."""
+    text = "".join(f"{name}: {value}\r\n" for name, value in answer.headers)
+    return text.encode("latin-1", "replace") + b"Content-Length: %d\r\n" % len(answer.body)
+
 
 _date_second = 0
 _date_text = b""
@@ -775,13 +777,14 @@ class HttpServer:
                    peer=conn.remote, detail=detail),
             )  # fmt: skip
         answer = self._answers(reason)
-        body = answer.body
-        lines = [f"HTTP/1.1 {answer.status} {_REASONS.get(answer.status, b'').decode()}"]
-        lines += [f"{name}: {value}" for name, value in answer.headers]
-        lines += [f"Content-Length: {len(body)}", "Connection: close"]
+        head = b"HTTP/1.1 %d %b\r\n%bConnection: close\r\n\r\n" % (
+            answer.status,
+            _REASONS.get(answer.status, b""),
+            _fixed_lines(answer),
+        )
         transport = conn.transport
         if transport is not None and not transport.is_closing():
-            transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+            transport.write(head + answer.body)
         conn.close()
 
     # The shutdown protocol of aiohttp's runner (``BaseRunner.cleanup``).
