@@ -238,6 +238,36 @@ async def test_an_upstream_answers_connection_level_headers_stay_on_the_upstream
         await close(writer)
 
 
+async def test_a_content_length_the_upstream_calls_hop_by_hop_is_not_the_clients_framing(
+    make_gateway: GatewayFactory, raw_upstreams: list[RawUpstream]
+) -> None:
+    """An upstream whose Connection header names Content-Length keeps that length to its own
+    hop: the client's answer is framed by the gateway (chunked), not left with no framing."""
+
+    async def answer_with_hop_length(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await read_request_head(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: Content-Length\r\n\r\nok"
+        )
+        await writer.drain()
+        writer.close()
+
+    _, reader, writer = await through(make_gateway, raw_upstreams, answer_with_hop_length)
+    try:
+        writer.write(b"GET /public/x HTTP/1.1\r\nHost: gw.test\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WITHIN)
+        names = [name for name, _ in head_fields(head)]
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert "content-length" not in names
+        assert [v for n, v in head_fields(head) if n == "transfer-encoding"] == ["chunked"]
+        body = await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), WITHIN)
+        assert body == b"2\r\nok\r\n0\r\n\r\n"
+    finally:
+        await close(writer)
+
+
 async def read_to_end(reader: asyncio.StreamReader) -> bytes:
     """Everything the gateway sends until it closes the connection (a hang fails the test)."""
     return await asyncio.wait_for(reader.read(), WITHIN)
