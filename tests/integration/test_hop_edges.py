@@ -199,25 +199,30 @@ async def test_a_client_that_pauses_reading_then_reads_gets_the_whole_download(
     )
 
 
+def answering_once(raw: bytes) -> RawBehaviour:
+    """An upstream that reads one request head, answers ``raw`` and closes."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(raw)
+        await writer.drain()
+        writer.close()
+
+    return answer
+
+
 async def test_an_upstream_answers_connection_level_headers_stay_on_the_upstreams_side(
     make_gateway: GatewayFactory, raw_upstreams: list[RawUpstream]
 ) -> None:
     """RFC 9110 §7.6.1: the upstream's hop-by-hop headers, those its Connection header names,
     and its framing are not relayed; the gateway frames the answer itself (here: chunked, once)."""
 
-    async def answer_with_hop_headers(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        await read_request_head(reader)
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nKeep-Alive: timeout=5\r\n"
-            b"Connection: keep-alive, X-Secret-Hop\r\nX-Secret-Hop: 1\r\n"
-            b"Proxy-Authenticate: Basic\r\nTrailer: X-Sum\r\nX-Request-ID: upstream-chosen\r\n"
-            b"X-Kept: yes\r\n\r\n2\r\nok\r\n0\r\n\r\n"
-        )
-        await writer.drain()
-        writer.close()
-
+    answer_with_hop_headers = answering_once(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nKeep-Alive: timeout=5\r\n"
+        b"Connection: keep-alive, X-Secret-Hop\r\nX-Secret-Hop: 1\r\n"
+        b"Proxy-Authenticate: Basic\r\nTrailer: X-Sum\r\nX-Request-ID: upstream-chosen\r\n"
+        b"X-Kept: yes\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+    )
     _, reader, writer = await through(make_gateway, raw_upstreams, answer_with_hop_headers)
     try:
         writer.write(
@@ -244,16 +249,9 @@ async def test_a_content_length_the_upstream_calls_hop_by_hop_is_not_the_clients
     """An upstream whose Connection header names Content-Length keeps that length to its own
     hop: the client's answer is framed by the gateway (chunked), not left with no framing."""
 
-    async def answer_with_hop_length(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        await read_request_head(reader)
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: Content-Length\r\n\r\nok"
-        )
-        await writer.drain()
-        writer.close()
-
+    answer_with_hop_length = answering_once(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: Content-Length\r\n\r\nok"
+    )
     _, reader, writer = await through(make_gateway, raw_upstreams, answer_with_hop_length)
     try:
         writer.write(b"GET /public/x HTTP/1.1\r\nHost: gw.test\r\n\r\n")
