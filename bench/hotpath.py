@@ -8,7 +8,8 @@ replaced: each client connection and each pooled upstream connection gets an in-
 transport whose ``write`` hands the peer's next bytes back through ``loop.call_soon``, as a
 socket's readiness would.  What is left is the gateway's per-request Python work and the loop's
 callback dispatch, without the ~20 µs of loopback syscalls a real run adds (bench/run.py
-measures that).  Rows: passthrough, one warm RS256 token, 5,000 warm RS256 tokens.  Printed:
+measures that).  Rows: passthrough, one warm RS256 token, 5,000 warm RS256 tokens, and a never-seen RS256
+token on every request (each used once; ``--cold-requests`` per round).  Printed:
 process CPU µs per request (median of the rounds) and the request rate that cost alone would
 allow.  On a shared VM the rounds swing by ±20%; for A/B steps count instructions instead
 (deterministic): ``valgrind --tool=cachegrind --cache-sim=no`` on an 8,000- and a 2,000-request
@@ -152,9 +153,19 @@ def seed_pool(pool: Any, count: int, loop: asyncio.AbstractEventLoop) -> None:
         pool._idle.append(conn)
 
 
+COLD_ROW = "RS256, every token new"
+
+
+def _wanted(args: argparse.Namespace, label: str) -> bool:
+    return not args.only or args.only in label
+
+
 async def measure(args: argparse.Namespace) -> None:
     keys = load_keys()
-    sets = prepare_tokens(keys, 0)
+    cold_per_round = min(args.requests, args.cold_requests)
+    # Each cold token is used once: the warm-up's and every round's.
+    cold_needed = cold_per_round * args.rounds + 20 * args.connections
+    sets = prepare_tokens(keys, cold_needed if _wanted(args, COLD_ROW) else 0)
     one = read_tokens(sets.one["RS256"])[0]
     warm = read_tokens(sets.warm["RS256"])
     config = parse_config(yaml.safe_load(CONFIG))
@@ -173,17 +184,21 @@ async def measure(args: argparse.Namespace) -> None:
         ("RS256, 1 token", [request_bytes("/api/x", one)]),
         ("RS256, 5,000 tokens", [request_bytes("/api/x", t) for t in warm]),
     ]
+    if _wanted(args, COLD_ROW):
+        cold = read_tokens(sets.cold)[:cold_needed]
+        rows.append((COLD_ROW, [request_bytes("/api/x", t) for t in cold]))
     tune_garbage_collector()
     print(f"loop: {type(loop).__module__}; {args.connections} connections, "
           f"{args.requests:,} requests per round, {args.rounds} rounds", flush=True)  # fmt: skip
     for label, requests in rows:
-        if args.only and args.only not in label:
+        if not _wanted(args, label):
             continue
-        # Warm-up: keys fetched, every token verified once (cached).
         n = args.connections
         share = [requests[i::n] if len(requests) >= n else requests for i in range(n)]
         clients = [Client(loop, server, share[i]) for i in range(n)]
-        per = max(len(requests) // args.connections + 1, 20)
+        # Warm-up: keys fetched, every token verified once (cached); a cold row's warm-up
+        # uses its first 20 tokens per connection, and each round the next ones.
+        per = 20 if label == COLD_ROW else max(len(requests) // args.connections + 1, 20)
         for c in clients:
             c.start(per)
         await asyncio.wait_for(asyncio.gather(*(c.done for c in clients)), 60)
@@ -192,7 +207,7 @@ async def measure(args: argparse.Namespace) -> None:
             for c in clients:
                 c.answered = 0
                 c.done = loop.create_future()
-            per = args.requests // args.connections
+            per = (cold_per_round if label == COLD_ROW else args.requests) // args.connections
             started = time.process_time()
             for c in clients:
                 c.start(per)
@@ -210,6 +225,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=50_000)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--cold-requests", type=int, default=5_000, help="requests per round of the cold row"
+    )
     parser.add_argument("--only", help="run only the rows whose label contains this")
     parser.add_argument("--profile", metavar="FILE", help="write a cProfile of the run to FILE")
     args = parser.parse_args()

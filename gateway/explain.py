@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, TextIO
 from urllib.parse import quote
@@ -124,7 +124,7 @@ class Decision:
 
     record: RequestRecord
     route: RouteConfig | None  # the route the request took, if one matched
-    injected: dict[str, str] | None  # None: refused
+    injected: Mapping[str, str] | None  # None: refused
     rejection: Rejection | None = None
     verification: VerifiedToken | Rejection | None = None  # None: the verifier was not asked
     token: str = ""  # the token the verifier was given

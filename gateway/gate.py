@@ -6,6 +6,7 @@ with the same decision.  One code path decides, whichever way the answer leaves.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -45,7 +46,7 @@ class Admitted:
     """A request the route's policy let through, with the identity headers it earned."""
 
     route: RouteConfig
-    injected: dict[str, str]
+    injected: Mapping[str, str]  # read-only: a cached token's may be shared by requests
     target: str  # the path as matched (unreserved escapes decoded) and the query as received
 
 
@@ -101,7 +102,7 @@ class Gate:
         if route is None:
             raise Rejection(Reason.ROUTE_NOT_FOUND)
         record.route = route.id
-        injected: dict[str, str] = {}
+        injected: Mapping[str, str] = {}
         policy = route.auth
         if policy is not None and not (route.cors_preflight and is_cors_preflight(method, headers)):
             request = (method, raw_path, host, headers, connection)
@@ -125,7 +126,7 @@ class Gate:
 
     async def _verify(
         self, route: RouteConfig, found: FoundToken, request: _Request, record: RequestRecord
-    ) -> dict[str, str]:
+    ) -> Mapping[str, str]:
         policy = route.auth
         assert policy is not None
         span = record.span
@@ -154,14 +155,19 @@ class Gate:
                 headers=headers,
                 connection=connection,
             )
-        return identity_headers(verified, route)
+        memo = verified.memo
+        if memo.route is not route:
+            # Rendered once per (cached token, route): they depend on nothing else.
+            memo.headers = identity_headers(verified, route)
+            memo.route = route
+        return memo.headers
 
     async def _report_only(
         self, request: _Request, route: RouteConfig, query: str, record: RequestRecord
-    ) -> dict[str, str]:
+    ) -> Mapping[str, str]:
         """Verify as a required route would, but admit whatever the outcome, saying which."""
         assert route.auth is not None
-        injected: dict[str, str] = {}
+        injected: Mapping[str, str] = {}
         try:
             found = extract_token(request[3], query, self._sources[route.id], self._max_token_bytes)
             if found is None:
@@ -173,5 +179,4 @@ class Gate:
             record.detail = rejection.detail
         record.auth_outcome = outcome
         self._metrics.report_only.labels(route.id, outcome.value).inc()
-        injected[AUTH_OUTCOME_HEADER] = outcome.value
-        return injected
+        return {**injected, AUTH_OUTCOME_HEADER: outcome.value}

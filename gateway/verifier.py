@@ -38,7 +38,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from jwt import PyJWK
@@ -244,6 +244,26 @@ class VerifiedToken:
     alg: str = ""
     key: PyJWK | None = None
     typ: Any = None
+    # Its time claims, read (and their types checked) once when it verified: a cache hit
+    # compares them with the clock and reads nothing else of the claims for them.
+    exp: float = math.inf
+    nbf: float | None = None
+    iat: float | None = None
+    memo: TokenMemo = field(default_factory=lambda: TokenMemo(), compare=False, repr=False)
+
+
+class TokenMemo:
+    """What a verified token was last found to earn, kept beside it in the cache: the policy
+    object whose audience, claim and scope checks it passed (those depend on nothing but the
+    claims and the policy, both immutable: a hit on the same route skips them; a reload makes
+    new policy objects, so they run again), and the identity headers it earned on a route."""
+
+    __slots__ = ("headers", "policy", "route")
+
+    def __init__(self) -> None:
+        self.policy: AuthPolicy | None = None
+        self.route: object = None
+        self.headers: Mapping[str, str] = {}
 
 
 class Verifier:
@@ -266,7 +286,14 @@ class Verifier:
             if hit is not None and self._still_valid(hit, policy):
                 if notes is not None:
                     notes.cache_hit = True
-                self._check_claims(hit.claims, hit.issuer, policy)
+                # Its claim types and signed iss were checked when it verified (the issuer is
+                # still the one it verified with, by ``_still_valid``): what can change is the
+                # time, and the policy it is judged by.
+                self._check_times(hit)
+                memo = hit.memo
+                if memo.policy is not policy:
+                    self._check_policy(hit.claims, policy)
+                    memo.policy = policy
                 return hit
         try:
             parsed = parse_token(token)
@@ -318,8 +345,11 @@ class Verifier:
                 payload = parsed.decoded_payload()
             except Rejection as rejection:
                 raise _failed(PAYLOAD, rejection) from None
-        exp = self._check_claims(payload, issuer, policy)
-        verified = VerifiedToken(payload, issuer, kid, parsed.payload_segment, alg, key, typ)
+        exp, nbf, iat = self._check_claims(payload, issuer, policy)
+        verified = VerifiedToken(
+            payload, issuer, kid, parsed.payload_segment, alg, key, typ, exp, nbf, iat
+        )
+        verified.memo.policy = policy
         if cache is not None:
             cache.put(token, verified, exp, entry_weight(token, parsed.payload_json))
         return verified
@@ -342,23 +372,36 @@ class Verifier:
 
     def _check_claims(
         self, claims: Mapping[str, Any], issuer: IssuerConfig, policy: AuthPolicy
-    ) -> float:
-        """Check registered claims' types, time claims and the route's policy; return ``exp``."""
+    ) -> tuple[float, float | None, float | None]:
+        """Check registered claims' types, time claims and the route's policy; return ``exp``,
+        ``nbf`` and ``iat``."""
         _check_registered_types(claims)
         if claims.get("iss") != issuer.issuer:
             raise CheckFailed(SIGNED_ISS, Reason.ISSUER_NOT_ALLOWED, "verified iss differs")
+        # Each time claim is compared as soon as it is read, in the order of the check table.
         now = self._clock.time()
         leeway = issuer.leeway_s
         exp = _numeric_date(claims, "exp", required=True)
         assert exp is not None
-        if exp <= now - leeway:
-            raise CheckFailed(EXP, Reason.TOKEN_EXPIRED, "exp passed")
+        _check_exp(exp, now, leeway)
         nbf = _numeric_date(claims, "nbf", required=False)
-        if nbf is not None and nbf > now + leeway:
-            raise CheckFailed(NBF, Reason.TOKEN_NOT_YET_VALID, "nbf in the future")
+        _check_not_after_now(NBF, nbf, now, leeway)
         iat = _numeric_date(claims, "iat", required=False)
-        if iat is not None and iat > now + leeway:
-            raise CheckFailed(IAT, Reason.TOKEN_NOT_YET_VALID, "iat in the future")
+        _check_not_after_now(IAT, iat, now, leeway)
+        self._check_policy(claims, policy)
+        return exp, nbf, iat
+
+    def _check_times(self, hit: VerifiedToken) -> None:
+        """A cached token's time claims against the clock now."""
+        now = self._clock.time()
+        leeway = hit.issuer.leeway_s
+        _check_exp(hit.exp, now, leeway)
+        _check_not_after_now(NBF, hit.nbf, now, leeway)
+        _check_not_after_now(IAT, hit.iat, now, leeway)
+
+    @staticmethod
+    def _check_policy(claims: Mapping[str, Any], policy: AuthPolicy) -> None:
+        """The route's own checks: audience, required claims, scopes, claim matchers."""
         if policy.audiences is not None:
             _check_audience(claims.get("aud"), policy.audiences)
         for name in policy.required_claims:
@@ -386,7 +429,17 @@ class Verifier:
                     f"claim check failed: {matcher.describe()}",
                     scope=_scope(policy),
                 )
-        return exp
+
+
+def _check_exp(exp: float, now: float, leeway: float) -> None:
+    if exp <= now - leeway:
+        raise CheckFailed(EXP, Reason.TOKEN_EXPIRED, "exp passed")
+
+
+def _check_not_after_now(check: Check, value: float | None, now: float, leeway: float) -> None:
+    """``nbf`` or ``iat`` (``check``), if present, not later than now (with leeway)."""
+    if value is not None and value > now + leeway:
+        raise CheckFailed(check, Reason.TOKEN_NOT_YET_VALID, f"{check.name} in the future")
 
 
 def _unverified_issuer(parsed: ParsedToken, policy: AuthPolicy) -> IssuerConfig:

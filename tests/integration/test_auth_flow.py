@@ -661,6 +661,32 @@ async def test_claim_values_as_headers(
     assert values_of(seen, "X-Claim") == ([] if expected is None else [expected])
 
 
+async def test_one_cached_token_earns_each_routes_own_claim_headers(
+    make_gateway: GatewayFactory, token: Callable[..., str]
+) -> None:
+    """The headers a cached token earns are remembered per route: another route sharing the
+    token gets its own mapping, never the first route's, in whatever order they are asked."""
+
+    def edit(doc: dict[str, Any]) -> None:
+        doc["routes"][1]["claim_headers"] = {"X-Scope": "scope", "X-Caller": "sub"}
+
+    gateway = await make_gateway(edit)
+    minted = token(sub="alice", email="a@example.com", scope="orders:read")
+    for _ in range(2):
+        api = echoed(await _get(gateway, "/api/orders", _auth(minted)))
+        scoped = echoed(await _get(gateway, "/scoped/x", _auth(minted)))
+        assert (values_of(api, "X-User-Sub"), values_of(api, "X-User-Email")) == (
+            ["alice"],
+            ["a@example.com"],
+        )
+        assert values_of(api, "X-Scope") == values_of(api, "X-Caller") == []
+        assert (values_of(scoped, "X-Scope"), values_of(scoped, "X-Caller")) == (
+            ["orders:read"],
+            ["alice"],
+        )
+        assert values_of(scoped, "X-User-Sub") == values_of(scoped, "X-User-Email") == []
+
+
 NESTED: tuple[tuple[str, dict[str, Any], str | None], ...] = (
     ("nested-string", {"org": {"tenant_id": "acme"}}, "acme"),
     ("nested-int", {"org": {"tenant_id": 7}}, "7"),

@@ -1134,6 +1134,28 @@ async def test_a_cache_hit_is_judged_by_this_routes_policy(
     assert (await reject(cached, token, policy)).reason is reason
     assert len(ring.calls) == 1  # refused by the hit's own check, not by a re-verification
     await cached.verify(token, POLICY)  # still good where it was
+    # What the hit remembers passing is the policy it passed, never one it was refused by.
+    assert (await reject(cached, token, policy)).reason is reason
+    assert (await reject(cached, token, policy)).reason is reason
+    await cached.verify(token, POLICY)
+
+
+@pytest.mark.parametrize("claim", ["nbf", "iat"])
+async def test_a_cache_hit_compares_nbf_and_iat_with_the_clock_now(
+    claim: str, rs: SigningKey, ring: KeyRing, cached: Verifier, wall_clock: FakeClock
+) -> None:
+    """A wall clock stepped back (NTP) after a token was cached: its nbf or iat, in the
+    leeway when it verified, is in the future again, and the hit says so."""
+    token = mint(rs, wall_clock, **{claim: NOW + LEEWAY - 5})
+    await cached.verify(token, POLICY)
+    wall_clock.advance(-10)
+    rejection = await reject(cached, token)
+    assert rejection.reason is Reason.TOKEN_NOT_YET_VALID
+    assert isinstance(rejection, CheckFailed)
+    assert rejection.check.name == claim
+    assert len(ring.calls) == 1  # the cached entry's own time claims, not a re-verification
+    wall_clock.advance(10)
+    assert await cached.verify(token, POLICY) is not None
 
 
 async def test_a_cache_hit_on_a_route_that_does_not_trust_its_issuer_is_refused(
