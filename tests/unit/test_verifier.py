@@ -1525,3 +1525,30 @@ async def test_a_claim_refusal_names_its_check(
     assert isinstance(rejection, CheckFailed)
     expected = next(c for c in checks(POLICY) if c.name == check)
     assert (rejection.check, rejection.reason) == (expected, reason)
+
+
+async def test_a_traced_verification_is_told_which_cache_answered(
+    rs: SigningKey, ring: KeyRing, cached: Verifier, wall_clock: FakeClock
+) -> None:
+    """The span of a verification says whether the verified-token cache answered and, on a
+    miss, whether the key was already held (a static set always is) or had to be fetched."""
+    from gateway.tracing import VerifyNotes
+
+    token = mint(rs, wall_clock)
+    miss = VerifyNotes()
+    await cached.verify(token, POLICY, miss)
+    assert (miss.cache_hit, miss.key_cached) == (False, True)
+    hit = VerifyNotes()
+    await cached.verify(token, POLICY, hit)
+    assert (hit.cache_hit, hit.key_cached) == (True, None)
+
+    fetched = VerifyNotes()  # no key cache in front of this lookup: every key is fetched
+    await Verifier(CountingLookup(rs), wall_clock).verify(token, POLICY, fetched)
+    assert (fetched.cache_hit, fetched.key_cached) == (False, False)
+
+    static = dataclasses.replace(TEST_ISSUER, jwks_uri=None, static_jwks='{"keys":[]}')
+    held = VerifyNotes()
+    await Verifier(CountingLookup(rs), wall_clock).verify(
+        token, AuthPolicy((static,), POLICY.audiences), held
+    )
+    assert (held.cache_hit, held.key_cached) == (False, True)
