@@ -9,7 +9,8 @@ transport whose ``write`` hands the peer's next bytes back through ``loop.call_s
 socket's readiness would.  What is left is the gateway's per-request Python work and the loop's
 callback dispatch, without the ~20 µs of loopback syscalls a real run adds (bench/run.py
 measures that).  Rows: passthrough, one warm RS256 token, 5,000 warm RS256 tokens, and a never-seen RS256
-token on every request (each used once; ``--cold-requests`` per round).  Printed:
+token on every request (each used once; ``--cold-requests`` per round), beside PyJWT's
+``jwt.decode`` of the same tokens timed in the same process.  Printed:
 process CPU µs per request (median of the rounds) and the request rate that cost alone would
 allow.  On a shared VM the rounds swing by ±20%; for A/B steps count instructions instead
 (deterministic): ``valgrind --tool=cachegrind --cache-sim=no`` on an 8,000- and a 2,000-request
@@ -153,6 +154,7 @@ def seed_pool(pool: Any, count: int, loop: asyncio.AbstractEventLoop) -> None:
         pool._idle.append(conn)
 
 
+PASSTHROUGH_ROW = "passthrough (auth: none)"
 COLD_ROW = "RS256, every token new"
 
 
@@ -180,13 +182,15 @@ async def measure(args: argparse.Namespace) -> None:
     assert route.upstream is not None
     seed_pool(gateway.upstream_pools.pool(route.upstream), args.connections + 4, loop)
     rows = [
-        ("passthrough (auth: none)", [request_bytes("/public/x", None)]),
+        (PASSTHROUGH_ROW, [request_bytes("/public/x", None)]),
         ("RS256, 1 token", [request_bytes("/api/x", one)]),
         ("RS256, 5,000 tokens", [request_bytes("/api/x", t) for t in warm]),
     ]
+    cold: list[str] = []
     if _wanted(args, COLD_ROW):
         cold = read_tokens(sets.cold)[:cold_needed]
         rows.append((COLD_ROW, [request_bytes("/api/x", t) for t in cold]))
+    medians: dict[str, float] = {}
     tune_garbage_collector()
     print(f"loop: {type(loop).__module__}; {args.connections} connections, "
           f"{args.requests:,} requests per round, {args.rounds} rounds", flush=True)  # fmt: skip
@@ -215,9 +219,32 @@ async def measure(args: argparse.Namespace) -> None:
             elapsed = time.process_time() - started
             costs.append(elapsed / (per * args.connections) * 1e6)
         cost = statistics.median(costs)
+        medians[label] = cost
         print(f"  {label:28s} {cost:6.1f} µs/request  ({1e6 / cost:,.0f} req/s of Python alone)"
               f"  rounds: {', '.join(f'{c:.1f}' for c in costs)}")  # fmt: skip
     await runner.cleanup()
+    if COLD_ROW in medians and PASSTHROUGH_ROW in medians:
+        decode = pyjwt_decode_cost(document, cold[:cold_per_round], args.rounds)
+        extra = medians[COLD_ROW] - medians[PASSTHROUGH_ROW]
+        print(f"  PyJWT jwt.decode RS256 (this process, the same tokens) {decode:.1f} µs; a "
+              f"never-seen token's extra over passthrough {extra:.1f} µs = {extra / decode:.2f} "
+              "decodes")  # fmt: skip
+
+
+def pyjwt_decode_cost(document: dict[str, Any], tokens: list[str], rounds: int) -> float:
+    """µs of process CPU per ``jwt.decode`` (signature, exp, iss, aud) of each token, median
+    of ``rounds``: the yardstick of the cold row, timed beside it."""
+    import jwt
+
+    jwk = next(k for k in document["keys"] if k.get("kty") == "RSA")
+    key = jwt.PyJWK(jwk, algorithm="RS256")
+    costs = []
+    for _ in range(rounds):
+        started = time.process_time()
+        for token in tokens:
+            jwt.decode(token, key, algorithms=["RS256"], audience=AUDIENCE, issuer=ISSUER)
+        costs.append((time.process_time() - started) / len(tokens) * 1e6)
+    return statistics.median(costs)
 
 
 def main() -> None:

@@ -53,6 +53,10 @@ GROUPS: Final = {
             "tests/integration/test_policy.py",
             "tests/integration/test_auth_flow.py",
             "tests/integration/test_proxy_flow.py",
+            # The gate's sender-check and span branches are decided by these.
+            "tests/integration/test_dpop.py",
+            "tests/integration/test_cert_bound.py",
+            "tests/integration/test_tracing.py",
         ),
     ),
     # What reaches the verifier, which keys count, which headers go out, who gets in.
