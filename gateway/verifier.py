@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Final
 from jwt import PyJWK
 
 from .clock import Clock
-from .config import AuthPolicy, ClaimMatcher, IssuerConfig, MatchOp
+from .config import AuthPolicy, ClaimMatcher, IssuerConfig, MatchOp, RouteConfig
 from .errors import Rejection
 from .jwks import KeyLookup
 from .reasons import Reason
@@ -233,6 +233,20 @@ def parse_token(token: str) -> ParsedToken:
     )
 
 
+class TokenMemo:
+    """What a verified token was last found to earn, kept beside it in the cache: the policy
+    object whose audience, claim and scope checks it passed (those depend on nothing but the
+    claims and the policy, both immutable: a hit on the same route skips them; a reload makes
+    new policy objects, so they run again), and the identity headers it earned on a route."""
+
+    __slots__ = ("headers", "policy", "route")
+
+    def __init__(self) -> None:
+        self.policy: AuthPolicy | None = None
+        self.route: RouteConfig | None = None
+        self.headers: Mapping[str, str] = {}
+
+
 @dataclass(frozen=True, slots=True)
 class VerifiedToken:
     """A token that passed every check: its claims, and which issuer and key vouched for it."""
@@ -249,21 +263,7 @@ class VerifiedToken:
     exp: float = math.inf
     nbf: float | None = None
     iat: float | None = None
-    memo: TokenMemo = field(default_factory=lambda: TokenMemo(), compare=False, repr=False)
-
-
-class TokenMemo:
-    """What a verified token was last found to earn, kept beside it in the cache: the policy
-    object whose audience, claim and scope checks it passed (those depend on nothing but the
-    claims and the policy, both immutable: a hit on the same route skips them; a reload makes
-    new policy objects, so they run again), and the identity headers it earned on a route."""
-
-    __slots__ = ("headers", "policy", "route")
-
-    def __init__(self) -> None:
-        self.policy: AuthPolicy | None = None
-        self.route: object = None
-        self.headers: Mapping[str, str] = {}
+    memo: TokenMemo = field(default_factory=TokenMemo, compare=False, repr=False)
 
 
 class Verifier:
