@@ -104,6 +104,7 @@ def idle_connections(
 
 def launch_workers(
     start: Callable[[str, list[str], Path], subprocess.Popen[bytes]],
+    gateway_argv: list[str],
     wait_ready: Callable[[str, subprocess.Popen[bytes], str], None],
     config: str,
     admin_port: int,
@@ -113,7 +114,7 @@ def launch_workers(
     """``python -m gateway run --workers 2`` on ``config``, unpinned, ready on its admin port."""
     path = run_dir / "gateway-workers.yaml"
     path.write_text(config)
-    argv = [sys.executable, "-m", "gateway", "--log-level", log_level]
+    argv = [*gateway_argv, "--log-level", log_level]
     argv += ["run", "--config", str(path), "--workers", "2"]
     proc = start("gateway-workers", argv, run_dir / "gateway-workers.log")
     wait_ready(f"http://127.0.0.1:{admin_port}/readyz", proc, "gateway --workers 2")

@@ -31,6 +31,14 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
+import builds  # noqa: E402
+
+# --build, read before the gateway is imported: the source tree (the default, for A/B counts of
+# an edit) or the compiled build the Dockerfile ships (bench/builds.py).
+_pre = argparse.ArgumentParser(add_help=False)
+_pre.add_argument("--build", choices=builds.CHOICES, default=builds.PYTHON)
+BUILD_LABEL = builds.use(_pre.parse_known_args()[0].build)[1]
+
 import yaml  # noqa: E402
 from aiohttp import web  # noqa: E402
 from tokens import AUDIENCE, ISSUER, jwks_document, load_keys, prepare_tokens, read_tokens  # noqa: E402
@@ -192,7 +200,7 @@ async def measure(args: argparse.Namespace) -> None:
         rows.append((COLD_ROW, [request_bytes("/api/x", t) for t in cold]))
     medians: dict[str, float] = {}
     tune_garbage_collector()
-    print(f"loop: {type(loop).__module__}; {args.connections} connections, "
+    print(f"gateway: {BUILD_LABEL}; loop: {type(loop).__module__}; {args.connections} connections, "
           f"{args.requests:,} requests per round, {args.rounds} rounds", flush=True)  # fmt: skip
     for label, requests in rows:
         if not _wanted(args, label):
@@ -249,6 +257,12 @@ def pyjwt_decode_cost(document: dict[str, Any], tokens: list[str], rounds: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--build",
+        choices=builds.CHOICES,
+        default=builds.PYTHON,
+        help="the source tree (default) or the mypyc-compiled build (bench/builds.py)",
+    )
     parser.add_argument("--requests", type=int, default=50_000)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)

@@ -54,6 +54,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
+import builds  # noqa: E402
 from extras import (  # noqa: E402
     OPEN_LOOP_SHARE,
     Extras,
@@ -145,6 +146,7 @@ class Processes:
 
 
 NICE = 0  # --nice: the same priority for every process of the benchmark
+GATEWAY_ARGV = [sys.executable, "-m", "gateway"]  # --build: how a gateway process starts
 
 
 def pinned(cpu: int | None, argv: Sequence[str]) -> list[str]:
@@ -693,7 +695,7 @@ def launch_gateway(
     """``python -m gateway run --workers 1`` on ``config`` (YAML text), ready on its admin port."""
     path = run_dir / f"{name}.yaml"
     path.write_text(config)
-    argv = [sys.executable, "-m", "gateway", "--log-level", log_level]
+    argv = [*GATEWAY_ARGV, "--log-level", log_level]
     argv += ["run", "--config", str(path), "--workers", "1"]
     proc = procs.start(name, pinned(cpu, argv), run_dir / f"{name}.log")
     wait_for(f"http://127.0.0.1:{admin_port}/readyz", proc, name)
@@ -758,12 +760,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=0,
         help="run every benchmark process at this niceness, e.g. -10 (root) on a busy machine",
     )
+    parser.add_argument(
+        "--build",
+        choices=builds.CHOICES,
+        default=builds.COMPILED,
+        help="the gateway compiled by mypyc, as the Dockerfile ships it (default), or the "
+        "pure-Python source tree",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.duration is None:
         args.duration = 5.0 if args.quick else 30.0
-    global NICE
+    global NICE, GATEWAY_ARGV
     NICE = args.nice
+    GATEWAY_ARGV, args.build_label = builds.use(args.build, log)
     if args.warmup is None:
         args.warmup = 2.0 if args.quick else 5.0
     if args.mem_tokens is None:
@@ -983,6 +993,7 @@ def run(args: argparse.Namespace, procs: Processes) -> int:
     port, admin = free_port(), free_port()
     workers = launch_workers(
         lambda name, argv, log_path: procs.start(name, argv, log_path),
+        GATEWAY_ARGV,
         wait_for,
         GATEWAY_YAML.format(
             port=port, admin=admin, upstream=up_port, issuer=ISSUER, audience=AUDIENCE
@@ -1146,7 +1157,8 @@ def render(
         f"- pinning: {pinning}; niceness of every benchmark process: {args.nice}",
         f"- load generator: {env['loadgen']}",
         f"- upstream + JWKS: {env['upstream']}",
-        f"- gateway: `python -m gateway --log-level {args.gateway_log_level} run --workers 1` "
+        f"- gateway: {args.build_label}, `python -m gateway --log-level "
+        f"{args.gateway_log_level} run --workers 1` "
         "(one process, no per-request log lines unless the level is INFO)",
         f"- Envoy: {env['envoy']}, `--concurrency 1`, jwt_authn with remote_jwks "
         "(same JWKS, issuer, audience) and `jwt_cache_config.jwt_cache_size: 10000`; "

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -32,7 +32,7 @@ from .logs import kv
 from .metrics import GatewayMetrics
 from .middleware import Observer, rejection_response
 from .proxy import Forwarder, admissions_for
-from .server import GatewayRunner, HttpServer
+from .server import HttpServer
 from .token_cache import TokenCache
 from .tracing import Tracing, build_provider
 from .upstream import UpstreamPools
@@ -256,6 +256,27 @@ def http_server(app: web.Application) -> HttpServer:
         gateway.metrics,
         lambda reason: rejection_response(reason, gateway.config.realm),
     )
+
+
+class GatewayRunner(web.AppRunner):
+    """aiohttp's runner for the app's lifecycle (start-up and clean-up contexts, sites,
+    graceful shutdown), serving the proxy listener with the gateway's own ``HttpServer``."""
+
+    def __init__(
+        self, app: web.Application, make_server: Callable[[], HttpServer], **kwargs: Any
+    ) -> None:
+        kwargs.pop("access_log", None)
+        kwargs.pop("handler_cancellation", None)  # always: a client that leaves is cancelled
+        super().__init__(app, **kwargs)
+        self._make_http_server = make_server
+
+    async def _make_server(self) -> Any:
+        loop = asyncio.get_running_loop()
+        self._app._set_loop(loop)
+        self._app.on_startup.freeze()
+        await self._app.startup()
+        self._app.freeze()
+        return self._make_http_server()
 
 
 def gateway_runner(app: web.Application, **kwargs: object) -> GatewayRunner:

@@ -17,10 +17,12 @@ from .verifier import VerifiedToken, lookup_claim
 # and lone surrogates (every str code point in U+D800-U+DFFF is one: aiohttp's writer drops
 # them, so "adm\ud800in" would arrive as "admin"); and leading or trailing whitespace, which
 # HTTP parsers trim.
-_UNSAFE: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+# (The surrogate range is spelt with chr(): mypyc compiles no surrogate in a literal.)
+_SURROGATES: Final = chr(0xD800) + "-" + chr(0xDFFF)
+_UNSAFE: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029" + _SURROGATES + "]")
 # Inside JSON text the same characters are escaped instead (json.dumps already escapes C0):
 # the upstream's JSON parser reads back exactly the checked value.
-_JSON_UNSAFE: Final = re.compile("[\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_JSON_UNSAFE: Final = re.compile("[\x7f-\x9f\u2028\u2029" + _SURROGATES + "]")
 # In a comma-joined list an item must read back as itself: no comma, no quote (a list parser
 # that honours quoted-strings would join items), not empty (RFC 9110 §5.6.1 recipients drop
 # empty elements), no surrounding whitespace.

@@ -6,6 +6,9 @@
      ├─ ConfigError       load time only: "<yaml.path>: <problem>; expected <valid set>"
      ├─ Rejection         request time: .reason (a Reason), .detail (logged, never sent)
      └─ JwksFetchError    inside jwks.py: .result (a fetch-result label), .detail
+    ClientGone            a ConnectionError: the client left, or its body broke the framing
+
+(Kept out of the modules mypyc compiles: a compiled class cannot subclass ``ConnectionError``.)
 """
 
 from __future__ import annotations
@@ -49,3 +52,12 @@ class JwksFetchError(GatewayError):
         self.result = result
         self.detail = detail
         super().__init__(f"{result}: {detail}")
+
+
+class ClientGone(ConnectionError):
+    """The client's connection ended while the gateway was reading or writing; ``reason`` says
+    how (it left, or its body turned out malformed)."""
+
+    def __init__(self, detail: str, reason: Reason = Reason.CLIENT_DISCONNECTED) -> None:
+        super().__init__(detail)
+        self.reason = reason

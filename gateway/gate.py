@@ -7,8 +7,7 @@ with the same decision.  One code path decides, whichever way the answer leaves.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from multidict import CIMultiDictProxy
 
@@ -41,13 +40,17 @@ def is_cors_preflight(method: str, headers: CIMultiDictProxy[str]) -> bool:
 _Request = tuple[str, str, str, CIMultiDictProxy[str], "HttpRequest | None"]
 
 
-@dataclass(frozen=True, slots=True)
 class Admitted:
-    """A request the route's policy let through, with the identity headers it earned."""
+    """A request the route's policy let through, with the identity headers it earned.  (A plain
+    class: one is made per request, see ``ResponseHead`` in gateway/upstream.py.)"""
 
-    route: RouteConfig
-    injected: Mapping[str, str]  # read-only: a cached token's may be shared by requests
-    target: str  # the path as matched (unreserved escapes decoded) and the query as received
+    __slots__ = ("injected", "route", "target")
+
+    def __init__(self, route: RouteConfig, injected: Mapping[str, str], target: str) -> None:
+        self.route: Final = route
+        self.injected: Final = injected  # read-only: a cached token's may be shared by requests
+        # The path as matched (unreserved escapes decoded) and the query as received.
+        self.target: Final = target
 
 
 class Gate:

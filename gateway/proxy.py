@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from multidict import CIMultiDict
 
 from .admission import Admission
 from .config import GatewayConfig, RouteConfig, Upstream
-from .errors import Rejection
+from .errors import ClientGone, Rejection
 from .extractor import cookie_name, query_name
 from .headers import (
     CLIENT_ORIGIN_HEADERS,
@@ -31,7 +31,7 @@ from .headers import (
 from .metrics import GatewayMetrics
 from .reasons import Reason
 from .routing import rewritten, valid_host
-from .server import ClientGone, HttpRequest, RequestBody
+from .server import HttpRequest, RequestBody
 from .tunnel import Tunnel
 from .upstream import ResponseHead, UpstreamClosed, UpstreamConnection, UpstreamPool, UpstreamPools
 
@@ -61,35 +61,38 @@ class _BodyMeter:
     """Streams a request body upstream, stopping it once it passes ``limit`` bytes (0: no
     limit), when the client sends nothing for ``gap_s``, or when the whole body takes longer
     than ``deadline_s`` (a stalled or dripping upload must not hold an upstream connection and
-    an admission slot for ever: a byte every ``gap_s`` would defeat the gap alone)."""
+    an admission slot for ever: a byte every ``gap_s`` would defeat the gap alone).  The
+    deadline runs from the first read.  (A method, not an async generator: mypyc compiles no
+    async generator.)"""
 
-    __slots__ = ("_content", "_deadline_s", "_gap_s", "_limit", "stopped")
+    __slots__ = ("_content", "_deadline", "_deadline_s", "_gap_s", "_limit", "_seen", "stopped")
 
     def __init__(self, content: RequestBody, limit: int, gap_s: float, deadline_s: float) -> None:
         self._content = content
         self._limit = limit
         self._gap_s = gap_s
         self._deadline_s = deadline_s
+        self._deadline: float | None = None
+        self._seen = 0
         self.stopped: Reason | None = None
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        seen = 0
+    async def next_chunk(self) -> bytes:
+        """The next part of the body; ``b""`` once it is complete."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._deadline_s
-        while True:
-            try:
-                async with asyncio.timeout_at(min(loop.time() + self._gap_s, deadline)):
-                    chunk = await self._content.readany()
-            except TimeoutError:
-                self.stopped = Reason.CLIENT_TIMEOUT
-                raise _BodyStopped(Reason.CLIENT_TIMEOUT) from None
-            if not chunk:
-                return
-            seen += len(chunk)
-            if self._limit and seen > self._limit:
-                self.stopped = Reason.PAYLOAD_TOO_LARGE
-                raise _BodyStopped(Reason.PAYLOAD_TOO_LARGE)
-            yield chunk
+        now = loop.time()
+        if self._deadline is None:
+            self._deadline = now + self._deadline_s
+        try:
+            async with asyncio.timeout_at(min(now + self._gap_s, self._deadline)):
+                chunk = await self._content.readany()
+        except TimeoutError:
+            self.stopped = Reason.CLIENT_TIMEOUT
+            raise _BodyStopped(Reason.CLIENT_TIMEOUT) from None
+        self._seen += len(chunk)
+        if self._limit and self._seen > self._limit:
+            self.stopped = Reason.PAYLOAD_TOO_LARGE
+            raise _BodyStopped(Reason.PAYLOAD_TOO_LARGE)
+        return chunk
 
 
 def _host_header(upstream: Upstream) -> str:
@@ -399,7 +402,7 @@ class Forwarder:
 
         conn.on_answer = interrupt
         try:
-            async for chunk in meter.chunks():
+            while chunk := await meter.next_chunk():
                 conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
                 await conn.drain(self._read_timeout)
                 if conn.answered:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import os
 import re
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from .metrics import UNMATCHED_ROUTE
@@ -15,37 +14,63 @@ if TYPE_CHECKING:
     from .tracing import RequestSpan, TraceContext
 
 
-@dataclass(slots=True)
 class RequestRecord:
-    """What is known about one request so far; ``reason`` ends as ``OK`` or why it did not."""
+    """What is known about one request so far; ``reason`` ends as ``OK`` or why it did not.
+    (A plain class, not a dataclass: one is made per request, and a dataclass's generated
+    ``__init__`` stays interpreted in the compiled build, setup.py.)"""
 
-    request_id: str = ""
-    route: str = UNMATCHED_ROUTE
-    reason: Reason = Reason.OK
-    detail: str = ""
-    status: int | None = None
-    issuer: str | None = None
-    kid: str | None = None
-    auth_outcome: Reason | None = None  # report-only routes: what verification would have said
-    # forward_auth mode: who asked, and the original request's method and target it described.
-    caller: str | None = None
-    method: str | None = None
-    target: str | None = None
-    trace: TraceContext | None = None  # the trace it continues or starts (set by the observer)
-    span: RequestSpan | None = None  # its server span, when tracing is configured
+    __slots__ = (
+        "auth_outcome",
+        "caller",
+        "detail",
+        "issuer",
+        "kid",
+        "method",
+        "reason",
+        "request_id",
+        "route",
+        "span",
+        "status",
+        "target",
+        "trace",
+    )
+
+    def __init__(self, request_id: str = "") -> None:
+        self.request_id = request_id
+        self.route = UNMATCHED_ROUTE
+        self.reason = Reason.OK
+        self.detail = ""
+        self.status: int | None = None
+        self.issuer: str | None = None
+        self.kid: str | None = None
+        # Report-only routes: what verification would have said.
+        self.auth_outcome: Reason | None = None
+        # forward_auth mode: who asked, and the original request's method and target.
+        self.caller: str | None = None
+        self.method: str | None = None
+        self.target: str | None = None
+        # The trace it continues or starts (set by the observer).
+        self.trace: TraceContext | None = None
+        self.span: RequestSpan | None = None  # its server span, when tracing is configured
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"RequestRecord({fields})"
 
 
 _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:@+=/-]{1,128}")
 
 
 # Generated ids: 16 random hex digits per process, then a 16-digit counter.  Unique without
-# a system call per request (uuid4 reads the kernel's random source every time).
+# a system call per request (uuid4 reads the kernel's random source every time).  The counter
+# starts at 2**64 so that hex() gives its 16 digits zero-padded after "0x1" (a format spec
+# costs several times more).
 _ID_PREFIX: Final = os.urandom(8).hex()
-_ID_COUNTER: Final = itertools.count(1)
+_ID_COUNTER: Final = itertools.count(2**64 + 1)
 
 
 def request_id_from(value: str | None) -> str:
     """The client's ``X-Request-ID`` when it is a sane token, else a fresh unique one."""
     if value is not None and _REQUEST_ID.fullmatch(value):
         return value
-    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+    return _ID_PREFIX + hex(next(_ID_COUNTER))[3:]

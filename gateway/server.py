@@ -32,13 +32,13 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import formatdate
-from typing import Any, Final, cast
+from typing import Final, cast
 
 import httptools
-from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .config import Limits
+from .errors import ClientGone
 from .logs import REQUEST_LOGGER, kv
 from .metrics import UNMATCHED_ROUTE, GatewayMetrics
 from .reasons import REASON_SPECS, Reason
@@ -54,6 +54,12 @@ _BODY_HIGH_WATER: Final = 256 * 1024
 _PARSER_DETAIL: Final = re.compile(r"[^A-Za-z0-9 `-]")
 
 
+def compiled() -> bool:
+    """Whether this build runs the request path compiled by mypyc (``GATEWAY_COMPILE=1``,
+    setup.py): this module is then an extension module, not its ``.py`` source."""
+    return not __file__.endswith(".py")
+
+
 @dataclass(frozen=True, slots=True)
 class Answer:
     """A complete response the gateway itself gives: status, headers and a fixed body."""
@@ -64,15 +70,6 @@ class Answer:
 
 
 Handler = Callable[["HttpRequest"], Awaitable[None]]
-
-
-class ClientGone(ConnectionError):
-    """The client's connection ended while the gateway was reading or writing; ``reason`` says
-    how (it left, or its body turned out malformed)."""
-
-    def __init__(self, detail: str, reason: Reason = Reason.CLIENT_DISCONNECTED) -> None:
-        super().__init__(detail)
-        self.reason = reason
 
 
 class RequestBody:
@@ -798,24 +795,3 @@ class HttpServer:
         if conns:
             await asyncio.gather(*(c.finish(timeout or 0.0) for c in conns))
         self._connections.clear()
-
-
-class GatewayRunner(web.AppRunner):
-    """aiohttp's runner for the app's lifecycle (start-up and clean-up contexts, sites,
-    graceful shutdown), serving the proxy listener with the gateway's own ``HttpServer``."""
-
-    def __init__(
-        self, app: web.Application, make_server: Callable[[], HttpServer], **kwargs: Any
-    ) -> None:
-        kwargs.pop("access_log", None)
-        kwargs.pop("handler_cancellation", None)  # always: a client that leaves is cancelled
-        super().__init__(app, **kwargs)
-        self._make_http_server = make_server
-
-    async def _make_server(self) -> Any:
-        loop = asyncio.get_running_loop()
-        self._app._set_loop(loop)
-        self._app.on_startup.freeze()
-        await self._app.startup()
-        self._app.freeze()
-        return self._make_http_server()

@@ -21,6 +21,7 @@ from .admin import create_admin_app
 from .app import GATEWAY_KEY, Gateway, create_app, gateway_runner
 from .config import GatewayConfig, file_signature
 from .logs import kv
+from .server import compiled
 from .tls import ServerTls
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,8 @@ async def serve(
             await web.TCPSite(admin_runner, config.admin.host, config.admin.port).start()
         log.info(kv(event="listening", proxy=f"{config.listen.host}:{config.listen.port}",
                     admin=None if worker else f"{config.admin.host}:{config.admin.port}",
-                    routes=len(config.routes), pid=os.getpid()))  # fmt: skip
+                    routes=len(config.routes), pid=os.getpid(),
+                    build="compiled" if compiled() else "python"))  # fmt: skip
         tune_garbage_collector()
         if on_ready:
             print(on_ready, flush=True)

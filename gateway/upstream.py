@@ -20,7 +20,6 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Final, cast
 
 import httptools
@@ -39,17 +38,29 @@ _HIGH_WATER: Final = 256 * 1024
 DEFAULT_IDLE_S: Final = 4.0
 
 
-@dataclass(frozen=True, slots=True)
 class ResponseHead:
     """The status line and headers of an upstream response, as received (bytes, not decoded:
-    they go on to the client unchanged)."""
+    they go on to the client unchanged).  A plain class, not a frozen dataclass: one is made
+    per exchange, and a dataclass's generated ``__init__`` is interpreted even when this module
+    is compiled (setup.py); ``Final`` keeps the fields read-only to mypy."""
 
-    status: int
-    reason: bytes
-    headers: list[tuple[bytes, bytes]]
-    keep_alive: bool
-    length_framed: bool = False  # a Content-Length header is among ``headers``
-    connection: bool = False  # a Connection header is among ``headers``
+    __slots__ = ("connection", "headers", "keep_alive", "length_framed", "reason", "status")
+
+    def __init__(
+        self,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        keep_alive: bool,
+        length_framed: bool = False,
+        connection: bool = False,
+    ) -> None:
+        self.status: Final = status
+        self.reason: Final = reason
+        self.headers: Final = headers
+        self.keep_alive: Final = keep_alive
+        self.length_framed: Final = length_framed  # a Content-Length header is among ``headers``
+        self.connection: Final = connection  # a Connection header is among ``headers``
 
 
 class UpstreamClosed(Exception):

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from jwt import PyJWK
+from mypy_extensions import mypyc_attr
 
 from .clock import Clock
 from .config import AuthPolicy, ClaimMatcher, IssuerConfig, MatchOp, RouteConfig
@@ -266,6 +267,9 @@ class VerifiedToken:
     memo: TokenMemo = field(default_factory=TokenMemo, compare=False, repr=False)
 
 
+# `gateway explain` watches what the verifier says by subclassing it (gateway/explain.py): in the
+# compiled build (setup.py) that needs mypyc's leave.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Verifier:
     """Verifies bearer tokens against route policies using a shared key cache."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +17,26 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 from prometheus_client.samples import Sample
 
-from gateway import create_admin_app, create_app, load_config, loads_config
+from gateway import __file__ as gateway_init
+from gateway import compiled, create_admin_app, create_app, load_config, loads_config
 from gateway.app import GATEWAY_KEY, JWKS_KEY, gateway_runner
 from gateway.config import GatewayConfig
 from gateway.jwks import JwksCache
 from gateway.upstream import UpstreamPools
 from tests.fakes import EchoUpstream, FakeClock, FakeIdP, SigningKey, generate_key, make_token
+
+
+def pytest_report_header() -> str:
+    build = "compiled by mypyc" if compiled() else "pure Python"
+    return f"gateway: {build}, from {Path(gateway_init).parent}"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # .ci/run's second pass (the suite against the compiled build) must not silently test the
+    # source tree instead: an import-path slip would make it a copy of the first pass.
+    if os.environ.get("GATEWAY_EXPECT_COMPILED") == "1" and not compiled():
+        raise pytest.UsageError(f"GATEWAY_EXPECT_COMPILED=1 but {gateway_init} is Python")
+
 
 ISSUER = "https://idp.test"
 AUDIENCE = "api"

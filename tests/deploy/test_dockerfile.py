@@ -67,3 +67,15 @@ def test_the_image_installs_runtime_dependencies_only() -> None:
     assert "[dev]" not in runs
     copies = [arg for op, arg in _instructions() if op == "COPY"]
     assert not any(re.search(r"\btests\b", arg) for arg in copies)
+
+
+def test_the_image_ships_the_compiled_request_path() -> None:
+    # setup.py compiles the request path with mypyc only when GATEWAY_COMPILE=1: the image's
+    # build stage sets it and copies setup.py, or the image would run the slower pure build.
+    envs = " ".join(arg for op, arg in _instructions() if op == "ENV")
+    assert re.search(r"\bGATEWAY_COMPILE=1\b", envs), envs
+    copies = [arg for op, arg in _instructions() if op == "COPY"]
+    assert any(re.search(r"\bsetup\.py\b", arg) for arg in copies), copies
+    # The compiler stays in the build stage: the runtime image gets the venv only.
+    runtime = " ".join(arg for op, arg in _final_stage() if op == "RUN")
+    assert "gcc" not in runtime

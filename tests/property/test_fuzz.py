@@ -727,8 +727,13 @@ def dpop_headers(draw: st.DrawFn) -> bytes:
             + "."
         )
     if kind == "flipped":
+        # The replacement is drawn as a shift within the alphabet, not filtered against the
+        # character it replaces: the proof's random jti must not change what is drawn
+        # (hypothesis refuses a strategy whose draws depend on outside state).
+        alphabet = B64URL + "."
         at = draw(st.integers(0, len(proof) - 1))
-        replacement = draw(st.sampled_from(B64URL + ".").filter(lambda c: c != proof[at]))
+        shift = draw(st.integers(1, len(alphabet) - 1))
+        replacement = alphabet[(alphabet.index(proof[at]) + shift) % len(alphabet)]
         proof = proof[:at] + replacement + proof[at + 1 :]
     return proof.encode()
 

@@ -524,7 +524,10 @@ def body(*chunks: bytes, eof: bool = True) -> RequestBody:
 
 
 async def drain(meter: _BodyMeter) -> list[bytes]:
-    return [chunk async for chunk in meter.chunks()]
+    chunks = []
+    while chunk := await meter.next_chunk():
+        chunks.append(chunk)
+    return chunks
 
 
 @pytest.mark.parametrize(
@@ -547,12 +550,11 @@ async def test_a_body_past_the_limit_stops_before_the_excess_is_sent() -> None:
     stream = body(eof=False)
     meter = _BodyMeter(stream, 100, gap_s=5, deadline_s=60)
     sent: list[bytes] = []
-    chunks = meter.chunks()
     stream.feed(b"a" * 60)
-    sent.append(await anext(chunks))
+    sent.append(await meter.next_chunk())
     stream.feed(b"b" * 41)  # 101 bytes in all
     with pytest.raises(_BodyStopped) as caught:
-        await anext(chunks)
+        await meter.next_chunk()
     assert caught.value.reason is Reason.PAYLOAD_TOO_LARGE
     assert meter.stopped is Reason.PAYLOAD_TOO_LARGE
     assert sent == [b"a" * 60]
@@ -561,10 +563,9 @@ async def test_a_body_past_the_limit_stops_before_the_excess_is_sent() -> None:
 async def test_a_stalled_body_stops_after_the_gap() -> None:
     stream = body(b"start", eof=False)
     meter = _BodyMeter(stream, 0, gap_s=0.05, deadline_s=60)
-    chunks = meter.chunks()
-    assert await anext(chunks) == b"start"
+    assert await meter.next_chunk() == b"start"
     with pytest.raises(_BodyStopped) as caught:
-        await asyncio.wait_for(anext(chunks), 5)
+        await asyncio.wait_for(meter.next_chunk(), 5)
     assert caught.value.reason is Reason.CLIENT_TIMEOUT
     assert meter.stopped is Reason.CLIENT_TIMEOUT
 

@@ -963,7 +963,10 @@ async def test_a_complex_payload_with_a_forged_signature_is_never_decoded(
     rs: SigningKey, verifier: Verifier, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import gateway.verifier as module
+    from gateway import compiled
 
+    if compiled():
+        pytest.skip("a compiled verifier calls its helpers directly: a spy cannot see them")
     decoded: list[bytes] = []
     real = module._json_object
 
@@ -975,6 +978,7 @@ async def test_a_complex_payload_with_a_forged_signature_is_never_decoded(
     head, body, _ = _signed_text(rs, _payload_text(**HEAVY)).split(".")
     forged = f"{head}.{body}.{_b64(b'x' * 256)}"
     assert (await reject(verifier, forged)).reason is Reason.SIGNATURE_INVALID
+    assert decoded  # the spy saw the header decoded
     assert all(b'"x"' not in data for data in decoded)  # the header only
 
 
