@@ -31,6 +31,7 @@ from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from gateway import compiled
 from gateway.app import GATEWAY_KEY
 from gateway.cli import main as gateway_main
 from gateway.logs import KV, kv
@@ -988,6 +989,9 @@ async def test_json_log_format_writes_json_objects_only_and_never_a_token(
     assert failure["file"] == str(gw.config_path)
     assert failure["level"] == "error"
     assert {"listening", "jwks_fetch", "shutdown"} <= {e.get("event") for e in entries}
+    (listening,) = [e for e in entries if e.get("event") == "listening"]
+    # Which build serves: the process imports the gateway the way this test run does.
+    assert listening["build"] == ("compiled" if compiled() else "python")
     assert good not in text
     assert good.split(".")[2] not in text  # not even the signature
     assert SECRET not in text
