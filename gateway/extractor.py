@@ -9,8 +9,6 @@ an attacker wants.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from typing import Final
 from urllib.parse import unquote_plus
 
@@ -20,16 +18,35 @@ from .config import TokenLocation, TokenSource
 from .errors import Rejection
 from .reasons import Reason
 
-# RFC 6750 b64token: the whole credential, nothing more.
-_B64TOKEN: Final = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+# RFC 6750 §2.1 b64token: 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
+_B64TOKEN_CHARS: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/"
 
 
-@dataclass(frozen=True, slots=True)
+def is_b64token(credentials: str) -> bool:
+    """Whether ``credentials`` is one whole b64token, nothing more.
+
+    Two C scans instead of a regex (whose per-character loop cost ~15k instructions on an
+    800-byte RS256 token, a third of what a cache hit costs): the ``=`` padding comes off the
+    end, and deleting every b64token character from what is left must leave nothing.
+    """
+    body = credentials.rstrip("=")
+    return (
+        bool(body) and body.isascii() and not body.encode("ascii").translate(None, _B64TOKEN_CHARS)
+    )
+
+
 class FoundToken:
-    """A token and the source it came from (for logs and tests; the proxy hides every source)."""
+    """A token and the source it came from (for logs and tests; the proxy hides every source).
+    (A plain class: one is made per request, see ``ResponseHead`` in gateway/upstream.py.)"""
 
-    token: str
-    source: TokenSource
+    __slots__ = ("source", "token")
+
+    def __init__(self, token: str, source: TokenSource) -> None:
+        self.token: Final = token
+        self.source: Final = source
+
+    def __repr__(self) -> str:
+        return f"FoundToken(source={self.source!r}, token=<{len(self.token)} chars>)"
 
 
 # How a cookie pair and a query pair are named.  The proxy removes a token's carrier by the
@@ -118,6 +135,6 @@ def _checked(found: FoundToken, max_token_bytes: int) -> FoundToken:
     token = found.token
     if len(token) > max_token_bytes:
         raise Rejection(Reason.INVALID_REQUEST, f"token longer than {max_token_bytes} bytes")
-    if not _B64TOKEN.fullmatch(token):
+    if not is_b64token(token):
         raise Rejection(Reason.INVALID_REQUEST, "credentials are not a single b64token")
     return found

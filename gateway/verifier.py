@@ -31,7 +31,6 @@ still in the issuer's set, time claims, and the route's whole policy.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import contextlib
 import json
@@ -54,7 +53,6 @@ from .token_cache import TokenCache, entry_weight
 if TYPE_CHECKING:
     from .tracing import VerifyNotes
 
-_SEGMENT: Final = re.compile(r"[A-Za-z0-9_-]*")
 
 # What may be JSON-decoded before a signature is checked.  The decoder's cost grows with the
 # number of values (a Python call per object, an allocation per value) and with long digit
@@ -104,18 +102,25 @@ _CANONICAL_LAST: Final = {
 }
 
 
+_BASE64URL: Final = _ALPHABET.encode("ascii")
+_TO_BASE64: Final = bytes.maketrans(b"-_", b"+/")
+
+
 def _segment(text: str, name: str) -> bytes:
-    # base64url without padding (RFC 7515 §2): the alphabet is checked by a regex in C,
-    # a length of 4n+1 can never be valid, and the unused bits must be zero.
+    # base64url without padding (RFC 7515 §2): only the alphabet (deleting it from the bytes
+    # leaves nothing: one C scan, where a regex cost ~18 instructions a character), a length
+    # of 4n+1 can never be valid, and the unused bits must be zero.
     rest = len(text) % 4
     if (
-        not _SEGMENT.fullmatch(text)
+        not text.isascii()
         or rest == 1
         or (rest and text[-1] not in _CANONICAL_LAST[rest])
+        or (raw := text.encode("ascii")).translate(None, _BASE64URL)
     ):
         raise Rejection(Reason.TOKEN_MALFORMED, f"{name} is not canonical base64url")
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        # base64.urlsafe_b64decode's own steps, without its two interpreted wrappers.
+        return binascii.a2b_base64(raw.translate(_TO_BASE64) + b"=" * (-rest % 4), strict_mode=True)
     except (binascii.Error, ValueError):
         raise Rejection(Reason.TOKEN_MALFORMED, f"{name} is not base64url") from None
 

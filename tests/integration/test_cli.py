@@ -117,7 +117,12 @@ def demo_config(tmp_path: Path) -> tuple[Path, dict[str, int]]:
     """
     doc: dict[str, Any] = yaml.safe_load((ROOT / "gateway" / "demo.yaml").read_text())
     names = ("listen", "admin", "idp", "upstream", "port", "admin_port")
-    ports = {name: free_port() for name in names}
+    # A port freed by one free_port() call may be handed out again by the next: draw until
+    # the six differ (bounded: a collision is rare).
+    for _ in range(20):
+        ports = {name: free_port() for name in names}
+        if len(set(ports.values())) == len(names):
+            break
     assert len(set(ports.values())) == len(names), ports
     doc["listen"]["port"] = ports["listen"]
     doc["admin"]["port"] = ports["admin"]

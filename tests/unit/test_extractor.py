@@ -7,12 +7,16 @@ what it carries is ambiguous or malformed.
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.config import BEARER_HEADER, TokenLocation, TokenSource
 from gateway.errors import Rejection
-from gateway.extractor import cookie_values, extract_token, query_values
+from gateway.extractor import FoundToken, cookie_values, extract_token, is_b64token, query_values
 from gateway.reasons import Reason
 
 TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhIn0.c2lnbmF0dXJl"
@@ -274,3 +278,34 @@ def test_an_invalid_request_says_why(
     with pytest.raises(Rejection) as caught:
         extract(pairs, query, sources)
     assert (caught.value.reason, caught.value.detail) == (Reason.INVALID_REQUEST, detail)
+
+
+# --- the b64token grammar -----------------------------------------------------------------------
+# RFC 6750 §2.1, b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"=", as the
+# regex the check once was: the oracle ``is_b64token`` (two C scans) must agree with.
+B64TOKEN_GRAMMAR = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+NEAR_B64TOKEN = st.text(
+    alphabet=st.sampled_from("Aa9-._~+/=" + ' \t,;"\\:@!\x00\x7f\u00e9\u0663\uff21\U0001f600'),
+    max_size=12,
+)
+
+
+@given(st.one_of(NEAR_B64TOKEN, st.text(max_size=12)))
+def test_is_b64token_is_the_rfc_6750_grammar(credentials: str) -> None:
+    assert is_b64token(credentials) == bool(B64TOKEN_GRAMMAR.fullmatch(credentials))
+
+
+@pytest.mark.parametrize(
+    ("credentials", "expected"),
+    [("a", True), ("a==", True), ("Zz09-._~+/", True), ("", False), ("=", False),
+     ("==a", False), ("a=b", False), ("a b", False), ("\u0663", False), ("a\x00", False)],
+)  # fmt: skip
+def test_is_b64token_examples(credentials: str, expected: bool) -> None:
+    assert is_b64token(credentials) is expected
+
+
+def test_a_found_token_never_shows_the_token_in_its_repr() -> None:
+    found = FoundToken(TOKEN, BEARER_HEADER)
+    assert (found.token, found.source) == (TOKEN, BEARER_HEADER)
+    assert TOKEN not in repr(found)
+    assert f"<{len(TOKEN)} chars>" in repr(found)

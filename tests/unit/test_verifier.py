@@ -5,11 +5,14 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import re
 from typing import Any
 
 import jwt
 import jwt.exceptions
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from jwt import PyJWK
 
 from gateway.config import AuthPolicy, ClaimMatcher, IssuerConfig, MatchOp
@@ -101,6 +104,36 @@ def test_duplicate_members_are_refused_where_pyjwt_keeps_the_last(token: str) ->
     with pytest.raises(Rejection) as caught:
         parse_token(token)
     assert caught.value.reason is Reason.TOKEN_MALFORMED
+
+
+_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_CANONICAL_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
+def _canonical_signature(segment: str) -> bytes | None:
+    """The oracle: the segment's bytes if it is canonical unpadded base64url (RFC 7515 §2:
+    the alphabet, a length that is not 4n+1, zero unused bits), else ``None``."""
+    if not _CANONICAL_BASE64URL.fullmatch(segment) or len(segment) % 4 == 1:
+        return None
+    raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    if base64.urlsafe_b64encode(raw).rstrip(b"=").decode() != segment:
+        return None  # non-zero unused bits: another spelling of the same bytes
+    return raw
+
+
+@given(
+    st.text(alphabet=st.sampled_from(_ALPHABET[::7] + "+/=. \u00e9\u0663\uff21"), max_size=11)
+    | st.binary(max_size=8).map(lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode())
+)
+def test_a_signature_segment_is_read_exactly_when_it_is_canonical_base64url(segment: str) -> None:
+    token = f"{_HEADER}.{_b64(b'{}')}.{segment}"
+    expected = _canonical_signature(segment)
+    if expected is None:
+        with pytest.raises(Rejection) as caught:
+            parse_token(token)
+        assert caught.value.reason is Reason.TOKEN_MALFORMED
+    else:
+        assert parse_token(token).signature == expected
 
 
 def test_a_valid_token_parses_like_pyjwt(rs: SigningKey, wall_clock: FakeClock) -> None:
