@@ -11,6 +11,11 @@ to a normal one: the token names an unknown ``kid``, so ``Verifier.verify`` stop
 lookup.  Prints ``{shape: {"us_per_token": ..., "vs_normal": ..., "payload_bytes": ...}}``.
 
     python bench/decode_cost.py --unverified --seconds 1
+
+With ``--verifier`` each algorithm's entry also gets ``verifier_us_per_token``: the gateway's own
+``Verifier.verify`` of the same tokens in the same kind of loop, every one a cache miss (a
+one-entry token cache, so the store and eviction a never-seen token costs are in it), beside
+``jwt.decode``.  ``--build compiled`` imports the mypyc build (bench/builds.py) for it.
 """
 
 from __future__ import annotations
@@ -29,10 +34,17 @@ from jwt import PyJWK
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
-from tokens import AUDIENCE, ISSUER, read_tokens
+import builds
 
-from gateway.errors import Rejection
-from gateway.reasons import Reason
+# --build, read before the gateway is imported (as bench/hotpath.py does).
+_pre = argparse.ArgumentParser(add_help=False)
+_pre.add_argument("--build", choices=builds.CHOICES, default=builds.PYTHON)
+builds.use(_pre.parse_known_args()[0].build, log=lambda line: print(line, file=sys.stderr))
+
+from tokens import AUDIENCE, ISSUER, read_tokens  # noqa: E402
+
+from gateway.errors import Rejection  # noqa: E402
+from gateway.reasons import Reason  # noqa: E402
 
 
 def measure(tokens: list[str], key: PyJWK, alg: str, seconds: float) -> dict[str, Any]:
@@ -73,6 +85,51 @@ def _shapes() -> dict[str, bytes]:
         "members": (iss + "," + ",".join(f'"{i:x}":0' for i in range(_FILL // 9)) + "}").encode(),
         "nested": (iss + ',"x":' + "[" * 900 + "]" * 900 + "}").encode(),
     }
+
+
+class _OneKey:
+    """A key lookup holding one key, for every kid: the verifier's key step without a fetch."""
+
+    def __init__(self, key: PyJWK) -> None:
+        self._key = key
+
+    async def get_key(self, issuer: Any, kid: Any, alg: str) -> PyJWK:
+        return self._key
+
+    def current_key(self, issuer: Any, kid: Any, alg: str) -> PyJWK | None:
+        return self._key
+
+
+def measure_verifier(tokens: list[str], key: PyJWK, alg: str, seconds: float) -> float:
+    """µs per ``Verifier.verify`` of a token it has not cached, in a loop like ``measure``'s."""
+    from gateway.clock import SystemClock
+    from gateway.config import AuthPolicy, IssuerConfig
+    from gateway.token_cache import TokenCache
+    from gateway.verifier import Verifier
+
+    clock = SystemClock()
+    issuer = IssuerConfig("bench", ISSUER, None, frozenset({alg}))
+    policy = AuthPolicy(issuers=(issuer,), audiences=frozenset({AUDIENCE}))
+    # One entry: each token evicts the one before, so every lookup misses, and each
+    # verification is stored (weighed, evicting) as a never-seen token's is.
+    verifier = Verifier(_OneKey(key), clock, TokenCache(1, clock))
+    size = len(tokens)
+
+    async def run() -> tuple[int, float]:
+        for token in tokens[:50]:
+            await verifier.verify(token, policy)  # warm-up, and a check that they verify
+        n = 0
+        started = time.perf_counter()
+        while True:
+            for _ in range(100):
+                await verifier.verify(tokens[n % size], policy)
+                n += 1
+            now = time.perf_counter()
+            if now - started >= seconds:
+                return n, now - started
+
+    n, elapsed = asyncio.run(run())
+    return elapsed / n * 1e6
 
 
 class _NoKeys:
@@ -131,6 +188,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--unverified", action="store_true", help="hostile payloads, see above")
+    parser.add_argument("--verifier", action="store_true", help="the gateway's verifier too")
+    parser.add_argument("--build", choices=builds.CHOICES, default=builds.PYTHON)
     parser.add_argument("sets", nargs="*", help="ALG=TOKENS_FILE ..., then the JWKS file")
     args = parser.parse_args()
     if args.unverified:
@@ -147,7 +206,10 @@ def main() -> int:
         alg, _, path = item.partition("=")
         jwk = next(k for k in jwks["keys"] if k["alg"] == alg)
         key = PyJWK(jwk, algorithm=alg)
-        result[alg] = measure(read_tokens(Path(path), 0, 1000), key, alg, args.seconds)
+        tokens = read_tokens(Path(path), 0, 1000)
+        result[alg] = measure(tokens, key, alg, args.seconds)
+        if args.verifier:
+            result[alg]["verifier_us_per_token"] = measure_verifier(tokens, key, alg, args.seconds)
     json.dump(result, sys.stdout)
     print()
     return 0

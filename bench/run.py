@@ -822,6 +822,9 @@ def run(args: argparse.Namespace, procs: Processes) -> int:
                     str(BENCH / "decode_cost.py"),
                     "--seconds",
                     "1.5" if args.quick else "3",
+                    "--verifier",
+                    "--build",
+                    args.build,
                     f"RS256={tokens.warm['RS256']}",
                     f"ES256={tokens.warm['ES256']}",
                     str(jwks_path),
@@ -1229,6 +1232,15 @@ def render(
         f"({decode['RS256']['decodes_per_s']:,.0f} decodes/s) |",
         f"| PyJWT `jwt.decode` ES256 (PyJWK key, 1 core, alone) | {es:.1f} µs/decode "
         f"({decode['ES256']['decodes_per_s']:,.0f} decodes/s) |",
+        *(
+            [
+                "| the gateway's `Verifier.verify` of the same RS256 tokens, each a cache miss "
+                f"(the same loop, this build) | {decode['RS256']['verifier_us_per_token']:.1f} µs "
+                f"(= {decode['RS256']['verifier_us_per_token'] / rs:.2f} PyJWT decodes) |"
+            ]
+            if "verifier_us_per_token" in decode["RS256"]
+            else []
+        ),
         "| gateway RS256 every-token-new extra cost per request, "
         f"1/rps_cold - 1/rps_passthrough | {_fmt(extra_us, 1)} µs "
         f"(= {_fmt(extra_us / rs, 2)} PyJWT decodes) |",
