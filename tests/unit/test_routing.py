@@ -5,11 +5,21 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.config import PathRewrite, RouteConfig, RouteMatch, Upstream
 from gateway.errors import Rejection
 from gateway.reasons import Reason
-from gateway.routing import RouteTable, check_raw_path, request_host, rewritten, valid_host
+from gateway.routing import (
+    _UNSAFE_PATH,
+    RouteTable,
+    check_raw_path,
+    is_plain_path,
+    request_host,
+    rewritten,
+    valid_host,
+)
 
 UNRESERVED = frozenset(
     [*range(0x30, 0x3A), *range(0x41, 0x5B), *range(0x61, 0x7B), 0x2D, 0x2E, 0x5F, 0x7E]
@@ -314,6 +324,8 @@ HOST_TABLE = RouteTable(
         pytest.param("a.tenants.example.com", "/x", "tenants", id="wildcard"),
         pytest.param("a.b.tenants.example.com", "/x", "tenants", id="wildcard-deeper"),
         pytest.param("tenants.example.com", "/x", None, id="wildcard-needs-a-label"),
+        # valid_host lets a leading dot through; the suffix alone is not a label under it
+        pytest.param(".tenants.example.com", "/x", None, id="wildcard-needs-a-non-empty-label"),
         pytest.param("eviltenants.example.com", "/x", None, id="wildcard-whole-labels"),
         pytest.param("api2.example.com", "/api/v1", "api_only", id="second-host"),
         pytest.param("api.example.com", "/other", None, id="host-and-path"),
@@ -473,3 +485,27 @@ def test_a_rewrite_replaces_only_the_matched_prefix(
     prefix: str, replacement: str, path: str, forwarded: str
 ) -> None:
     assert rewritten(PathRewrite(prefix, replacement), path) == forwarded
+
+
+# --- the plain-path shortcut -------------------------------------------------------------------
+# Every printable ASCII character, the controls the regex names, and a few beyond ASCII.
+PATH_CHARS = st.sampled_from([chr(c) for c in range(0x80)] + ["\u00e9", "\u2024", "\uff0e"])
+
+
+@given(st.text(alphabet=PATH_CHARS, max_size=10).map(lambda tail: "/" + tail))
+def test_a_plain_path_is_one_the_ambiguity_regex_finds_nothing_in(path: str) -> None:
+    """The shortcut only skips the regex where it would match nothing: it never lets an
+    ambiguous path through."""
+    if is_plain_path(path):
+        assert _UNSAFE_PATH.search(path) is None
+
+
+@pytest.mark.parametrize(
+    ("path", "plain"),
+    [("/public/x", True), ("/api/v1/orders/42:cancel", True), ("/a-b_c~d/@e!$&'()*+,=", True),
+     ("/", True), ("/a/../b", False), ("/a//b", False), ("/a%2Fb", False), ("/a;b", False),
+     ("/a\\b", False), ("/a b", False), ("/a\x7f", False), ("/caf\u00e9", False),
+     ("/a.b", False)],
+)  # fmt: skip
+def test_most_paths_take_the_shortcut_and_the_rest_the_regex(path: str, plain: bool) -> None:
+    assert is_plain_path(path) is plain
