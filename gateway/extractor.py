@@ -26,8 +26,9 @@ def is_b64token(credentials: str) -> bool:
     """Whether ``credentials`` is one whole b64token, nothing more.
 
     Two C scans instead of a regex (whose per-character loop cost ~15k instructions on an
-    800-byte RS256 token, a third of what a cache hit costs): the ``=`` padding comes off the
-    end, and deleting every b64token character from what is left must leave nothing.
+    800-byte RS256 token, over a quarter of what a cache hit adds to passthrough): the ``=``
+    padding comes off the end, and deleting every b64token character from what is left must
+    leave nothing.
     """
     body = credentials.rstrip("=")
     return (
