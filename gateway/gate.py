@@ -56,7 +56,15 @@ class Admitted:
 class Gate:
     """Admits a request only after its route's policy is satisfied."""
 
-    __slots__ = ("_max_token_bytes", "_metrics", "_sender", "_sources", "_table", "_verifier")
+    __slots__ = (
+        "_known",
+        "_max_token_bytes",
+        "_metrics",
+        "_sender",
+        "_sources",
+        "_table",
+        "_verifier",
+    )
 
     def __init__(
         self,
@@ -68,6 +76,7 @@ class Gate:
         self._table = RouteTable(config.routes)
         self._max_token_bytes = config.max_token_bytes
         self._verifier = verifier
+        self._known = verifier.known
         self._metrics = metrics
         self._sender = sender if sender is not None else SenderCheck(config, SYSTEM_CLOCK)
         # Where each route looks for its token: a DPoP route also reads Authorization: DPoP.
@@ -114,7 +123,7 @@ class Gate:
             else:
                 try:
                     found = extract_token(
-                        headers, query, self._sources[route.id], self._max_token_bytes
+                        headers, query, self._sources[route.id], self._max_token_bytes, self._known
                     )
                     if found is not None:
                         injected = await self._verify(route, found, request, record)
@@ -172,7 +181,9 @@ class Gate:
         assert route.auth is not None
         injected: Mapping[str, str] = {}
         try:
-            found = extract_token(request[3], query, self._sources[route.id], self._max_token_bytes)
+            found = extract_token(
+                request[3], query, self._sources[route.id], self._max_token_bytes, self._known
+            )
             if found is None:
                 raise Rejection(Reason.TOKEN_MISSING, "no token")
             injected = await self._verify(route, found, request, record)

@@ -143,6 +143,10 @@ class TokenCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, token: object) -> bool:
+        """Whether ``token`` is held in this exact spelling (expired or not): it verified."""
+        return token in self._entries
+
     @property
     def weight(self) -> int:
         """The summed weight of the entries held (never above ``max_bytes``)."""

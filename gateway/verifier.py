@@ -36,7 +36,7 @@ import contextlib
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -282,6 +282,11 @@ class Verifier:
         self._keys = keys
         self._clock = clock
         self._cache = cache
+
+    @property
+    def known(self) -> Container[str]:
+        """Tokens that verified (the cache's, or none): each is a well-formed JWS."""
+        return self._cache if self._cache is not None else ()
 
     async def verify(
         self, token: str, policy: AuthPolicy, notes: VerifyNotes | None = None

@@ -304,6 +304,28 @@ def test_is_b64token_examples(credentials: str, expected: bool) -> None:
     assert is_b64token(credentials) is expected
 
 
+def test_a_known_token_skips_only_the_grammar_scan() -> None:
+    # ``known`` is the verifier's cache: tokens that verified.  Its members are trusted to be
+    # b64tokens (tests/unit/test_verifier.py holds that only verified tokens get in); the length
+    # bound still holds for them, and every other token is scanned as before.
+    long_token = "a" * (MAX + 1)
+    with pytest.raises(Rejection) as caught:
+        extract_token(
+            headers(("Authorization", f"Bearer {long_token}")), "", (BEARER_HEADER,), MAX,
+            {long_token},
+        )  # fmt: skip
+    assert caught.value.detail == f"token longer than {MAX} bytes"
+    with pytest.raises(Rejection) as caught:
+        extract_token(headers(("Authorization", "Bearer a,b")), "", (BEARER_HEADER,), MAX, {TOKEN})
+    assert caught.value.detail == "credentials are not a single b64token"
+    for sources in [(BEARER_HEADER,), ALL_SOURCES]:
+        found = extract_token(
+            headers(("Authorization", f"Bearer {TOKEN}")), "", sources, MAX, {TOKEN}
+        )
+        assert found is not None
+        assert found.token == TOKEN
+
+
 def test_a_found_token_never_shows_the_token_in_its_repr() -> None:
     found = FoundToken(TOKEN, BEARER_HEADER)
     assert (found.token, found.source) == (TOKEN, BEARER_HEADER)

@@ -89,6 +89,19 @@ def test_an_unknown_token_is_a_miss(clock: FakeClock) -> None:
     assert cache.get(f"{_HEADER}.{_PAYLOAD}.{_b64(b'x' * 64)}") is None  # a twin, not cached
 
 
+def test_membership_is_of_the_exact_spelling_held(es: SigningKey, clock: FakeClock) -> None:
+    cache = TokenCache(10, clock)
+    token, twin = _spellings(es, clock)
+    cache.put(token, _verified("ES256"), NOW + 60, 100)
+    assert token in cache
+    assert twin not in cache  # get() answers for it; membership is of what was put
+    assert "u" not in cache
+    clock.advance(120)
+    assert token in cache  # past exp, still a token that verified once (get() drops it)
+    assert cache.get(token) is None
+    assert token not in cache
+
+
 # --- bounds ------------------------------------------------------------------------------------
 def test_the_cache_evicts_to_its_byte_bound(clock: FakeClock) -> None:
     cache = TokenCache(100, clock, max_bytes=10_000)

@@ -1100,6 +1100,22 @@ async def test_a_cache_hit_needs_no_key_and_no_signature(
     assert len(ring.calls) == 1
 
 
+async def test_known_holds_exactly_the_tokens_that_verified(
+    rs: SigningKey, ring: KeyRing, cached: Verifier, wall_clock: FakeClock
+) -> None:
+    # The extractor skips its b64token scan for these: only a token that verified may be one.
+    token = mint(rs, wall_clock)
+    wrong_audience = mint(rs, wall_clock, aud="other")
+    assert token not in cached.known
+    await cached.verify(token, POLICY)
+    await reject(cached, wrong_audience)
+    assert token in cached.known
+    assert wrong_audience not in cached.known
+    uncached = Verifier(ring, wall_clock)
+    await uncached.verify(token, POLICY)
+    assert token not in uncached.known
+
+
 async def test_a_cached_token_dies_with_its_retired_key(
     rs: SigningKey, ring: KeyRing, cached: Verifier, wall_clock: FakeClock
 ) -> None:
