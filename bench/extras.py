@@ -151,6 +151,11 @@ def render_extras(extras: Extras, one_worker: dict[str, float], seconds: float) 
                 if row.valid
                 else f"INVALID: {r.get('non_2xx', 0)} non-2xx, {r.get('errors', 0)} errors"
             )
+            if r.get("closed_by_server"):
+                # Idle past the server's keep-alive timeout: replaced, as a client's pool would.
+                note = (
+                    f"{note} {r['closed_by_server']} idle connections closed by the server".strip()
+                )
             lines.append(
                 f"| {row.name} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
                 f"{_fmt(added50)} | {_fmt(added99)} | {note} |"

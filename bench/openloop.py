@@ -60,14 +60,27 @@ class OpenLoop:
         self.lag = array("d")  # due -> written, seconds
         self.statuses: Counter[int] = Counter()
         self.errors = 0
+        self.closed_by_server = 0  # idle connections the server closed, seen before reuse
         self.in_flight: set[asyncio.Task[None]] = set()
 
     async def connect(self) -> Connection:
         self.opened += 1
         return await asyncio.open_connection(self.host, self.port)
 
+    def pooled(self) -> Connection | None:
+        """An idle connection the server has not closed, as an HTTP client's pool hands out:
+        a server may close a keep-alive connection idle past its timeout (the gateway's
+        ``client_idle_timeout_s``, 30 s by default), and reusing it would count an error."""
+        while self.idle:
+            reader, writer = self.idle.pop()
+            if not reader.at_eof():
+                return reader, writer
+            writer.close()
+            self.closed_by_server += 1
+        return None
+
     async def one(self, due: float) -> None:
-        conn = self.idle.pop() if self.idle else await self.connect()
+        conn = self.pooled() or await self.connect()
         reader, writer = conn
         sent = time.perf_counter()
         request = self.requests[self.sent_count % len(self.requests)]
@@ -147,6 +160,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "connections_opened": gen.opened,
         "non_2xx": non_2xx,
         "errors": gen.errors,
+        "closed_by_server": gen.closed_by_server,
         "statuses": {str(k): v for k, v in gen.statuses.items()},
         "loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
     }
