@@ -22,6 +22,7 @@ from setuptools import setup
 COMPILED = (
     "admission",
     "claims",
+    "clock",
     "extractor",
     "gate",
     "handler",

@@ -99,6 +99,9 @@ class _OneKey:
     def current_key(self, issuer: Any, kid: Any, alg: str) -> PyJWK | None:
         return self._key
 
+    def lease(self, issuer: Any) -> None:
+        return None
+
 
 def measure_verifier(tokens: list[str], key: PyJWK, alg: str, seconds: float) -> float:
     """µs per ``Verifier.verify`` of a token it has not cached, in a loop like ``measure``'s."""
@@ -139,6 +142,9 @@ class _NoKeys:
         raise Rejection(Reason.KEY_NOT_FOUND, "no such kid")
 
     def current_key(self, issuer: Any, kid: Any, alg: str) -> PyJWK | None:
+        return None
+
+    def lease(self, issuer: Any) -> None:
         return None
 
 

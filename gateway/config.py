@@ -1274,13 +1274,6 @@ class AuthPolicy:
         shown='`[{header: Authorization, prefix: "Bearer "}]`',
     )
 
-    def issuer_for(self, iss: str) -> IssuerConfig | None:
-        """The configured issuer whose ``issuer`` URL equals ``iss``, if the route trusts it."""
-        for issuer in self.issuers:
-            if issuer.issuer == iss:
-                return issuer
-        return None
-
 
 def _build_auth(values: Values) -> AuthPolicy:
     values.get("issuers")

@@ -23,6 +23,11 @@ Semantics (the README's "When keys rotate" is the user-facing version):
   ``jwks_max_stale_s`` past its expiry; then ``jwks_unavailable`` until the
   first good fetch.  Failures are retried with exponential backoff.
 * Keys with private members are dropped from fetched sets (and counted).
+* Leases: each key set an entry holds has one ``KeySetLease``, which a token verified with
+  one of its keys keeps (gateway/verifier.py).  Its ``usable_until`` is the monotonic time the
+  set stops being usable (expiry plus ``jwks_max_stale_s``), moved by every fetch that keeps the
+  set (a 304); it is ended (-inf) when the set is replaced or the issuer dropped.  A cache hit
+  then needs one comparison, not a key lookup, to know its key is still the issuer's.
 """
 
 from __future__ import annotations
@@ -51,7 +56,29 @@ log = logging.getLogger(__name__)
 RETRY_INITIAL_S: Final = 1.0  # Envoy retries a failed fetch after 1 s
 RETRY_MAX_S: Final = 60.0
 
-__all__ = ["RETRY_INITIAL_S", "RETRY_MAX_S", "JwksCache", "KeyLookup", "KeySet", "build_key_set"]
+__all__ = [
+    "RETRY_INITIAL_S",
+    "RETRY_MAX_S",
+    "JwksCache",
+    "KeyLookup",
+    "KeySet",
+    "KeySetLease",
+    "build_key_set",
+]
+
+
+class KeySetLease:
+    """How long one issuer's key set, as the cache holds it, stays the set requests may use:
+    until ``usable_until`` on the cache clock's monotonic time.  A fetch that keeps the set
+    moves it; replacing the set, or dropping the issuer, ends it for good."""
+
+    __slots__ = ("usable_until",)
+
+    def __init__(self) -> None:
+        self.usable_until = float("-inf")
+
+    def end(self) -> None:
+        self.usable_until = float("-inf")
 
 
 class KeyLookup(Protocol):
@@ -60,6 +87,11 @@ class KeyLookup(Protocol):
     async def get_key(self, issuer: IssuerConfig, kid: str | None, alg: str) -> PyJWK: ...
 
     def current_key(self, issuer: IssuerConfig, kid: str | None, alg: str) -> PyJWK | None: ...
+
+    def lease(self, issuer: IssuerConfig) -> KeySetLease | None:
+        """The lease of the issuer's current key set; ``None`` where this lookup keeps none
+        (then a cache hit asks ``current_key``)."""
+        ...
 
 
 @dataclass(slots=True, eq=False)
@@ -84,6 +116,17 @@ class _Entry:
     inflight: asyncio.Task[None] | None = None
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     attempted: asyncio.Event = field(default_factory=asyncio.Event)
+    lease: KeySetLease = field(default_factory=KeySetLease)  # of key_set
+
+    def adopt(self, key_set: KeySet, expires_at: float) -> None:
+        """Hold ``key_set`` until ``expires_at``: a new set gets a new lease (the old one's
+        holders must look again), the same set's lease is moved."""
+        if key_set is not self.key_set:
+            self.lease.end()
+            self.lease = KeySetLease()
+        self.key_set = key_set
+        self.expires_at = expires_at
+        self.lease.usable_until = expires_at + self.issuer.jwks_max_stale_s
 
     @property
     def static(self) -> bool:
@@ -122,10 +165,10 @@ class JwksCache:
     def _new_entry(self, issuer: IssuerConfig) -> _Entry:
         entry = _Entry(issuer, jwks_uri=issuer.jwks_uri)
         if issuer.static_jwks is not None:
-            entry.key_set = build_key_set(
-                json.loads(issuer.static_jwks), issuer.id, issuer.algorithms
+            entry.adopt(
+                build_key_set(json.loads(issuer.static_jwks), issuer.id, issuer.algorithms),
+                float("inf"),
             )
-            entry.expires_at = float("inf")
             entry.attempted.set()
         if not self._metrics.multiprocess:
             # Computed at scrape time, so staleness shows without any request.  With
@@ -163,7 +206,7 @@ class JwksCache:
         for issuer_id in list(self._entries):
             if self._entries[issuer_id].issuer != issuers.get(issuer_id):
                 self._stop(issuer_id)
-                del self._entries[issuer_id]
+                self._entries.pop(issuer_id).lease.end()
         for issuer_id, cfg in issuers.items():
             if issuer_id not in self._entries:
                 self._entries[issuer_id] = entry = self._new_entry(cfg)
@@ -252,6 +295,11 @@ class JwksCache:
             return None
         found = key_set.lookup(kid, alg)
         return None if isinstance(found, Reason) else found
+
+    def lease(self, issuer: IssuerConfig) -> KeySetLease | None:
+        """The lease of the issuer's current key set (ended once the set is replaced)."""
+        entry = self._entries.get(issuer.id)
+        return entry.lease if entry is not None else None
 
     async def get_key(self, issuer: IssuerConfig, kid: str | None, alg: str) -> PyJWK:
         """The verification key for ``kid``/``alg`` of ``issuer``, or a ``Rejection``."""
@@ -417,11 +465,10 @@ class JwksCache:
                 entry.max_age_s = document.max_age_s
             lifetime = cache_lifetime(issuer, entry.max_age_s)
             result = "not_modified" if document.not_modified else "success"
-            entry.key_set = key_set
+            entry.adopt(key_set, started + lifetime)
             entry.etag, entry.last_modified = document.etag, document.last_modified
             entry.validated_uri = uri
             entry.fetched_at = entry.last_success_started = started
-            entry.expires_at = started + lifetime
             entry.failures = 0
             entry.next_retry_at = float("-inf")
             self._metrics.jwks_fetches.labels(issuer.id, result).inc()

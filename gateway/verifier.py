@@ -46,7 +46,7 @@ from mypy_extensions import mypyc_attr
 from .clock import Clock
 from .config import AuthPolicy, ClaimMatcher, IssuerConfig, MatchOp, RouteConfig
 from .errors import Rejection
-from .jwks import KeyLookup
+from .jwks import KeyLookup, KeySetLease
 from .reasons import Reason
 from .token_cache import TokenCache, entry_weight
 
@@ -270,6 +270,8 @@ class VerifiedToken:
     nbf: float | None = None
     iat: float | None = None
     memo: TokenMemo = field(default_factory=TokenMemo, compare=False, repr=False)
+    # The lease of the key set ``key`` came from (gateway/jwks.py), if the key cache keeps them.
+    lease: KeySetLease | None = field(default=None, compare=False, repr=False)
 
 
 # `gateway explain` watches what the verifier says by subclassing it (gateway/explain.py): in the
@@ -342,6 +344,8 @@ class Verifier:
             key: PyJWK = await self._keys.get_key(issuer, kid, alg)
         except Rejection as rejection:
             raise _failed(KEY, rejection) from None
+        # Asked with no await since get_key returned: the lease of the set ``key`` is in.
+        lease = self._keys.lease(issuer)
 
         # The key is bound to one algorithm; the header's alg must be that one.
         if key.algorithm_name != alg:
@@ -361,7 +365,7 @@ class Verifier:
                 raise _failed(PAYLOAD, rejection) from None
         exp, nbf, iat = self._check_claims(payload, issuer, policy)
         verified = VerifiedToken(
-            payload, issuer, kid, parsed.payload_segment, alg, key, typ, exp, nbf, iat
+            payload, issuer, kid, parsed.payload_segment, alg, key, typ, exp, nbf, iat, lease=lease
         )
         verified.memo.policy = policy
         if cache is not None:
@@ -372,7 +376,7 @@ class Verifier:
         """Whether a cached token may stand for a fresh verification on this route, now:
         its issuer is trusted here with the same settings, its alg and typ still pass, and its
         key is still the one in the issuer's current set (a rotated-out key drops it)."""
-        issuer = policy.issuer_for(hit.issuer.issuer)
+        issuer = trusted_issuer(policy, hit.issuer.issuer)
         if issuer is None:
             return False
         if issuer is not hit.issuer and (
@@ -382,6 +386,11 @@ class Verifier:
             or not _typ_accepted(hit.typ, issuer.typ)
         ):
             return False
+        lease = hit.lease
+        if lease is not None:
+            # Its key set is still the issuer's (a new set ends the lease) and usable now: the
+            # set's lookup of its kid and alg is still the key it verified with.
+            return self._clock.monotonic() < lease.usable_until
         return self._keys.current_key(issuer, hit.kid, hit.alg) is hit.key
 
     def _check_claims(
@@ -456,6 +465,16 @@ def _check_not_after_now(check: Check, value: float | None, now: float, leeway: 
         raise CheckFailed(check, Reason.TOKEN_NOT_YET_VALID, f"{check.name} in the future")
 
 
+def trusted_issuer(policy: AuthPolicy, iss: str) -> IssuerConfig | None:
+    """The configured issuer whose ``issuer`` URL equals ``iss``, if the route trusts it (a URL
+    is configured once).  Here, not on the config's ``AuthPolicy``: compiled, a cache hit's
+    look-up runs no interpreted frame."""
+    for issuer in policy.issuers:
+        if issuer.issuer == iss:
+            return issuer
+    return None
+
+
 def _unverified_issuer(parsed: ParsedToken, policy: AuthPolicy) -> IssuerConfig:
     """The route's issuer that the unverified ``iss`` names: chosen before any key is fetched."""
     if parsed.payload is not None:
@@ -465,7 +484,7 @@ def _unverified_issuer(parsed: ParsedToken, policy: AuthPolicy) -> IssuerConfig:
     not_a_string = False
     for iss in candidates:
         if isinstance(iss, str):
-            issuer = policy.issuer_for(iss)
+            issuer = trusted_issuer(policy, iss)
             if issuer is not None:
                 return issuer
         elif iss is not None:

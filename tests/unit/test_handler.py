@@ -26,6 +26,7 @@ from gateway.errors import Rejection
 from gateway.gate import Admitted, Gate
 from gateway.handler import GatewayHandler
 from gateway.headers import AUTH_OUTCOME_HEADER
+from gateway.jwks import KeySetLease
 from gateway.keyset import build_key_set
 from gateway.metrics import UNMATCHED_ROUTE, GatewayMetrics
 from gateway.middleware import Observer, rejection_response
@@ -119,6 +120,9 @@ class StaticKeys:
     def current_key(self, issuer: IssuerConfig, kid: str | None, alg: str) -> PyJWK | None:
         found = self._key_set.lookup(kid, alg)
         return found if isinstance(found, PyJWK) else None
+
+    def lease(self, issuer: IssuerConfig) -> KeySetLease | None:
+        return None  # no leases: a cache hit asks current_key
 
 
 def build_gate(

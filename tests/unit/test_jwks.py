@@ -21,14 +21,16 @@ from aiohttp import web
 from jwt import PyJWK
 from prometheus_client import CollectorRegistry
 
-from gateway.config import IssuerConfig
+from gateway.config import AuthPolicy, IssuerConfig
 from gateway.documents import HttpDocumentFetcher
 from gateway.errors import Rejection
 from gateway.jwks import RETRY_INITIAL_S, JwksCache
 from gateway.metrics import GatewayMetrics
 from gateway.reasons import Reason
+from gateway.token_cache import TokenCache
+from gateway.verifier import Verifier
 from tests.conftest import ALL_ALGORITHMS, ISSUER
-from tests.fakes import FakeClock, FakeIdP, SigningKey, generate_key
+from tests.fakes import FakeClock, FakeIdP, SigningKey, generate_key, make_token
 
 TTL = 300.0
 COOLDOWN = 30.0
@@ -1211,3 +1213,104 @@ async def test_current_key_is_the_served_key_until_it_leaves_the_set(
     found = h.cache.current_key(h.issuer, "rotated", "ES256")
     assert found is not None
     assert verifies(found, rotated)
+
+
+# --- leases: a cached token's key set, checked by one comparison --------------------------------
+def leased(h: Harness) -> tuple[Verifier, AuthPolicy]:
+    """A verifier with a token cache over the harness's real key cache, and a policy on it."""
+    policy = AuthPolicy(issuers=(h.issuer,), audiences=frozenset({"api"}))
+    return Verifier(h.cache, h.clock, TokenCache(100, h.clock)), policy
+
+
+def long_lived(signer: SigningKey, clock: FakeClock) -> str:
+    now = int(clock.time())
+    return make_token(signer, clock, iss=ISSUER, aud="api", sub="alice", exp=now + 86_400)
+
+
+async def test_a_cached_token_is_served_until_its_sets_lease_ends_at_expiry_plus_max_stale(
+    make_cache: MakeCache, idp: FakeIdP, clock: FakeClock, rs: SigningKey
+) -> None:
+    h = make_cache(jwks_max_stale_s=600)
+    verifier, policy = leased(h)
+    token = long_lived(rs, clock)
+    first = await verifier.verify(token, policy)
+    clock.advance(TTL + 600 - 1)  # stale, still servable: the hit needs no key lookup
+    assert await verifier.verify(token, policy) is first
+    assert idp.hits == 1
+    idp.mode = "error"
+    clock.advance(1)  # the set is no longer usable: neither is the hit, and nothing else is
+    with pytest.raises(Rejection) as caught:
+        await verifier.verify(token, policy)
+    assert caught.value.reason is Reason.JWKS_UNAVAILABLE
+
+
+async def test_a_refetched_set_ends_the_lease_of_the_set_it_replaces(
+    make_cache: MakeCache,
+    idp: FakeIdP,
+    clock: FakeClock,
+    rs: SigningKey,
+    signing_keys: dict[str, SigningKey],
+) -> None:
+    h = make_cache()
+    verifier, policy = leased(h)
+    token = long_lived(rs, clock)
+    first = await verifier.verify(token, policy)
+    old = h.cache.lease(h.issuer)
+    assert old is not None
+    assert old.usable_until > clock.monotonic()
+    idp.publish(*(k for k in signing_keys.values() if k.kid != rs.kid))  # rs retired
+    clock.advance(TTL)
+    await h.key("key-es256", "ES256")  # served stale; the refresh runs in the background
+    await eventually(lambda: h.fetches("success") == 2)
+    assert old.usable_until == float("-inf")
+    assert h.cache.lease(h.issuer) is not old
+    with pytest.raises(Rejection) as caught:
+        await verifier.verify(token, policy)
+    assert caught.value.reason is Reason.KEY_NOT_FOUND
+    # The same kid back with the same key is a new set: the token verifies anew, once.
+    idp.publish(*signing_keys.values())
+    clock.advance(TTL)
+    await h.key("key-es256", "ES256")
+    await eventually(lambda: h.fetches("success") == 3)
+    again = await verifier.verify(token, policy)
+    assert again is not first
+    assert await verifier.verify(token, policy) is again
+
+
+async def test_a_304_moves_the_lease_and_cached_tokens_stay_cached(
+    make_cache: MakeCache, idp: FakeIdP, clock: FakeClock, rs: SigningKey
+) -> None:
+    idp.etags = True
+    h = make_cache(jwks_max_stale_s=0)
+    verifier, policy = leased(h)
+    token = long_lived(rs, clock)
+    first = await verifier.verify(token, policy)
+    lease = h.cache.lease(h.issuer)
+    clock.advance(TTL)  # expired, not servable: the next key lookup waits for the 304
+    await h.key(rs.kid)
+    assert (h.fetches("not_modified"), h.cache.lease(h.issuer)) == (1, lease)
+    assert lease is not None
+    assert lease.usable_until == clock.monotonic() + TTL
+    clock.advance(TTL - 1)  # past the set's first lifetime, inside the one the 304 gave
+    assert await verifier.verify(token, policy) is first
+    assert idp.hits == 2
+
+
+async def test_a_reload_that_changes_an_issuer_ends_the_leases_of_its_set(
+    make_cache: MakeCache, idp: FakeIdP, clock: FakeClock, rs: SigningKey
+) -> None:
+    h = make_cache()
+    verifier, policy = leased(h)
+    token = long_lived(rs, clock)
+    first = await verifier.verify(token, policy)
+    lease = h.cache.lease(h.issuer)
+    changed = dataclasses.replace(h.issuer, jwks_cache_ttl_s=TTL * 2)
+    h.cache.reconfigure({changed.id: changed})
+    assert lease is not None
+    assert lease.usable_until == float("-inf")
+    # A request still judged by the old policy verifies against the issuer's new entry.
+    again = await verifier.verify(token, policy)
+    assert again is not first
+    assert idp.hits == 2
+    h.cache.reconfigure({})
+    assert h.cache.lease(h.issuer) is None

@@ -17,6 +17,7 @@ from jwt import PyJWK
 
 from gateway.config import AuthPolicy, ClaimMatcher, IssuerConfig, MatchOp
 from gateway.errors import Rejection
+from gateway.jwks import KeySetLease
 from gateway.reasons import Reason
 from gateway.verifier import (
     CheckFailed,
@@ -161,6 +162,9 @@ class CountingLookup:
 
     def current_key(self, issuer: IssuerConfig, kid: str | None, alg: str) -> PyJWK | None:
         return None  # these verifiers run without a token cache
+
+    def lease(self, issuer: IssuerConfig) -> KeySetLease | None:
+        return None  # no leases: a cache hit asks current_key
 
 
 @pytest.fixture(scope="module")
@@ -1606,3 +1610,84 @@ async def test_a_traced_verification_is_told_which_cache_answered(
         token, AuthPolicy((static,), POLICY.audiences), held
     )
     assert (held.cache_hit, held.key_cached) == (False, True)
+
+
+class LeasedRing(KeyRing):
+    """A key ring that hands out a lease for its set, as the key cache does; a test moves or
+    ends it, and may let ``current_key`` disagree to show which one a hit believes."""
+
+    def __init__(self, *keys: SigningKey) -> None:
+        super().__init__(*keys)
+        self.held = KeySetLease()
+        self.held.usable_until = 10_000.0 + 600  # FakeClock's monotonic starts at 10,000
+        self.asked = 0
+        self.renew_on_get = False
+
+    async def get_key(self, issuer: IssuerConfig, kid: str | None, alg: str) -> PyJWK:
+        key = await super().get_key(issuer, kid, alg)
+        if self.renew_on_get:
+            self.held.end()
+            self.held = KeySetLease()
+            self.held.usable_until = 10_000.0 + 600
+        return key
+
+    def lease(self, issuer: IssuerConfig) -> KeySetLease | None:
+        self.asked += 1
+        return self.held
+
+    def current_key(self, issuer: IssuerConfig, kid: str | None, alg: str) -> PyJWK | None:
+        raise AssertionError("a hit with a lease needs no key lookup")
+
+
+@pytest.fixture
+def leased_ring(rs: SigningKey, es: SigningKey) -> LeasedRing:
+    return LeasedRing(rs, es)
+
+
+@pytest.fixture
+def leased(leased_ring: LeasedRing, wall_clock: FakeClock) -> Verifier:
+    from gateway.token_cache import TokenCache
+
+    return Verifier(leased_ring, wall_clock, TokenCache(100, wall_clock))
+
+
+async def test_a_hit_is_served_while_its_lease_holds_and_verified_anew_from_its_end(
+    rs: SigningKey, leased_ring: LeasedRing, leased: Verifier, wall_clock: FakeClock
+) -> None:
+    token = mint(rs, wall_clock, exp=int(wall_clock.time()) + 3600)
+    first = await leased.verify(token, POLICY)
+    assert first.lease is leased_ring.held
+    wall_clock.advance(599)
+    assert await leased.verify(token, POLICY) is first
+    assert len(leased_ring.calls) == 1
+    wall_clock.advance(1)  # now == usable_until: the lease has ended
+    again = await leased.verify(token, POLICY)
+    assert again is not first
+    assert len(leased_ring.calls) == 2
+
+
+async def test_an_ended_lease_sends_a_hit_back_to_the_key_set(
+    rs: SigningKey, leased_ring: LeasedRing, leased: Verifier, wall_clock: FakeClock
+) -> None:
+    token = mint(rs, wall_clock)
+    await leased.verify(token, POLICY)
+    leased_ring.held.end()  # the set was replaced: rs is no longer in it
+    del leased_ring.current[rs.kid]
+    assert (await reject(leased, token)).reason is Reason.KEY_NOT_FOUND
+    assert len(leased_ring.calls) == 2
+
+
+async def test_a_hit_holds_the_lease_in_force_when_its_key_was_found(
+    rs: SigningKey, leased_ring: LeasedRing, leased: Verifier, wall_clock: FakeClock
+) -> None:
+    token = mint(rs, wall_clock)
+    before = leased_ring.held
+    leased_ring.renew_on_get = True  # a fetch lands while the key is looked up: a new set
+    first = await leased.verify(token, POLICY)
+    assert before.usable_until == float("-inf")
+    assert (first.lease, leased_ring.asked) == (leased_ring.held, 1)
+    assert await leased.verify(token, POLICY) is first
+    # A reload with the same settings: the hit's issuer is compared, then its lease holds.
+    reloaded = AuthPolicy(issuers=(dataclasses.replace(TEST_ISSUER),), audiences=POLICY.audiences)
+    assert await leased.verify(token, reloaded) is first
+    assert (len(leased_ring.calls), leased_ring.asked) == (1, 1)
