@@ -1252,10 +1252,14 @@ async def test_a_refetched_set_ends_the_lease_of_the_set_it_replaces(
     signing_keys: dict[str, SigningKey],
 ) -> None:
     h = make_cache()
+    before = h.cache.lease(h.issuer)
+    assert before is not None
+    assert before.usable_until == float("-inf")  # no set yet: nothing is usable
     verifier, policy = leased(h)
     token = long_lived(rs, clock)
     first = await verifier.verify(token, policy)
     old = h.cache.lease(h.issuer)
+    assert old is not before
     assert old is not None
     assert old.usable_until > clock.monotonic()
     idp.publish(*(k for k in signing_keys.values() if k.kid != rs.kid))  # rs retired
