@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from gateway.config import AuthPolicy, IssuerConfig
 from gateway.documents import HttpDocumentFetcher
 from gateway.errors import Rejection
-from gateway.jwks import RETRY_INITIAL_S, JwksCache
+from gateway.jwks import RETRY_INITIAL_S, JwksCache, discovery_uri
 from gateway.metrics import GatewayMetrics
 from gateway.reasons import Reason
 from gateway.token_cache import TokenCache
@@ -506,6 +506,20 @@ async def test_discovery_finds_the_jwks_uri(
     await h.key(rs.kid)
     await eventually(lambda: (idp.discovery_hits, h.fetches("success")) == (2, 3))
     assert idp.hits == 3
+
+
+@pytest.mark.parametrize(
+    ("issuer", "expected"),
+    [
+        ("https://idp.test", "https://idp.test/.well-known/openid-configuration"),
+        ("https://idp.test/", "https://idp.test/.well-known/openid-configuration"),
+        ("https://idp.test/realmX", "https://idp.test/realmX/.well-known/openid-configuration"),
+        ("https://idp.test/tenant/", "https://idp.test/tenant/.well-known/openid-configuration"),
+    ],
+)
+def test_discovery_is_looked_up_under_the_issuer_url(issuer: str, expected: str) -> None:
+    # OpenID Connect Discovery 1.0 §4: the issuer, without its trailing slash, then the suffix.
+    assert discovery_uri(make_issuer("https://idp.test/jwks.json", issuer=issuer)) == expected
 
 
 async def test_failed_rediscovery_keeps_the_known_jwks_uri(
