@@ -21,6 +21,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client import CollectorRegistry
 
+from .binding import SenderCheck
 from .clock import SYSTEM_CLOCK
 from .config import (
     BEARER_HEADER,
@@ -140,7 +141,7 @@ async def decide(config: GatewayConfig, request: ClientRequest) -> Decision:
             config.issuers, HttpDocumentFetcher(session, SYSTEM_CLOCK), metrics, SYSTEM_CLOCK
         )
         verifier = _Watched(keys, SYSTEM_CLOCK)
-        gate = Gate(config, verifier, metrics)
+        gate = Gate(config, verifier, metrics, SenderCheck(config, SYSTEM_CLOCK))
         try:
             admitted = await gate.admit(
                 request.method, request.target, request.host, headers, record

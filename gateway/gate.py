@@ -13,7 +13,6 @@ from multidict import CIMultiDictProxy
 
 from .binding import DPOP_HEADER, SenderCheck
 from .claims import identity_headers
-from .clock import SYSTEM_CLOCK
 from .config import AuthMode, BindingMode, GatewayConfig, RouteConfig, TokenSource
 from .errors import Rejection
 from .extractor import FoundToken, extract_token
@@ -71,14 +70,14 @@ class Gate:
         config: GatewayConfig,
         verifier: Verifier,
         metrics: GatewayMetrics,
-        sender: SenderCheck | None = None,
+        sender: SenderCheck,
     ) -> None:
         self._table = RouteTable(config.routes)
         self._max_token_bytes = config.max_token_bytes
         self._verifier = verifier
         self._known = verifier.known
         self._metrics = metrics
-        self._sender = sender if sender is not None else SenderCheck(config, SYSTEM_CLOCK)
+        self._sender = sender
         # Where each route looks for its token: a DPoP route also reads Authorization: DPoP.
         self._sources: dict[str, tuple[TokenSource, ...]] = {
             route.id: (

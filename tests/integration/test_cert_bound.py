@@ -110,6 +110,11 @@ async def test_behind_a_proxy_the_trusted_header_names_the_certificate(
     assert await reason_of(gw, {**access, **header(owner)}) == (200, "ok")
     assert await reason_of(gw, {**access, **header(other)}) == (401, "cert_binding_mismatch")
     assert await reason_of(gw, access) == (401, "cert_binding_mismatch")
+    # A required route takes no unbound token, whatever certificate the proxy names.
+    assert await reason_of(gw, {**bearer(token()), **header(owner)}) == (
+        401,
+        "cert_binding_mismatch",
+    )
 
 
 async def test_an_xfcc_chain_of_several_elements_is_not_trusted(
@@ -148,6 +153,44 @@ async def test_a_bound_token_is_refused_on_a_route_that_does_not_ask_for_binding
     stolen = bearer(token(cnf={"x5t#S256": x5t(ca.issue_cert("a@example.test"))}))
     assert await reason_of(gw, stolen) == (401, "cert_binding_mismatch")
     assert await reason_of(gw, bearer(token())) == (200, "ok")
+
+
+async def test_in_forward_auth_mode_the_callers_header_names_the_certificate(
+    make_gateway: GatewayFactory, ca: trustme.CA, token: Any
+) -> None:
+    # nginx asks about the original request; the certificate it terminated comes as its header.
+    def forward_auth(doc: dict[str, Any]) -> None:
+        doc["mode"] = "forward_auth"
+        bound("required")(doc)
+        from_header("pem")(doc)
+
+    gw = await make_gateway(forward_auth)
+    owner, other = ca.issue_cert("a@example.test"), ca.issue_cert("b@example.test")
+    access = bearer(token(cnf={"x5t#S256": x5t(owner)}))
+    asked = {"X-Original-Method": "GET", "X-Original-URI": "/api/orders", **access}
+
+    async def status(cert: trustme.LeafCert) -> int:
+        shown = {XFCC: quote(cert.cert_chain_pems[0].bytes().decode())}
+        async with gw.client.get("/auth/nginx", headers={**asked, **shown}) as response:
+            return response.status
+
+    assert await status(owner) == 200
+    assert await status(other) == 401
+
+
+async def test_a_report_only_route_reports_what_the_binding_check_found(
+    make_gateway: GatewayFactory, ca: trustme.CA, token: Any
+) -> None:
+    def report_only(doc: dict[str, Any]) -> None:
+        doc["routes"][0]["auth"]["mode"] = "report-only"
+
+    gw = await make_gateway(report_only)
+    stolen = bearer(token(cnf={"x5t#S256": x5t(ca.issue_cert("a@example.test"))}))
+    async with gw.client.get("/api/orders", headers=stolen) as response:
+        assert response.status == 200
+        seen = {name.lower(): value for name, value in (await response.json())["headers"]}
+    assert seen["x-gateway-auth-outcome"] == "cert_binding_mismatch"
+    assert "x-user-sub" not in seen
 
 
 def test_a_certificate_bound_route_needs_a_certificate_source(

@@ -421,3 +421,13 @@ async def test_a_nonce_is_good_for_its_lifetime_and_the_next_then_replaced(
     assert await with_nonce(nonce) == (401, "dpop_nonce_required")
     window, _, mac = nonce.partition(".")
     assert await with_nonce(f"{int(window) + 2}.{mac}") == (401, "dpop_nonce_required")  # forged
+
+
+async def test_a_route_without_dpop_reads_no_token_from_the_dpop_scheme(
+    make_gateway: GatewayFactory, clock: FakeClock, client: DpopClient, bound: str
+) -> None:
+    # Only a DPoP route looks in Authorization: DPoP; elsewhere it is another scheme (RFC 6750
+    # §3.1: the request lacks authentication), whatever proof comes with it.
+    gw = await make_gateway()
+    proof = client.proof("GET", url(gw), bound, now=clock.time())
+    assert (await call(gw, dpop(bound, proof)))[:2] == (401, "token_missing")

@@ -574,6 +574,7 @@ async def test_the_decision_line_names_the_caller_and_the_original_request(fa, t
     assert "method=DELETE" in line
     assert "path=/api/items/7 " in line
     assert "route=api" in line
+    assert "status=200 " in line
     # Which issuer and key vouched for the caller's user.
     assert "issuer=test " in line
     assert "kid=key-rs256 " in line

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from yarl import URL
 
 from gateway import loads_config
+from gateway.binding import SenderCheck
 from gateway.config import GatewayConfig, IssuerConfig
 from gateway.errors import Rejection
 from gateway.gate import Admitted, Gate
@@ -130,7 +131,8 @@ def build_gate(
 ) -> tuple[Gate, GatewayMetrics]:
     metrics = GatewayMetrics(registry, route_ids=[r.id for r in config.routes])
     metrics.add_routes((), ["report"])
-    return Gate(config, Verifier(StaticKeys(rsa_key), clock), metrics), metrics
+    verifier = Verifier(StaticKeys(rsa_key), clock)
+    return Gate(config, verifier, metrics, SenderCheck(config, clock)), metrics
 
 
 class Judge:
