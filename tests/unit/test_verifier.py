@@ -17,7 +17,7 @@ from jwt import PyJWK
 
 from gateway.config import AuthPolicy, ClaimMatcher, IssuerConfig, MatchOp
 from gateway.errors import Rejection
-from gateway.jwks import KeySetLease
+from gateway.jwks import KeyLookup, KeySetLease
 from gateway.reasons import Reason
 from gateway.verifier import (
     CheckFailed,
@@ -1086,11 +1086,16 @@ def ring(rs: SigningKey, es: SigningKey) -> KeyRing:
     return KeyRing(rs, es)
 
 
-@pytest.fixture
-def cached(ring: KeyRing, wall_clock: FakeClock) -> Verifier:
+def caching(lookup: KeyLookup, clock: FakeClock) -> Verifier:
+    """A verifier over ``lookup`` with a token cache of 100 on ``clock``."""
     from gateway.token_cache import TokenCache
 
-    return Verifier(ring, wall_clock, TokenCache(100, wall_clock))
+    return Verifier(lookup, clock, TokenCache(100, clock))
+
+
+@pytest.fixture
+def cached(ring: KeyRing, wall_clock: FakeClock) -> Verifier:
+    return caching(ring, wall_clock)
 
 
 async def test_a_cache_hit_needs_no_key_and_no_signature(
@@ -1646,9 +1651,7 @@ def leased_ring(rs: SigningKey, es: SigningKey) -> LeasedRing:
 
 @pytest.fixture
 def leased(leased_ring: LeasedRing, wall_clock: FakeClock) -> Verifier:
-    from gateway.token_cache import TokenCache
-
-    return Verifier(leased_ring, wall_clock, TokenCache(100, wall_clock))
+    return caching(leased_ring, wall_clock)
 
 
 async def test_a_hit_is_served_while_its_lease_holds_and_verified_anew_from_its_end(
