@@ -90,7 +90,8 @@ class KeyLookup(Protocol):
 
     def lease(self, issuer: IssuerConfig) -> KeySetLease | None:
         """The lease of the issuer's current key set; ``None`` where this lookup keeps none
-        (then a cache hit asks ``current_key``)."""
+        (then a cache hit asks ``current_key``).  Its time is the monotonic time of the clock
+        the verifier reads: the gateway hands both the same clock."""
         ...
 
 
