@@ -1295,6 +1295,27 @@ async def test_a_refetched_set_ends_the_lease_of_the_set_it_replaces(
     assert await verifier.verify(token, policy) is again
 
 
+async def test_a_kid_re_published_with_another_key_stops_its_cached_tokens(
+    make_cache: MakeCache,
+    idp: FakeIdP,
+    clock: FakeClock,
+    rs: SigningKey,
+    signing_keys: dict[str, SigningKey],
+) -> None:
+    h = make_cache()
+    verifier, policy = leased(h)
+    token = long_lived(rs, clock)
+    await verifier.verify(token, policy)
+    impostor = generate_key("RS256", rs.kid)  # the same kid, now naming another key
+    idp.publish(*(k for k in signing_keys.values() if k.kid != rs.kid), impostor)
+    clock.advance(TTL)
+    await h.key("key-es256", "ES256")  # served stale; the refresh runs in the background
+    await eventually(lambda: h.fetches("success") == 2)
+    with pytest.raises(Rejection) as caught:
+        await verifier.verify(token, policy)
+    assert caught.value.reason is Reason.SIGNATURE_INVALID
+
+
 async def test_a_304_moves_the_lease_and_cached_tokens_stay_cached(
     make_cache: MakeCache, idp: FakeIdP, clock: FakeClock, rs: SigningKey
 ) -> None:
