@@ -134,10 +134,9 @@ class _Entry:
         return self.issuer.static_jwks is not None
 
     def usable(self, now: float) -> KeySet | None:
-        """The set requests may use: fresh, or stale by no more than ``jwks_max_stale_s``."""
-        if self.key_set is None or now >= self.expires_at + self.issuer.jwks_max_stale_s:
-            return None
-        return self.key_set
+        """The set requests may use: fresh, or stale by no more than ``jwks_max_stale_s``, which
+        is while its lease holds (the one bound a cache hit checks too; none before a set)."""
+        return self.key_set if now < self.lease.usable_until else None
 
 
 class JwksCache:
