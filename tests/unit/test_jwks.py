@@ -1241,6 +1241,22 @@ def long_lived(signer: SigningKey, clock: FakeClock) -> str:
     return make_token(signer, clock, iss=ISSUER, aud="api", sub="alice", exp=now + 86_400)
 
 
+async def refused(verifier: Verifier, token: str, policy: AuthPolicy) -> Reason:
+    with pytest.raises(Rejection) as caught:
+        await verifier.verify(token, policy)
+    return caught.value.reason
+
+
+async def republish(h: Harness, *keys: SigningKey) -> None:
+    """Publish ``keys`` as the issuer's set and let the cache take it: one lifetime later a
+    request is served the stale set at once and the refresh lands in the background."""
+    done = h.fetches("success")
+    h.idp.publish(*keys)
+    h.clock.advance(TTL)
+    await h.key("key-es256", "ES256")
+    await eventually(lambda: h.fetches("success") == done + 1)
+
+
 async def test_a_cached_token_is_served_until_its_sets_lease_ends_at_expiry_plus_max_stale(
     make_cache: MakeCache, idp: FakeIdP, clock: FakeClock, rs: SigningKey
 ) -> None:
@@ -1253,9 +1269,7 @@ async def test_a_cached_token_is_served_until_its_sets_lease_ends_at_expiry_plus
     assert idp.hits == 1
     idp.mode = "error"
     clock.advance(1)  # the set is no longer usable: neither is the hit, and nothing else is
-    with pytest.raises(Rejection) as caught:
-        await verifier.verify(token, policy)
-    assert caught.value.reason is Reason.JWKS_UNAVAILABLE
+    assert await refused(verifier, token, policy) is Reason.JWKS_UNAVAILABLE
 
 
 async def test_a_refetched_set_ends_the_lease_of_the_set_it_replaces(
@@ -1276,20 +1290,12 @@ async def test_a_refetched_set_ends_the_lease_of_the_set_it_replaces(
     assert old is not before
     assert old is not None
     assert old.usable_until > clock.monotonic()
-    idp.publish(*(k for k in signing_keys.values() if k.kid != rs.kid))  # rs retired
-    clock.advance(TTL)
-    await h.key("key-es256", "ES256")  # served stale; the refresh runs in the background
-    await eventually(lambda: h.fetches("success") == 2)
+    await republish(h, *(k for k in signing_keys.values() if k.kid != rs.kid))  # rs retired
     assert old.usable_until == float("-inf")
     assert h.cache.lease(h.issuer) is not old
-    with pytest.raises(Rejection) as caught:
-        await verifier.verify(token, policy)
-    assert caught.value.reason is Reason.KEY_NOT_FOUND
+    assert await refused(verifier, token, policy) is Reason.KEY_NOT_FOUND
     # The same kid back with the same key is a new set: the token verifies anew, once.
-    idp.publish(*signing_keys.values())
-    clock.advance(TTL)
-    await h.key("key-es256", "ES256")
-    await eventually(lambda: h.fetches("success") == 3)
+    await republish(h, *signing_keys.values())
     again = await verifier.verify(token, policy)
     assert again is not first
     assert await verifier.verify(token, policy) is again
@@ -1307,13 +1313,8 @@ async def test_a_kid_re_published_with_another_key_stops_its_cached_tokens(
     token = long_lived(rs, clock)
     await verifier.verify(token, policy)
     impostor = generate_key("RS256", rs.kid)  # the same kid, now naming another key
-    idp.publish(*(k for k in signing_keys.values() if k.kid != rs.kid), impostor)
-    clock.advance(TTL)
-    await h.key("key-es256", "ES256")  # served stale; the refresh runs in the background
-    await eventually(lambda: h.fetches("success") == 2)
-    with pytest.raises(Rejection) as caught:
-        await verifier.verify(token, policy)
-    assert caught.value.reason is Reason.SIGNATURE_INVALID
+    await republish(h, *(k for k in signing_keys.values() if k.kid != rs.kid), impostor)
+    assert await refused(verifier, token, policy) is Reason.SIGNATURE_INVALID
 
 
 async def test_a_304_moves_the_lease_and_cached_tokens_stay_cached(
