@@ -82,22 +82,76 @@ def query_values(query: str, name: str) -> list[str]:
     ]
 
 
-def _from_header(headers: CIMultiDictProxy[str], source: TokenSource) -> list[str]:
-    values = headers.getall(source.name, [])
+def _from_header(headers: CIMultiDictProxy[str], name: str, prefix: str, scheme: str) -> list[str]:
+    """The token of header ``name`` (after ``prefix``, whose ``scheme`` is its lower-case,
+    stripped form), in a list: empty when absent or another scheme."""
+    values = headers.getall(name, [])
     if len(values) > 1:
-        raise Rejection(Reason.INVALID_REQUEST, f"more than one {source.name} header")
+        raise Rejection(Reason.INVALID_REQUEST, f"more than one {name} header")
     if not values:
         return []
     value = values[0].strip()
-    if not source.prefix:
+    if not prefix:
         return [value]
-    scheme = source.prefix.strip()
     head, _, rest = value.partition(" ")
-    if head.lower() != scheme.lower():
+    if head.lower() != scheme:
         # Another scheme (Basic, say) carries no token for us: RFC 6750 §3.1 says
         # such a request lacks authentication, it is not malformed.
         return []
     return [rest.strip(" ")]
+
+
+_HEADER: Final = TokenLocation.HEADER
+_COOKIE: Final = TokenLocation.COOKIE
+
+
+class Carriers:
+    """Where one route looks for its token, read once from its sources (a route's gate keeps
+    one): the header name and scheme of the common single-header case need no attribute look-up
+    on the config, nor a ``lower()``, per request."""
+
+    __slots__ = ("_name", "_prefix", "_scheme", "_single", "_sources")
+
+    def __init__(self, sources: tuple[TokenSource, ...]) -> None:
+        self._sources = sources
+        # The common case: one header source (Authorization: Bearer by default).
+        self._single = len(sources) == 1 and sources[0].location is _HEADER
+        first = sources[0] if sources else None
+        self._name = first.name if first is not None else ""
+        self._prefix = first.prefix if first is not None else ""
+        self._scheme = self._prefix.strip().lower()
+
+    def extract(
+        self,
+        headers: CIMultiDictProxy[str],
+        query: str,
+        max_token_bytes: int,
+        known: Container[str] = (),
+    ) -> FoundToken | None:
+        """``extract_token`` for these sources."""
+        if self._single:
+            values = _from_header(headers, self._name, self._prefix, self._scheme)
+            if not values:
+                return None
+            return _checked(FoundToken(values[0], self._sources[0]), max_token_bytes, known)
+        found: list[FoundToken] = []
+        for source in self._sources:
+            if source.location is _HEADER:
+                values = _from_header(
+                    headers, source.name, source.prefix, source.prefix.strip().lower()
+                )
+            elif source.location is _COOKIE:
+                values = cookie_values(headers, source.name)
+            else:
+                values = query_values(query, source.name)
+            if len(values) > 1:
+                raise Rejection(Reason.INVALID_REQUEST, f"{source.location} {source.name} repeated")
+            found.extend(FoundToken(value, source) for value in values)
+        if not found:
+            return None
+        if len(found) > 1:
+            raise Rejection(Reason.INVALID_REQUEST, "more than one token in the request")
+        return _checked(found[0], max_token_bytes, known)
 
 
 def extract_token(
@@ -114,36 +168,14 @@ def extract_token(
     (the verifier's cache: tokens that verified, each a JWS whose base64url segments and dots
     are b64token characters) skips the grammar scan; its length is still checked.
     """
-    if len(sources) == 1 and sources[0].location is TokenLocation.HEADER:
-        # The common case (one header source, Authorization: Bearer by default).
-        values = _from_header(headers, sources[0])
-        return (
-            _checked(FoundToken(values[0], sources[0]), max_token_bytes, known) if values else None
-        )
-    found: list[FoundToken] = []
-    for source in sources:
-        if source.location is TokenLocation.HEADER:
-            values = _from_header(headers, source)
-        elif source.location is TokenLocation.COOKIE:
-            values = cookie_values(headers, source.name)
-        else:
-            values = query_values(query, source.name)
-        if len(values) > 1:
-            raise Rejection(Reason.INVALID_REQUEST, f"{source.location} {source.name} repeated")
-        found.extend(FoundToken(value, source) for value in values)
-    if not found:
-        return None
-    if len(found) > 1:
-        raise Rejection(Reason.INVALID_REQUEST, "more than one token in the request")
-    return _checked(found[0], max_token_bytes, known)
+    return Carriers(sources).extract(headers, query, max_token_bytes, known)
 
 
 def _checked(found: FoundToken, max_token_bytes: int, known: Container[str]) -> FoundToken:
     token = found.token
     if len(token) > max_token_bytes:
         raise Rejection(Reason.INVALID_REQUEST, f"token longer than {max_token_bytes} bytes")
-    # A dict probe instead of an 8k-instruction scan on a warm hit; the token's hash, computed
-    # here, is kept by the str and serves the verifier's cache lookup too.
+    # A dict probe instead of an 8k-instruction scan on a warm hit.
     if token not in known and not is_b64token(token):
         raise Rejection(Reason.INVALID_REQUEST, "credentials are not a single b64token")
     return found

@@ -15,7 +15,7 @@ from .binding import DPOP_HEADER, SenderCheck
 from .claims import identity_headers
 from .config import AuthMode, BindingMode, GatewayConfig, RouteConfig, TokenSource
 from .errors import Rejection
-from .extractor import FoundToken, extract_token
+from .extractor import Carriers, FoundToken
 from .headers import AUTH_OUTCOME_HEADER
 from .metrics import GatewayMetrics
 from .reasons import Reason
@@ -52,6 +52,49 @@ class Admitted:
         self.target: Final = target
 
 
+_REPORT_ONLY: Final = AuthMode.REPORT_ONLY
+_REQUIRED: Final = AuthMode.REQUIRED
+_BINDING_REQUIRED: Final = BindingMode.REQUIRED
+_DPOP: Final = DPOP_HEADER
+
+
+class RoutePlan:
+    """What the gate reads of one route on every request, read once from its config: in the
+    compiled build each is a field load, where the config's Python dataclasses and enums cost an
+    attribute look-up each."""
+
+    __slots__ = (
+        "carriers",
+        "cors_preflight",
+        "id",
+        "policy",
+        "report_only",
+        "required",
+        "route",
+        "sender_required",
+    )
+
+    def __init__(self, route: RouteConfig) -> None:
+        self.route: Final = route
+        self.id: Final = route.id
+        policy = route.auth
+        self.policy: Final = policy
+        self.cors_preflight: Final = route.cors_preflight
+        self.report_only: Final = policy is not None and policy.mode is _REPORT_ONLY
+        self.required: Final = policy is not None and policy.mode is _REQUIRED
+        # Whether every token needs its sender checked, bound (cnf) or not.
+        self.sender_required: Final = policy is not None and (
+            policy.dpop is _BINDING_REQUIRED or policy.certificate_bound is _BINDING_REQUIRED
+        )
+        # Where the route looks for its token: a DPoP route also reads Authorization: DPoP.
+        sources: tuple[TokenSource, ...] = ()
+        if policy is not None:
+            sources = policy.token_sources
+            if policy.dpop is not BindingMode.OFF:
+                sources = (*sources, _DPOP)
+        self.carriers: Final = Carriers(sources)
+
+
 class Gate:
     """Admits a request only after its route's policy is satisfied."""
 
@@ -59,8 +102,8 @@ class Gate:
         "_known",
         "_max_token_bytes",
         "_metrics",
+        "_plans",
         "_sender",
-        "_sources",
         "_table",
         "_verifier",
     )
@@ -78,16 +121,8 @@ class Gate:
         self._known = verifier.known
         self._metrics = metrics
         self._sender = sender
-        # Where each route looks for its token: a DPoP route also reads Authorization: DPoP.
-        self._sources: dict[str, tuple[TokenSource, ...]] = {
-            route.id: (
-                (*route.auth.token_sources, DPOP_HEADER)
-                if route.auth.dpop is not BindingMode.OFF
-                else route.auth.token_sources
-            )
-            for route in config.routes
-            if route.auth is not None
-        }
+        # By the route's index in the table.
+        self._plans = tuple(RoutePlan(route) for route in config.routes)
 
     async def admit(
         self,
@@ -107,26 +142,27 @@ class Gate:
             raise Rejection(Reason.REQUEST_REJECTED, "invalid Host")
         raw_path, sep, query = raw_target.partition("?")
         path = self._table.check(raw_path)
-        route = self._table.match(
-            method, path, request_host(host) if self._table.uses_hosts else ""
-        )
-        if route is None:
+        index = self._table.find(method, path, request_host(host) if self._table.uses_hosts else "")
+        if index < 0:
             raise Rejection(Reason.ROUTE_NOT_FOUND)
-        record.route = route.id
+        plan = self._plans[index]
+        route = plan.route
+        record.route = plan.id
         injected: Mapping[str, str] = {}
-        policy = route.auth
-        if policy is not None and not (route.cors_preflight and is_cors_preflight(method, headers)):
+        if plan.policy is not None and not (
+            plan.cors_preflight and is_cors_preflight(method, headers)
+        ):
             request = (method, raw_path, host, headers, connection)
-            if policy.mode is AuthMode.REPORT_ONLY:
-                injected = await self._report_only(request, route, query, record)
+            if plan.report_only:
+                injected = await self._report_only(request, plan, query, record)
             else:
                 try:
-                    found = extract_token(
-                        headers, query, self._sources[route.id], self._max_token_bytes, self._known
+                    found = plan.carriers.extract(
+                        headers, query, self._max_token_bytes, self._known
                     )
                     if found is not None:
-                        injected = await self._verify(route, found, request, record)
-                    elif policy.mode is AuthMode.REQUIRED:
+                        injected = await self._verify(plan, found, request, record)
+                    elif plan.required:
                         raise Rejection(Reason.TOKEN_MISSING, "no token")
                 except Rejection as rejection:
                     rejection.dpop = self._sender.challenge(route)
@@ -136,24 +172,22 @@ class Gate:
         return Admitted(route, injected, target)
 
     async def _verify(
-        self, route: RouteConfig, found: FoundToken, request: _Request, record: RequestRecord
+        self, plan: RoutePlan, found: FoundToken, request: _Request, record: RequestRecord
     ) -> Mapping[str, str]:
-        policy = route.auth
+        route = plan.route
+        policy = plan.policy
         assert policy is not None
         span = record.span
-        verified = await (
-            self._verifier.verify(found.token, policy)
-            if span is None
-            else span.verify(self._verifier, found.token, policy, route.id)
-        )
+        if span is None:
+            # A cached token needs no await (and no coroutine): only a miss goes on to verify.
+            verified = self._verifier.cached(found.token, policy)
+            if verified is None:
+                verified = await self._verifier.verify(found.token, policy)
+        else:
+            verified = await span.verify(self._verifier, found.token, policy, route.id)
         record.issuer = verified.issuer.id
         record.kid = verified.kid
-        if (
-            "cnf" in verified.claims
-            or found.source is DPOP_HEADER
-            or policy.dpop is BindingMode.REQUIRED
-            or policy.certificate_bound is BindingMode.REQUIRED
-        ):
+        if "cnf" in verified.claims or found.source is _DPOP or plan.sender_required:
             method, raw_path, host, headers, connection = request
             self._sender.check(
                 route,
@@ -174,22 +208,19 @@ class Gate:
         return memo.headers
 
     async def _report_only(
-        self, request: _Request, route: RouteConfig, query: str, record: RequestRecord
+        self, request: _Request, plan: RoutePlan, query: str, record: RequestRecord
     ) -> Mapping[str, str]:
         """Verify as a required route would, but admit whatever the outcome, saying which."""
-        assert route.auth is not None
         injected: Mapping[str, str] = {}
         try:
-            found = extract_token(
-                request[3], query, self._sources[route.id], self._max_token_bytes, self._known
-            )
+            found = plan.carriers.extract(request[3], query, self._max_token_bytes, self._known)
             if found is None:
                 raise Rejection(Reason.TOKEN_MISSING, "no token")
-            injected = await self._verify(route, found, request, record)
+            injected = await self._verify(plan, found, request, record)
             outcome = Reason.OK
         except Rejection as rejection:
             outcome = rejection.reason
             record.detail = rejection.detail
         record.auth_outcome = outcome
-        self._metrics.report_only.labels(route.id, outcome.value).inc()
+        self._metrics.report_only.labels(plan.id, outcome.value).inc()
         return {**injected, AUTH_OUTCOME_HEADER: outcome.value}

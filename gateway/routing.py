@@ -7,7 +7,7 @@ import ipaddress
 import re
 from typing import Final
 
-from .config import PathRewrite, RouteConfig, RouteMatch
+from .config import PathRewrite, RouteConfig
 from .errors import Rejection
 from .reasons import Reason
 
@@ -117,13 +117,66 @@ def _escapes_of(chars: set[str]) -> re.Pattern[str] | None:
     return re.compile(f"%(?:{alternatives})")
 
 
+class RouteMatcher:
+    """One route's match, read once from its config into plain fields: what ``RouteTable``
+    tries on every request (compiled, a field read is a load, not an attribute look-up on the
+    config's Python dataclass)."""
+
+    __slots__ = (
+        "any_path",
+        "exact",
+        "host_suffixes",
+        "hosts",
+        "keeps_slashes",
+        "methods",
+        "prefix",
+        "subtree",
+    )
+
+    def __init__(self, route: RouteConfig) -> None:
+        match = route.match
+        self.methods: frozenset[str] = match.methods
+        self.hosts: frozenset[str] = match.hosts
+        self.host_suffixes: tuple[str, ...] = match.host_suffixes
+        self.exact: str | None = match.path
+        # A route has a path or a path_prefix (config validation): a prefix when no path.
+        prefix = match.path_prefix
+        assert match.path is not None or prefix is not None
+        self.prefix: str = prefix or ""
+        self.subtree: str = self.prefix + "/"
+        self.any_path: bool = match.path is None and prefix == "/"
+        self.keeps_slashes: bool = route.keep_escaped_slashes
+
+    def fits_host(self, host: str) -> bool:
+        """Whether the request's host (lower-case, without port) is one the route serves."""
+        if not self.hosts and not self.host_suffixes:
+            return True
+        return host in self.hosts or any(
+            host.endswith(s) and len(host) > len(s) for s in self.host_suffixes
+        )
+
+    def fits(self, method: str, path: str, host: str = "") -> bool:
+        """Whether a request with this method, raw path and host takes the route.
+
+        ``path`` matches exactly; ``path_prefix`` matches whole segments (``/api`` matches
+        ``/api`` and ``/api/x`` but not ``/apix``).  ``methods`` empty means any."""
+        if self.methods and method not in self.methods:
+            return False
+        if not self.fits_host(host):
+            return False
+        if self.exact is not None:
+            return path == self.exact
+        return self.any_path or path == self.prefix or path.startswith(self.subtree)
+
+
 class RouteTable:
     """The ordered routes; the first whose match fits the request wins."""
 
-    __slots__ = ("_keeps_slashes", "_literal_escapes", "_routes", "uses_hosts")
+    __slots__ = ("_keeps_slashes", "_literal_escapes", "_matchers", "_routes", "uses_hosts")
 
     def __init__(self, routes: tuple[RouteConfig, ...]) -> None:
         self._routes = routes
+        self._matchers = tuple(RouteMatcher(route) for route in routes)
         # Whether matching needs the request's host at all (most configs name none).
         self.uses_hosts = any(r.match.hosts or r.match.host_suffixes for r in routes)
         # A reserved character that some route names literally (":" in /v1/things:batchGet)
@@ -147,45 +200,24 @@ class RouteTable:
             raise Rejection(Reason.REQUEST_REJECTED, "encoded character a route names literally")
         return path
 
-    def match(self, method: str, path: str, host: str = "") -> RouteConfig | None:
-        """The route for a request with this method, (already checked) raw path and host, or ``None``."""
-        for route in self._routes:
-            if matches(route.match, method, path, host):
+    def find(self, method: str, path: str, host: str = "") -> int:
+        """The index (in the table's routes) of the route for a request with this method,
+        (already checked) raw path and host, or -1."""
+        for index, matcher in enumerate(self._matchers):
+            if matcher.fits(method, path, host):
                 if (
                     self._keeps_slashes
-                    and not route.keep_escaped_slashes
+                    and not matcher.keeps_slashes
                     and _ESCAPED_SLASH.search(path)
                 ):
                     raise Rejection(Reason.REQUEST_REJECTED, "encoded slash")
-                return route
-        return None
+                return index
+        return -1
 
-
-def matches_host(match: RouteMatch, host: str) -> bool:
-    """Whether the request's host (lower-case, without port) is one the route serves."""
-    if not match.hosts and not match.host_suffixes:
-        return True
-    return host in match.hosts or any(
-        host.endswith(s) and len(host) > len(s) for s in match.host_suffixes
-    )
-
-
-def matches(match: RouteMatch, method: str, path: str, host: str = "") -> bool:
-    """Whether a request with this method, raw path and host takes the route.
-
-    ``path`` matches exactly; ``path_prefix`` matches whole segments (``/api`` matches ``/api``
-    and ``/api/x`` but not ``/apix``).  ``methods`` empty means any."""
-    if match.methods and method not in match.methods:
-        return False
-    if not matches_host(match, host):
-        return False
-    if match.path is not None:
-        return path == match.path
-    prefix = match.path_prefix
-    assert prefix is not None
-    if prefix == "/":
-        return True
-    return path == prefix or path.startswith(prefix + "/")
+    def match(self, method: str, path: str, host: str = "") -> RouteConfig | None:
+        """The route for a request with this method, (already checked) raw path and host, or ``None``."""
+        index = self.find(method, path, host)
+        return self._routes[index] if index >= 0 else None
 
 
 def rewritten(rewrite: PathRewrite, path: str) -> str:

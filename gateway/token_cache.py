@@ -3,13 +3,21 @@ verification until ``exp``.
 
 Only successes are stored (a failure is never cached: the next request with the
 same token is verified again).  A hit is used only after the verifier re-checks
-what can change (see ``Verifier._still_valid`` and the time and policy checks).
+what can change (see ``Verifier.cached``).
 
 **Bytes.**  Each entry is weighed when it is stored (``entry_weight``): an upper bound on what
 it keeps alive (the token, its signed payload segment, the decoded claims), computed from the
 payload's JSON text without walking the claims.  Least recently used entries are evicted until
 both the entry count and the summed weights are within their bounds; an entry heavier than the
 whole byte bound is not stored.
+
+**Keys.**  An entry is held under its token's last ``KEY_CHARS`` characters, the end of its
+signature, and a lookup compares the whole token with the one the entry holds.  Hashing an
+800-byte RS256 token cost ~2.4k instructions per request, the largest single item a warm hit
+added to passthrough (README, Performance); the signature's end is as unique as the token among
+tokens that verified (an accepted signature is a cryptographic output), and a request whose
+token merely ends like a cached one finds the entry, fails the comparison, and is verified in
+full: a shared end changes no answer, and at worst replaces an entry when both verified.
 
 **ECDSA.**  An ECDSA signature (r, s) has a twin (r, n - s) that verifies as well: one signed
 token, two strings.  A lookup that misses computes the other spelling and finds the entry under
@@ -84,9 +92,19 @@ def ecdsa_twin(token: str) -> tuple[str, str] | None:
     return f"{head}.{base64.urlsafe_b64encode(twin).rstrip(b'=').decode()}", alg
 
 
+# How many trailing characters of a token its entry is held under: 258 bits of a signature.
+KEY_CHARS: Final = 43
+
+
+def cache_key(token: str) -> str:
+    """The key ``token``'s entry is held under: its last ``KEY_CHARS`` characters."""
+    return token[-KEY_CHARS:]
+
+
 # --- weighing an entry ---------------------------------------------------------------------------
 # CPython 3.11, 64-bit: what ``sys.getsizeof`` reports for each object, rounded up.
 _ENTRY: Final = 640  # the tuple, the VerifiedToken, the dict slot, kid/alg/typ strings
+_KEY: Final = 49 + KEY_CHARS  # the key: an ASCII str of KEY_CHARS characters
 _STR: Final = sys.getsizeof("")  # a str's header (49 for ASCII; up to 80 for wider ones)
 _DICT: Final = 184  # a dict of up to 5 members; beyond, at most 40 bytes a member
 _DICT_MEMBER: Final = 40
@@ -123,7 +141,11 @@ def entry_weight(token: str, payload_json: bytes) -> int:
         + values * scalar
     )
     segment = len(payload_json) * 4 // 3 + 4
-    return _ENTRY + 2 * _STR + len(token) + segment + claims
+    return _ENTRY + _KEY + 2 * _STR + len(token) + segment + claims
+
+
+# An entry: the token, its exp, its verification and its weight.
+_Held = tuple[str, float, "VerifiedToken", int]
 
 
 class TokenCache:
@@ -133,8 +155,9 @@ class TokenCache:
     __slots__ = ("_bytes", "_clock", "_entries", "_max_bytes", "_max_entries")
 
     def __init__(self, max_entries: int, clock: Clock, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
-        # token -> (exp, verification, weight); the order is the recency, oldest first
-        self._entries: OrderedDict[str, tuple[float, VerifiedToken, int]] = OrderedDict()
+        # cache_key(token) -> (token, exp, verification, weight); the order is the recency,
+        # oldest first
+        self._entries: OrderedDict[str, _Held] = OrderedDict()
         self._max_entries = max_entries
         self._max_bytes = max_bytes
         self._bytes = 0
@@ -145,31 +168,36 @@ class TokenCache:
 
     def __contains__(self, token: object) -> bool:
         """Whether ``token`` is held in this exact spelling (expired or not): it verified."""
-        return token in self._entries
+        if not isinstance(token, str):
+            return False
+        entry = self._entries.get(cache_key(token))
+        return entry is not None and entry[0] == token
 
     @property
     def weight(self) -> int:
         """The summed weight of the entries held (never above ``max_bytes``)."""
         return self._bytes
 
-    def items(self) -> Iterator[tuple[str, tuple[float, VerifiedToken, int]]]:
+    def items(self) -> Iterator[tuple[str, _Held]]:
+        """Each key and the entry held under it (its token first), oldest first."""
         return iter(list(self._entries.items()))
 
     def get(self, token: str) -> VerifiedToken | None:
         """The cached verification of ``token`` (or of its ECDSA twin), unless past its ``exp``."""
-        key = token
-        entry = self._entries.get(token)
-        if entry is None:
+        key = cache_key(token)
+        entry = self._entries.get(key)
+        if entry is None or entry[0] != token:
             twin = ecdsa_twin(token)
             if twin is None:
                 return None
-            key, alg = twin
+            spelling, alg = twin
+            key = cache_key(spelling)
             entry = self._entries.get(key)
             # The entry's signature verified with the curve this length names: then the twin
             # (same header, same payload, (r, n - s)) verifies with the same key too.
-            if entry is None or entry[1].alg != alg:
+            if entry is None or entry[0] != spelling or entry[2].alg != alg:
                 return None
-        exp, verified, _ = entry
+        _, exp, verified, _ = entry
         if exp <= self._clock.time():
             # Past exp (leeway aside): verify in full so the answer is token_expired.
             self._drop(key)
@@ -182,16 +210,17 @@ class TokenCache:
         if weight > self._max_bytes or self._max_entries <= 0:
             return
         twin = ecdsa_twin(token)
-        if twin is not None and twin[0] in self._entries:
+        if twin is not None and twin[0] in self:
             return  # the other spelling is cached: one token, one entry
-        self._drop(token)
-        self._entries[token] = (exp, verified, weight)
+        key = cache_key(token)
+        self._drop(key)  # this token's entry, or one whose token ends the same
+        self._entries[key] = (token, exp, verified, weight)
         self._bytes += weight
         while len(self._entries) > self._max_entries or self._bytes > self._max_bytes:
-            _, (_, _, evicted) = self._entries.popitem(last=False)
+            _, (_, _, _, evicted) = self._entries.popitem(last=False)
             self._bytes -= evicted
 
-    def _drop(self, token: str) -> None:
-        entry = self._entries.pop(token, None)
+    def _drop(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
         if entry is not None:
-            self._bytes -= entry[2]
+            self._bytes -= entry[3]

@@ -296,21 +296,12 @@ class Verifier:
         """Verify ``token`` for ``policy``; raise ``CheckFailed`` naming the first failed check.
         A traced verification passes ``notes``: told whether the cache answered, and on a miss
         whether the key was cached."""
+        hit = self.cached(token, policy)
+        if hit is not None:
+            if notes is not None:
+                notes.cache_hit = True
+            return hit
         cache = self._cache
-        if cache is not None:
-            hit = cache.get(token)
-            if hit is not None and self._still_valid(hit, policy):
-                if notes is not None:
-                    notes.cache_hit = True
-                # Its claim types and signed iss were checked when it verified (the issuer is
-                # still the one it verified with, by ``_still_valid``): what can change is the
-                # time, and the policy it is judged by.
-                self._check_times(hit)
-                memo = hit.memo
-                if memo.policy is not policy:
-                    self._check_policy(hit.claims, policy)
-                    memo.policy = policy
-                return hit
         try:
             parsed = parse_token(token)
         except Rejection as rejection:
@@ -372,20 +363,52 @@ class Verifier:
             cache.put(token, verified, exp, entry_weight(token, parsed.payload_json))
         return verified
 
-    def _still_valid(self, hit: VerifiedToken, policy: AuthPolicy) -> bool:
-        """Whether a cached token may stand for a fresh verification on this route, now:
-        its issuer is trusted here with the same settings, its alg and typ still pass, and its
-        key is still the one in the issuer's current set (a rotated-out key drops it)."""
+    def cached(self, token: str, policy: AuthPolicy) -> VerifiedToken | None:
+        """The cache's verification of ``token`` if it may stand for a fresh one on ``policy``
+        now (``None``: verify it), or raise ``CheckFailed`` as ``verify`` would.  No await: a
+        hit needs none, so the gate asks this before it awaits ``verify``."""
+        cache = self._cache
+        if cache is None:
+            return None
+        hit = cache.get(token)
+        if hit is None:
+            return None
+        memo = hit.memo
+        if memo.policy is policy and hit.lease is not None:
+            # This very policy judged it before, and policies and issuers are immutable: the
+            # issuer it trusts, and the alg and typ it accepts, still pass.
+            issuer: IssuerConfig | None = hit.issuer
+        else:
+            issuer = self._trusted_again(hit, policy)
+        if issuer is None or not self._key_current(hit, issuer):
+            return None
+        # Its claim types and signed iss were checked when it verified (the issuer is still the
+        # one it verified with): what can change is the time, and the policy it is judged by.
+        self._check_times(hit)
+        if memo.policy is not policy:
+            self._check_policy(hit.claims, policy)
+            memo.policy = policy
+        return hit
+
+    @staticmethod
+    def _trusted_again(hit: VerifiedToken, policy: AuthPolicy) -> IssuerConfig | None:
+        """The issuer by which a cached token may stand on this route, now: one it trusts with
+        the same settings, whose alg and typ still pass; ``None`` if there is none."""
         issuer = trusted_issuer(policy, hit.issuer.issuer)
         if issuer is None:
-            return False
+            return None
         if issuer is not hit.issuer and (
             # A reload made a new config object: compare settings, then re-check alg and typ.
             issuer != hit.issuer
             or hit.alg not in issuer.algorithms
             or not _typ_accepted(hit.typ, issuer.typ)
         ):
-            return False
+            return None
+        return issuer
+
+    def _key_current(self, hit: VerifiedToken, issuer: IssuerConfig) -> bool:
+        """Whether a cached token's key is still the one in the issuer's current set (a
+        rotated-out key drops it)."""
         lease = hit.lease
         if lease is not None:
             # Its key set is still the issuer's (a new set ends the lease) and usable now: the

@@ -1204,7 +1204,7 @@ async def test_refresh_interval_revalidates_sooner_than_the_lifetime(
     assert await h.reject(rs.kid) is Reason.KEY_NOT_FOUND
 
 
-# --- what a cached token's key is checked against (Verifier._still_valid) -------------------------
+# --- what a cached token's key is checked against (Verifier._key_current) -----------------------
 async def test_current_key_is_the_served_key_until_it_leaves_the_set(
     make_cache: MakeCache, idp: FakeIdP, clock: FakeClock, rs: SigningKey
 ) -> None:

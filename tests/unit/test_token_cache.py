@@ -14,7 +14,7 @@ import pytest
 from jwt import PyJWK
 
 from gateway.config import IssuerConfig
-from gateway.token_cache import TokenCache, ecdsa_twin, entry_weight
+from gateway.token_cache import KEY_CHARS, TokenCache, ecdsa_twin, entry_weight
 from gateway.verifier import VerifiedToken, _json_object
 from tests.fakes import FakeClock, SigningKey, make_token
 
@@ -100,6 +100,44 @@ def test_membership_is_of_the_exact_spelling_held(es: SigningKey, clock: FakeClo
     assert token in cache  # past exp, still a token that verified once (get() drops it)
     assert cache.get(token) is None
     assert token not in cache
+
+
+# --- a key is a token's end ----------------------------------------------------------------------
+_SIGNATURE_END = "s" * KEY_CHARS
+
+
+def test_a_token_that_only_ends_like_a_cached_one_is_a_miss(clock: FakeClock) -> None:
+    """Entries are held under a token's last characters: one that ends the same but differs
+    before (another payload under a copied signature) is neither served nor taken as held,
+    and the entry it resembles stays as it was."""
+    cache = TokenCache(10, clock)
+    verified = _verified()
+    cache.put(f"h.p.{_SIGNATURE_END}", verified, NOW + 60, 100)
+    forged = f"h.q.{_SIGNATURE_END}"
+    assert cache.get(forged) is None
+    assert forged not in cache
+    assert cache.get(f"h.p.{_SIGNATURE_END}") is verified
+    assert (len(cache), cache.weight) == (1, 100)
+
+
+def test_a_token_ending_like_a_held_one_replaces_it_once(clock: FakeClock) -> None:
+    """Two tokens that verified and share an end (not expected of signatures, and harmless)
+    share one entry: the later one, its weight counted once."""
+    cache = TokenCache(10, clock)
+    first, second = _verified(sub="a"), _verified(sub="b")
+    cache.put(f"h.p.{_SIGNATURE_END}", first, NOW + 60, 100)
+    cache.put(f"h.q.{_SIGNATURE_END}", second, NOW + 60, 70)
+    assert cache.get(f"h.p.{_SIGNATURE_END}") is None
+    assert cache.get(f"h.q.{_SIGNATURE_END}") is second
+    assert (len(cache), cache.weight) == (1, 70)
+
+
+def test_membership_is_only_of_strings(clock: FakeClock) -> None:
+    cache = TokenCache(10, clock)
+    cache.put("t", _verified(), NOW + 60, 100)
+    assert "t" in cache
+    assert b"t" not in cache
+    assert None not in cache
 
 
 # --- bounds ------------------------------------------------------------------------------------
@@ -238,17 +276,18 @@ def test_entry_weight_bounds_what_the_claims_hold(value: Any) -> None:
 @pytest.mark.parametrize(
     ("token", "text", "weight"),
     [
-        # 738 (the entry, two str headers) + the token + its segment (4/3 of the text, + 4)
-        # + the claims: the text's bytes and the objects they decode to
-        pytest.param("", b"", 738 + 4 + 56, id="empty"),  # one value
-        pytest.param("", b"{}", 738 + 6 + 2 + 184 + 56, id="empty-object"),  # a dict, a value
+        # 830 (the entry, its key of KEY_CHARS characters, two str headers) + the token
+        # + its segment (4/3 of the text, + 4) + the claims: the text's bytes and the objects
+        # they decode to
+        pytest.param("", b"", 830 + 4 + 56, id="empty"),  # one value
+        pytest.param("", b"{}", 830 + 6 + 2 + 184 + 56, id="empty-object"),  # a dict, a value
         # a dict, a member (slot 40 + key 56), a list (88), 2 list slots (16 each), 4 values
         pytest.param(
-            "t" * 10, b'{"a":[1,2]}', 738 + 10 + 18 + 11 + 184 + 96 + 88 + 32 + 224, id="ascii"
+            "t" * 10, b'{"a":[1,2]}', 830 + 10 + 18 + 11 + 184 + 96 + 88 + 32 + 224, id="ascii"
         ),
         # not ASCII: 4 bytes a character, 80 a header
-        pytest.param("", '{"a":"é"}'.encode(), 738 + 17 + 40 + 184 + 120 + 160, id="wide"),
-        pytest.param("", b'{"a":"\\u00e9"}', 738 + 22 + 56 + 184 + 120 + 160, id="escaped"),
+        pytest.param("", '{"a":"é"}'.encode(), 830 + 17 + 40 + 184 + 120 + 160, id="wide"),
+        pytest.param("", b'{"a":"\\u00e9"}', 830 + 22 + 56 + 184 + 120 + 160, id="escaped"),
     ],
 )
 def test_entry_weight_of_known_shapes(token: str, text: bytes, weight: int) -> None:
@@ -351,6 +390,19 @@ def test_the_cache_finds_an_entry_under_either_spelling(es: SigningKey, clock: F
     other = TokenCache(10, clock)
     other.put(token, _verified("EdDSA"), NOW + 60, 100)
     assert other.get(twin) is None
+
+
+def test_a_twin_is_found_only_under_its_own_whole_spelling(
+    es: SigningKey, clock: FakeClock
+) -> None:
+    """The entry the twin's end leads to must hold the twin itself: another token that ends
+    like the twin (its signature copied under another payload) is not the token's twin."""
+    cache = TokenCache(10, clock)
+    token, twin = _spellings(es, clock)
+    head, _, signature = twin.rpartition(".")
+    cache.put(f"{head}x.{signature}", _verified("ES256"), NOW + 60, 100)
+    assert cache.get(token) is None
+    assert token not in cache
 
 
 @pytest.fixture(scope="module")
