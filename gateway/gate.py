@@ -187,7 +187,7 @@ class Gate:
             verified = await span.verify(self._verifier, found.token, policy, route.id)
         record.issuer = verified.issuer.id
         record.kid = verified.kid
-        if "cnf" in verified.claims or found.source is _DPOP or plan.sender_required:
+        if verified.bound or found.source is _DPOP or plan.sender_required:
             method, raw_path, host, headers, connection = request
             self._sender.check(
                 route,

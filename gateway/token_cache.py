@@ -103,7 +103,7 @@ def cache_key(token: str) -> str:
 
 # --- weighing an entry ---------------------------------------------------------------------------
 # CPython 3.11, 64-bit: what ``sys.getsizeof`` reports for each object, rounded up.
-_ENTRY: Final = 640  # the tuple, the VerifiedToken, the dict slot, kid/alg/typ strings
+_ENTRY: Final = 640  # the _Entry, the VerifiedToken, the dict slot, kid/alg/typ strings
 _KEY: Final = 49 + KEY_CHARS  # the key: an ASCII str of KEY_CHARS characters
 _STR: Final = sys.getsizeof("")  # a str's header (49 for ASCII; up to 80 for wider ones)
 _DICT: Final = 184  # a dict of up to 5 members; beyond, at most 40 bytes a member
@@ -144,8 +144,18 @@ def entry_weight(token: str, payload_json: bytes) -> int:
     return _ENTRY + _KEY + 2 * _STR + len(token) + segment + claims
 
 
-# An entry: the token, its exp, its verification and its weight.
-_Held = tuple[str, float, "VerifiedToken", int]
+class _Entry:
+    """One cached verification: the token (compared whole on a lookup), its ``exp``, the
+    verification and its weight.  (A plain class: its ``exp`` is a field, not a float object of
+    its own, so a hit reads one object fewer from memory than a tuple would make it.)"""
+
+    __slots__ = ("exp", "token", "verified", "weight")
+
+    def __init__(self, token: str, exp: float, verified: VerifiedToken, weight: int) -> None:
+        self.token: Final = token
+        self.exp: Final = exp
+        self.verified: Final = verified
+        self.weight: Final = weight
 
 
 class TokenCache:
@@ -155,9 +165,8 @@ class TokenCache:
     __slots__ = ("_bytes", "_clock", "_entries", "_max_bytes", "_max_entries")
 
     def __init__(self, max_entries: int, clock: Clock, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
-        # cache_key(token) -> (token, exp, verification, weight); the order is the recency,
-        # oldest first
-        self._entries: OrderedDict[str, _Held] = OrderedDict()
+        # cache_key(token) -> its entry; the order is the recency, oldest first
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._max_entries = max_entries
         self._max_bytes = max_bytes
         self._bytes = 0
@@ -171,22 +180,25 @@ class TokenCache:
         if not isinstance(token, str):
             return False
         entry = self._entries.get(cache_key(token))
-        return entry is not None and entry[0] == token
+        return entry is not None and entry.token == token
 
     @property
     def weight(self) -> int:
         """The summed weight of the entries held (never above ``max_bytes``)."""
         return self._bytes
 
-    def items(self) -> Iterator[tuple[str, _Held]]:
-        """Each key and the entry held under it (its token first), oldest first."""
-        return iter(list(self._entries.items()))
+    def items(self) -> Iterator[tuple[str, tuple[str, float, VerifiedToken, int]]]:
+        """Each key and what is held under it (token, exp, verification, weight), oldest
+        first."""
+        return iter(
+            [(key, (e.token, e.exp, e.verified, e.weight)) for key, e in self._entries.items()]
+        )
 
     def get(self, token: str) -> VerifiedToken | None:
         """The cached verification of ``token`` (or of its ECDSA twin), unless past its ``exp``."""
         key = cache_key(token)
         entry = self._entries.get(key)
-        if entry is None or entry[0] != token:
+        if entry is None or entry.token != token:
             twin = ecdsa_twin(token)
             if twin is None:
                 return None
@@ -195,15 +207,14 @@ class TokenCache:
             entry = self._entries.get(key)
             # The entry's signature verified with the curve this length names: then the twin
             # (same header, same payload, (r, n - s)) verifies with the same key too.
-            if entry is None or entry[0] != spelling or entry[2].alg != alg:
+            if entry is None or entry.token != spelling or entry.verified.alg != alg:
                 return None
-        _, exp, verified, _ = entry
-        if exp <= self._clock.time():
+        if entry.exp <= self._clock.time():
             # Past exp (leeway aside): verify in full so the answer is token_expired.
             self._drop(key)
             return None
         self._entries.move_to_end(key)
-        return verified
+        return entry.verified
 
     def put(self, token: str, verified: VerifiedToken, exp: float, weight: int) -> None:
         """Remember ``verified`` for ``token`` until ``exp``; ``weight`` from ``entry_weight``."""
@@ -214,13 +225,13 @@ class TokenCache:
             return  # the other spelling is cached: one token, one entry
         key = cache_key(token)
         self._drop(key)  # this token's entry, or one whose token ends the same
-        self._entries[key] = (token, exp, verified, weight)
+        self._entries[key] = _Entry(token, exp, verified, weight)
         self._bytes += weight
         while len(self._entries) > self._max_entries or self._bytes > self._max_bytes:
-            _, (_, _, _, evicted) = self._entries.popitem(last=False)
-            self._bytes -= evicted
+            _, evicted = self._entries.popitem(last=False)
+            self._bytes -= evicted.weight
 
     def _drop(self, key: str) -> None:
         entry = self._entries.pop(key, None)
         if entry is not None:
-            self._bytes -= entry[3]
+            self._bytes -= entry.weight

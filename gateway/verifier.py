@@ -272,6 +272,9 @@ class VerifiedToken:
     memo: TokenMemo = field(default_factory=TokenMemo, compare=False, repr=False)
     # The lease of the key set ``key`` came from (gateway/jwks.py), if the key cache keeps them.
     lease: KeySetLease | None = field(default=None, compare=False, repr=False)
+    # Whether its claims hold ``cnf`` (RFC 7800): a bound token, whose sender is checked.  Read
+    # once, so a cache hit need not look in its claims (a cold dict) for it.
+    bound: bool = False
 
 
 # `gateway explain` watches what the verifier says by subclassing it (gateway/explain.py): in the
@@ -356,7 +359,18 @@ class Verifier:
                 raise _failed(PAYLOAD, rejection) from None
         exp, nbf, iat = self._check_claims(payload, issuer, policy)
         verified = VerifiedToken(
-            payload, issuer, kid, parsed.payload_segment, alg, key, typ, exp, nbf, iat, lease=lease
+            payload,
+            issuer,
+            kid,
+            parsed.payload_segment,
+            alg,
+            key,
+            typ,
+            exp,
+            nbf,
+            iat,
+            lease=lease,
+            bound="cnf" in payload,
         )
         verified.memo.policy = policy
         if cache is not None:

@@ -1694,3 +1694,22 @@ async def test_a_hit_holds_the_lease_in_force_when_its_key_was_found(
     reloaded = AuthPolicy(issuers=(dataclasses.replace(TEST_ISSUER),), audiences=POLICY.audiences)
     assert await leased.verify(token, reloaded) is first
     assert (len(leased_ring.calls), leased_ring.asked) == (1, 1)
+
+
+async def test_a_leased_hit_on_another_policy_is_judged_by_that_policy_s_issuers(
+    rs: SigningKey, leased: Verifier, wall_clock: FakeClock
+) -> None:
+    """Only the policy that judged a cached token may skip its issuer look-up: another route's
+    policy that does not trust the token's issuer, or no longer pins its alg, refuses it, and
+    the first policy still takes the hit."""
+    token = mint(rs, wall_clock)
+    first = await leased.verify(token, POLICY)
+    other = dataclasses.replace(OTHER_ISSUER, algorithms=frozenset({"RS256"}))
+    elsewhere = AuthPolicy(issuers=(other,), audiences=POLICY.audiences)
+    assert (await reject(leased, token, elsewhere)).reason is Reason.ISSUER_NOT_ALLOWED
+    repinned = AuthPolicy(
+        issuers=(dataclasses.replace(TEST_ISSUER, algorithms=frozenset({"ES256"})),),
+        audiences=POLICY.audiences,
+    )
+    assert (await reject(leased, token, repinned)).reason is Reason.ALGORITHM_NOT_ALLOWED
+    assert await leased.verify(token, POLICY) is first
