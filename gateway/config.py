@@ -1787,8 +1787,9 @@ class GatewayConfig:
         Integer(0, 2**40),
         "bound on the memory the verified-token cache holds (64 MiB): each entry is weighed "
         "from its token and payload JSON, never below what it keeps alive (a typical token "
-        "weighs 3-12 KB, an 8 KB one stuffed with tiny objects up to ~500 KB), and least "
-        "recently used entries are evicted to stay within both bounds; an entry heavier than "
+        "weighs 3-12 KB, an 8 KB one stuffed with tiny objects up to ~500 KB), and entries are "
+        "evicted oldest first, one used since it last came round getting one more round "
+        "(second chance), to stay within both bounds; an entry heavier than "
         "the bound is not cached. Worst case: this many bytes, whatever the tokens (1.5 GB at "
         "the defaults without it). 0 caches nothing",
     )

@@ -7,9 +7,9 @@ what can change (see ``Verifier.cached``).
 
 **Bytes.**  Each entry is weighed when it is stored (``entry_weight``): an upper bound on what
 it keeps alive (the token, its signed payload segment, the decoded claims), computed from the
-payload's JSON text without walking the claims.  Least recently used entries are evicted until
-both the entry count and the summed weights are within their bounds; an entry heavier than the
-whole byte bound is not stored.
+payload's JSON text without walking the claims.  Entries are evicted (second chance, see
+``TokenCache``) until both the entry count and the summed weights leave room for the one
+stored; an entry heavier than the whole byte bound is not stored.
 
 **Keys.**  An entry is held under its token's last ``KEY_CHARS`` characters, the end of its
 signature, and a lookup compares the whole token with the one the entry holds.  Hashing an
@@ -146,31 +146,51 @@ def entry_weight(token: str, payload_json: bytes) -> int:
 
 class _Entry:
     """One cached verification: the token (compared whole on a lookup), its ``exp``, the
-    verification and its weight.  (A plain class: its ``exp`` is a field, not a float object of
-    its own, so a hit reads one object fewer from memory than a tuple would make it.)"""
+    verification and its weight, and whether a lookup used it since it last came round for
+    eviction.  (A plain class: its ``exp`` is a field, not a float object of its own, so a hit
+    reads one object fewer from memory than a tuple would make it.)"""
 
-    __slots__ = ("exp", "token", "verified", "weight")
+    __slots__ = ("exp", "token", "used", "verified", "weight")
 
     def __init__(self, token: str, exp: float, verified: VerifiedToken, weight: int) -> None:
         self.token: Final = token
         self.exp: Final = exp
         self.verified: Final = verified
         self.weight: Final = weight
+        self.used = False
 
 
 class TokenCache:
-    """At most ``max_entries`` verified tokens weighing at most ``max_bytes`` together, least
-    recently used evicted first."""
+    """At most ``max_entries`` verified tokens weighing at most ``max_bytes`` together.
 
-    __slots__ = ("_bytes", "_clock", "_entries", "_max_bytes", "_max_entries")
+    Eviction is second chance (CLOCK), the approximation of least-recently-used that keeps a
+    hit from touching other entries: entries wait in the order they were stored; the oldest goes
+    unless a lookup used it since it last came round, and then it goes to the back, unmarked, and
+    the next is considered.  An exact LRU moves each hit entry to the back of a linked list,
+    which writes its two neighbours: two or three cache misses per hit with thousands of tokens.
+    """
+
+    __slots__ = (
+        "_bytes",
+        "_clock",
+        "_entries",
+        "_max_bytes",
+        "_max_entries",
+        "_probed",
+        "_probed_token",
+    )
 
     def __init__(self, max_entries: int, clock: Clock, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
-        # cache_key(token) -> its entry; the order is the recency, oldest first
+        # cache_key(token) -> its entry, in the order eviction considers them, oldest first
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._max_entries = max_entries
         self._max_bytes = max_bytes
         self._bytes = 0
         self._clock = clock
+        # The token a membership test last found, and its entry: the lookup that follows it
+        # (extractor, then verifier, with no await between) needs no second search.
+        self._probed_token: str | None = None
+        self._probed: _Entry | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -180,7 +200,10 @@ class TokenCache:
         if not isinstance(token, str):
             return False
         entry = self._entries.get(cache_key(token))
-        return entry is not None and entry.token == token
+        if entry is None or entry.token != token:
+            return False
+        self._probed_token, self._probed = token, entry
+        return True
 
     @property
     def weight(self) -> int:
@@ -194,26 +217,31 @@ class TokenCache:
             [(key, (e.token, e.exp, e.verified, e.weight)) for key, e in self._entries.items()]
         )
 
-    def get(self, token: str) -> VerifiedToken | None:
-        """The cached verification of ``token`` (or of its ECDSA twin), unless past its ``exp``."""
-        key = cache_key(token)
-        entry = self._entries.get(key)
-        if entry is None or entry.token != token:
-            twin = ecdsa_twin(token)
-            if twin is None:
-                return None
-            spelling, alg = twin
-            key = cache_key(spelling)
+    def get(self, token: str, now: float | None = None) -> VerifiedToken | None:
+        """The cached verification of ``token`` (or of its ECDSA twin), unless past its ``exp``
+        at ``now`` (the clock's time unless given)."""
+        entry = self._probed
+        if entry is None or token is not self._probed_token:
+            key = cache_key(token)
             entry = self._entries.get(key)
-            # The entry's signature verified with the curve this length names: then the twin
-            # (same header, same payload, (r, n - s)) verifies with the same key too.
-            if entry is None or entry.token != spelling or entry.verified.alg != alg:
-                return None
-        if entry.exp <= self._clock.time():
+            if entry is None or entry.token != token:
+                twin = ecdsa_twin(token)
+                if twin is None:
+                    return None
+                spelling, alg = twin
+                key = cache_key(spelling)
+                entry = self._entries.get(key)
+                # The entry's signature verified with the curve this length names: then the
+                # twin (same header, same payload, (r, n - s)) verifies with the same key too.
+                if entry is None or entry.token != spelling or entry.verified.alg != alg:
+                    return None
+        self._probed_token, self._probed = None, None
+        if entry.exp <= (self._clock.time() if now is None else now):
             # Past exp (leeway aside): verify in full so the answer is token_expired.
-            self._drop(key)
+            if self._entries.get(cache_key(entry.token)) is entry:
+                self._drop(cache_key(entry.token))
             return None
-        self._entries.move_to_end(key)
+        entry.used = True
         return entry.verified
 
     def put(self, token: str, verified: VerifiedToken, exp: float, weight: int) -> None:
@@ -225,11 +253,17 @@ class TokenCache:
             return  # the other spelling is cached: one token, one entry
         key = cache_key(token)
         self._drop(key)  # this token's entry, or one whose token ends the same
-        self._entries[key] = _Entry(token, exp, verified, weight)
+        entries = self._entries
+        # Room first, so the entry stored is never the one evicted.
+        while len(entries) >= self._max_entries or self._bytes + weight > self._max_bytes:
+            oldest_key, oldest = entries.popitem(last=False)
+            if oldest.used:
+                oldest.used = False  # used since it last came round: one more round
+                entries[oldest_key] = oldest
+            else:
+                self._bytes -= oldest.weight
+        entries[key] = _Entry(token, exp, verified, weight)
         self._bytes += weight
-        while len(self._entries) > self._max_entries or self._bytes > self._max_bytes:
-            _, evicted = self._entries.popitem(last=False)
-            self._bytes -= evicted.weight
 
     def _drop(self, key: str) -> None:
         entry = self._entries.pop(key, None)

@@ -384,7 +384,8 @@ class Verifier:
         cache = self._cache
         if cache is None:
             return None
-        hit = cache.get(token)
+        now = self._clock.time()
+        hit = cache.get(token, now)
         if hit is None:
             return None
         memo = hit.memo
@@ -398,7 +399,7 @@ class Verifier:
             return None
         # Its claim types and signed iss were checked when it verified (the issuer is still the
         # one it verified with): what can change is the time, and the policy it is judged by.
-        self._check_times(hit)
+        self._check_times(hit, now)
         if memo.policy is not policy:
             self._check_policy(hit.claims, policy)
             memo.policy = policy
@@ -451,9 +452,9 @@ class Verifier:
         self._check_policy(claims, policy)
         return exp, nbf, iat
 
-    def _check_times(self, hit: VerifiedToken) -> None:
-        """A cached token's time claims against the clock now."""
-        now = self._clock.time()
+    @staticmethod
+    def _check_times(hit: VerifiedToken, now: float) -> None:
+        """A cached token's time claims against the clock's time ``now``."""
         leeway = hit.issuer.leeway_s
         _check_exp(hit.exp, now, leeway)
         _check_not_after_now(NBF, hit.nbf, now, leeway)

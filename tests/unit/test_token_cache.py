@@ -211,6 +211,55 @@ def test_a_twin_hit_counts_as_use(es: SigningKey, clock: FakeClock) -> None:
     assert cache.get("other") is None
 
 
+def test_an_entry_used_since_it_came_round_gets_one_more_round(clock: FakeClock) -> None:
+    """Second chance: the oldest entry goes unless it was used since it last came round; a used
+    one goes to the back unmarked, so unused again it goes next time."""
+    cache = TokenCache(3, clock)
+    for token in ("a", "b", "c"):
+        cache.put(token, _verified(sub=token), NOW + 60, 10)
+    assert cache.get("b") is not None
+    cache.put("d", _verified(), NOW + 60, 10)  # a goes (unused)
+    cache.put("e", _verified(), NOW + 60, 10)  # b is kept, c goes
+    assert [token for token, _ in cache.items()] == ["d", "b", "e"]
+    cache.put("f", _verified(), NOW + 60, 10)
+    cache.put("g", _verified(), NOW + 60, 10)  # d, then b (unmarked when kept) go
+    assert [token for token, _ in cache.items()] == ["e", "f", "g"]
+
+
+def test_every_entry_used_still_makes_room_for_one(clock: FakeClock) -> None:
+    cache = TokenCache(2, clock, max_bytes=100)
+    cache.put("a", _verified(), NOW + 60, 50)
+    cache.put("b", _verified(), NOW + 60, 50)
+    assert cache.get("a") is not None
+    assert cache.get("b") is not None
+    cache.put("c", _verified(), NOW + 60, 50)
+    assert [token for token, _ in cache.items()] == ["b", "c"]
+    assert (len(cache), cache.weight) == (2, 100)
+
+
+def test_an_expired_probed_entry_drops_only_itself(clock: FakeClock) -> None:
+    """A membership test remembers the entry it found for the lookup after it; if another
+    entry took that entry's place meanwhile, an expired probed token drops nothing else."""
+    cache = TokenCache(10, clock)
+    first = f"h.p.{'s' * KEY_CHARS}"
+    cache.put(first, _verified(), NOW + 60, 10)
+    assert first in cache
+    second = _verified(sub="b")
+    cache.put(f"h.q.{'s' * KEY_CHARS}", second, NOW + 120, 10)
+    clock.advance(60)
+    assert cache.get(first) is None
+    assert cache.get(f"h.q.{'s' * KEY_CHARS}") is second
+
+
+def test_a_probe_serves_only_the_token_it_found(clock: FakeClock) -> None:
+    cache = TokenCache(10, clock)
+    verified = _verified()
+    cache.put("t", verified, NOW + 60, 10)
+    assert "t" in cache
+    assert cache.get("u") is None  # another token: searched, not the probed entry
+    assert cache.get("t") is verified
+
+
 def test_replacing_an_entry_keeps_its_weight_once(clock: FakeClock) -> None:
     cache = TokenCache(10, clock, max_bytes=100)
     cache.put("t", _verified(), NOW + 60, 60)
