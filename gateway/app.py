@@ -30,7 +30,7 @@ from .handler import GatewayHandler
 from .jwks import JwksCache
 from .logs import kv
 from .metrics import GatewayMetrics
-from .middleware import Observer, rejection_response
+from .middleware import HandlerSlot, Observer, rejection_response
 from .proxy import Forwarder, admissions_for
 from .server import HttpServer
 from .token_cache import TokenCache
@@ -73,6 +73,7 @@ class Gateway:
         self.tracing = tracing  # spans, with a tracing block (set at start: a reload keeps it)
         self.draining = False
         self._handler: GatewayHandler | ForwardAuthHandler | None = None
+        self.handler_slot = HandlerSlot()  # what the proxy listener's observer calls
         self._jwks: JwksCache | None = None
         self._upstream_pools: UpstreamPools | None = None
         self._admissions = admissions_for(config)
@@ -116,7 +117,7 @@ class Gateway:
     def start(self, jwks: JwksCache, upstream_pools: UpstreamPools) -> None:
         self._jwks = jwks
         self._upstream_pools = upstream_pools
-        self._handler = self._build_handler(self.config)
+        self._handler = self.handler_slot.current = self._build_handler(self.config)
         if self.tracing is not None:
             self.tracing.key_fetches = lambda: jwks.fetches_completed
         jwks.start()
@@ -139,7 +140,7 @@ class Gateway:
         self.metrics.add_routes((r.id for r in config.routes), _report_only_routes(config))
         self.metrics.add_issuers(config.issuers)
         self.jwks.reconfigure(config.issuers)
-        self._handler = self._build_handler(config)
+        self._handler = self.handler_slot.current = self._build_handler(config)
         self.config = config
 
     async def reload(
@@ -245,7 +246,7 @@ def http_server(app: web.Application) -> HttpServer:
     gateway = app[GATEWAY_KEY]
     observer = Observer(
         gateway.metrics,
-        lambda: gateway.handler,
+        gateway.handler_slot,
         lambda: gateway.config.realm,
         lambda: gateway.draining,
         gateway.tracing,

@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Final
 
 from multidict import CIMultiDict
 
@@ -101,6 +102,10 @@ def _host_header(upstream: Upstream) -> str:
     return host if upstream.port == default else f"{host}:{upstream.port}"
 
 
+# How many peers and Connection values a forwarder remembers its answers for.
+_MEMO_LIMIT: Final = 1024
+
+
 def request_head(
     method: str, target: str, host: str, headers: CIMultiDict[str], framing: str
 ) -> bytes:
@@ -194,6 +199,12 @@ class Forwarder:
                 admission[route.id],
             )
         self._trusts = config.trusts
+        # Whether a peer is a trusted proxy, by address (a handful behind a load balancer): the
+        # config's check parses the address on every call.  Bounded; past it, asked each time.
+        self._trusted_peers: dict[str | None, bool] = {}
+        # A response's Connection header values -> what the client is not sent, and whether the
+        # values name Content-Length: the same few values ("keep-alive") nearly every time.
+        self._connection_drops: dict[tuple[bytes, ...], tuple[frozenset[bytes], bool]] = {}
 
     def upstream_headers(
         self, request: HttpRequest, route: RouteConfig, injected: Mapping[str, str]
@@ -202,7 +213,11 @@ class Forwarder:
         forwarding headers removed, verified claims injected, X-Forwarded-* set."""
         inbound = request.headers
         peer = request.remote
-        trusted = self._trusts(peer)
+        trusted = self._trusted_peers.get(peer)
+        if trusted is None:
+            trusted = self._trusts(peer)
+            if len(self._trusted_peers) < _MEMO_LIMIT:
+                self._trusted_peers[peer] = trusted
         hop = self._hops[route.id]
         strip = hop.strip if trusted else hop.strip_untrusted
         connection = inbound.getall("Connection", [])
@@ -459,9 +474,14 @@ class Forwarder:
         dropped = RESPONSE_DROPPED
         length_framed = upstream.length_framed
         if upstream.connection:
-            named = connection_options(upstream.headers)
-            dropped = dropped | named
-            length_framed = length_framed and b"content-length" not in named
+            drops = self._connection_drops.get(upstream.connection)
+            if drops is None:
+                named = connection_options((b"connection", v) for v in upstream.connection)
+                drops = (dropped | named, b"content-length" in named)
+                if len(self._connection_drops) < _MEMO_LIMIT:
+                    self._connection_drops[upstream.connection] = drops
+            dropped = drops[0]
+            length_framed = length_framed and not drops[1]
         record = request.record
         block = response_block(upstream.headers, dropped)
         block += b"%b: %b\r\n" % (REQUEST_ID_BYTES, record.request_id.encode("ascii"))

@@ -53,14 +53,14 @@ class ResponseHead:
         headers: list[tuple[bytes, bytes]],
         keep_alive: bool,
         length_framed: bool = False,
-        connection: bool = False,
+        connection: tuple[bytes, ...] = (),
     ) -> None:
         self.status: Final = status
         self.reason: Final = reason
         self.headers: Final = headers
         self.keep_alive: Final = keep_alive
         self.length_framed: Final = length_framed  # a Content-Length header is among ``headers``
-        self.connection: Final = connection  # a Connection header is among ``headers``
+        self.connection: Final = connection  # the values of its Connection headers
 
 
 class UpstreamClosed(Exception):
@@ -88,7 +88,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_only = False
         self._status_text = b""
         self._headers: list[tuple[bytes, bytes]] = []
-        self._framing = 0  # bit 1: Content-Length, bit 2: Transfer-Encoding, bit 4: Connection
+        self._framing = 0  # bit 1: Content-Length, bit 2: Transfer-Encoding
+        self._connection: list[bytes] = []  # the values of the response's Connection headers
         self._parser_reusable = False  # the parser stands at a message boundary
         self._idle_parser: httptools.HttpResponseParser | None = None  # kept for the next
         self._head: ResponseHead | None = None
@@ -180,7 +181,7 @@ class UpstreamConnection(asyncio.Protocol):
             elif key == b"transfer-encoding":
                 self._framing |= 2
             elif key == b"connection":
-                self._framing |= 4
+                self._connection.append(value)
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -194,6 +195,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._status_text = b""
             self._headers = []
             self._framing = 0
+            self._connection = []
             return
         head = ResponseHead(
             status,
@@ -201,7 +203,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._headers,
             self._parser.should_keep_alive(),
             bool(self._framing & 1),
-            bool(self._framing & 4),
+            tuple(self._connection),
         )
         self._head = head
         self._wake_drain()  # an upload waiting for the upstream to read stops: it answered
@@ -248,6 +250,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._status_text = b""
         self._headers = []
         self._framing = 0
+        self._connection = []
         self._head = None
         self._chunks.clear()
         self._buffered = 0

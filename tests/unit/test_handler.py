@@ -30,7 +30,7 @@ from gateway.headers import AUTH_OUTCOME_HEADER
 from gateway.jwks import KeySetLease
 from gateway.keyset import build_key_set
 from gateway.metrics import UNMATCHED_ROUTE, GatewayMetrics
-from gateway.middleware import Observer, rejection_response
+from gateway.middleware import HandlerSlot, Observer, rejection_response
 from gateway.proxy import Forwarder
 from gateway.reasons import Reason
 from gateway.record import RequestRecord
@@ -397,7 +397,7 @@ async def proxy(
     gate, metrics = build_gate(config, CollectorRegistry(), rsa_key, clock)
     pools = UpstreamPools(config.upstream_defaults.max_connections)
     handler = GatewayHandler(gate, Forwarder(config, pools, metrics))
-    observer = Observer(metrics, lambda: handler, lambda: "gw", lambda: False)
+    observer = Observer(metrics, HandlerSlot(handler), lambda: "gw", lambda: False)
     server = HttpServer(
         observer, lambda: config.limits, metrics, lambda reason: rejection_response(reason, "gw")
     )

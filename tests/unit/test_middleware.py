@@ -24,7 +24,7 @@ from gateway.errors import Rejection
 from gateway.headers import REQUEST_ID_HEADER
 from gateway.logs import REQUEST_LOGGER
 from gateway.metrics import UNMATCHED_ROUTE, GatewayMetrics
-from gateway.middleware import Observer, rejection_response
+from gateway.middleware import HandlerSlot, Observer, rejection_response
 from gateway.reasons import REASON_SPECS, DpopChallenge, Reason
 from gateway.server import Answer, HttpRequest, HttpServer
 from tests.conftest import metric_value
@@ -243,7 +243,7 @@ async def observed() -> AsyncIterator[Observed]:
         raise Rejection(Reason.ROUTE_NOT_FOUND)
 
     observer = Observer(
-        metrics, lambda: handler, lambda: state().realm[0], lambda: state().draining[0]
+        metrics, HandlerSlot(handler), lambda: state().realm[0], lambda: state().draining[0]
     )
     server = HttpServer(
         observer, Limits, metrics, lambda reason: rejection_response(reason, state().realm[0])
