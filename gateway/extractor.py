@@ -82,9 +82,12 @@ def query_values(query: str, name: str) -> list[str]:
     ]
 
 
-def _from_header(headers: CIMultiDictProxy[str], name: str, prefix: str, scheme: str) -> list[str]:
+def _from_header(
+    headers: CIMultiDictProxy[str], name: str, prefix: str, scheme: str, spelled: str
+) -> list[str]:
     """The token of header ``name`` (after ``prefix``, whose ``scheme`` is its lower-case,
-    stripped form), in a list: empty when absent or another scheme."""
+    stripped form, and ``spelled`` its stripped form as configured), in a list: empty when
+    absent or another scheme."""
     values = headers.getall(name, [])
     if len(values) > 1:
         raise Rejection(Reason.INVALID_REQUEST, f"more than one {name} header")
@@ -94,7 +97,8 @@ def _from_header(headers: CIMultiDictProxy[str], name: str, prefix: str, scheme:
     if not prefix:
         return [value]
     head, _, rest = value.partition(" ")
-    if head.lower() != scheme:
+    # Clients send the scheme as configured ("Bearer"): compared as is, no lower() is made.
+    if head != spelled and head.lower() != scheme:
         # Another scheme (Basic, say) carries no token for us: RFC 6750 §3.1 says
         # such a request lacks authentication, it is not malformed.
         return []
@@ -110,7 +114,7 @@ class Carriers:
     one): the header name and scheme of the common single-header case need no attribute look-up
     on the config, nor a ``lower()``, per request."""
 
-    __slots__ = ("_name", "_prefix", "_scheme", "_single", "_sources")
+    __slots__ = ("_name", "_prefix", "_scheme", "_single", "_sources", "_spelled")
 
     def __init__(self, sources: tuple[TokenSource, ...]) -> None:
         self._sources = sources
@@ -119,7 +123,8 @@ class Carriers:
         first = sources[0] if sources else None
         self._name = first.name if first is not None else ""
         self._prefix = first.prefix if first is not None else ""
-        self._scheme = self._prefix.strip().lower()
+        self._spelled = self._prefix.strip()
+        self._scheme = self._spelled.lower()
 
     def extract(
         self,
@@ -130,16 +135,15 @@ class Carriers:
     ) -> FoundToken | None:
         """``extract_token`` for these sources."""
         if self._single:
-            values = _from_header(headers, self._name, self._prefix, self._scheme)
+            values = _from_header(headers, self._name, self._prefix, self._scheme, self._spelled)
             if not values:
                 return None
             return _checked(FoundToken(values[0], self._sources[0]), max_token_bytes, known)
         found: list[FoundToken] = []
         for source in self._sources:
             if source.location is _HEADER:
-                values = _from_header(
-                    headers, source.name, source.prefix, source.prefix.strip().lower()
-                )
+                spelled = source.prefix.strip()
+                values = _from_header(headers, source.name, source.prefix, spelled.lower(), spelled)
             elif source.location is _COOKIE:
                 values = cookie_values(headers, source.name)
             else:

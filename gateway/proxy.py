@@ -102,7 +102,7 @@ def _host_header(upstream: Upstream) -> str:
     return host if upstream.port == default else f"{host}:{upstream.port}"
 
 
-# How many peers and Connection values a forwarder remembers its answers for.
+# How many peers, header names and Connection values a forwarder remembers its answers for.
 _MEMO_LIMIT: Final = 1024
 
 
@@ -202,6 +202,8 @@ class Forwarder:
         # Whether a peer is a trusted proxy, by address (a handful behind a load balancer): the
         # config's check parses the address on every call.  Bounded; past it, asked each time.
         self._trusted_peers: dict[str | None, bool] = {}
+        # Each header name as header_key spells it: clients send the same few names.
+        self._header_keys: dict[str, str] = {}
         # A response's Connection header values -> what the client is not sent, and whether the
         # values name Content-Length: the same few values ("keep-alive") nearly every time.
         self._connection_drops: dict[tuple[bytes, ...], tuple[frozenset[bytes], bool]] = {}
@@ -225,8 +227,13 @@ class Forwarder:
             strip = strip | headers_to_strip(frozenset(), connection)
         out: CIMultiDict[str] = CIMultiDict()
         hidden = hop.carriers
+        keys = self._header_keys
         for name, value in inbound.items():
-            key = header_key(name)
+            key = keys.get(name)
+            if key is None:
+                key = header_key(name)
+                if len(keys) < _MEMO_LIMIT:
+                    keys[name] = key
             if key in strip or (not trusted and key.startswith(FORWARDED_PREFIX)):
                 continue
             if key == "cookie" and hidden.cookies:
