@@ -73,6 +73,17 @@ def test_an_entry_serves_until_its_exp_and_not_at_it(clock: FakeClock) -> None:
     assert cache.get("t") is None  # gone, not merely hidden
 
 
+def test_an_entry_is_judged_at_the_instant_given(clock: FakeClock) -> None:
+    """The verifier reads the time once per hit and hands it over: exp is compared with that
+    instant, not with a second reading of the clock."""
+    cache = TokenCache(10, clock)
+    verified = _verified()
+    cache.put("t", verified, NOW + 60, 100)
+    assert cache.get("t", now=NOW + 59.5) is verified
+    assert cache.get("t", now=NOW + 60) is None  # the clock still reads NOW
+    assert len(cache) == 0
+
+
 def test_an_expired_twin_entry_is_dropped_too(es: SigningKey, clock: FakeClock) -> None:
     cache = TokenCache(10, clock)
     token, twin = _spellings(es, clock)

@@ -1109,6 +1109,16 @@ async def test_a_cache_hit_needs_no_key_and_no_signature(
     assert len(ring.calls) == 1
 
 
+async def test_a_verification_says_whether_its_token_is_bound(
+    rs: SigningKey, cached: Verifier, wall_clock: FakeClock
+) -> None:
+    """A token with a cnf claim (RFC 7800) is bound: the gate then checks its sender, on a hit
+    too, without looking into the claims again."""
+    bound = await cached.verify(mint(rs, wall_clock, cnf={"jkt": "x" * 43}), POLICY)
+    plain = await cached.verify(mint(rs, wall_clock), POLICY)
+    assert (bound.bound, plain.bound) == (True, False)
+
+
 async def test_known_holds_exactly_the_tokens_that_verified(
     rs: SigningKey, ring: KeyRing, cached: Verifier, wall_clock: FakeClock
 ) -> None:
