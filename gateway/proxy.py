@@ -111,10 +111,15 @@ def request_head(
 ) -> bytes:
     """The request head the upstream receives, written by the gateway byte for byte."""
     parts = [method, " ", target, " HTTP/1.1\r\nHost: ", host, "\r\n"]
+    # One append per piece: compiled, a list append is a C call, where `+=` a tuple is not.
     for name, value in headers.items():
-        parts += (name, ": ", value, "\r\n")
+        parts.append(name)
+        parts.append(": ")
+        parts.append(value)
+        parts.append("\r\n")
     if framing:
-        parts += (framing, "\r\n")
+        parts.append(framing)
+        parts.append("\r\n")
     parts.append("\r\n")
     text = "".join(parts)
     lines = len(headers) + (4 if framing else 3)  # request line, Host, headers, blank line
@@ -125,13 +130,34 @@ def request_head(
     return text.encode("utf-8", "surrogateescape")
 
 
-def response_block(headers: list[tuple[bytes, bytes]], dropped: frozenset[bytes]) -> bytes:
+def name_lengths(names: frozenset[bytes]) -> int:
+    """A bit set of the lengths of ``names``: bit n is set when one of them is n bytes long
+    (-1, every bit, when one is longer than 63: a small int either way)."""
+    lengths = 0
+    for name in names:
+        if len(name) > 63:
+            return -1
+        lengths |= 1 << len(name)
+    return lengths
+
+
+_RESPONSE_DROPPED_LENGTHS: Final = name_lengths(RESPONSE_DROPPED)
+
+
+def response_block(
+    headers: list[tuple[bytes, bytes]], dropped: frozenset[bytes], lengths: int = -1
+) -> bytes:
     """An upstream response's header lines as the client gets them (each ending in CRLF),
-    without the names in ``dropped`` (lower-cased).  llhttp refused any CR or LF in them."""
+    without the names in ``dropped`` (lower-cased).  llhttp refused any CR or LF in them.
+    ``lengths`` (``name_lengths(dropped)``; -1: every length) spares the lower-casing of a
+    name no dropped name is as long as (Server, Date, Content-Length...)."""
     parts: list[bytes] = []
     for name, value in headers:
-        if name.lower() not in dropped:
-            parts += (name, b": ", value, b"\r\n")
+        if not (lengths >> len(name)) & 1 or name.lower() not in dropped:
+            parts.append(name)
+            parts.append(b": ")
+            parts.append(value)
+            parts.append(b"\r\n")
     return b"".join(parts)
 
 
@@ -204,9 +230,10 @@ class Forwarder:
         self._trusted_peers: dict[str | None, bool] = {}
         # Each header name as header_key spells it: clients send the same few names.
         self._header_keys: dict[str, str] = {}
-        # A response's Connection header values -> what the client is not sent, and whether the
-        # values name Content-Length: the same few values ("keep-alive") nearly every time.
-        self._connection_drops: dict[tuple[bytes, ...], tuple[frozenset[bytes], bool]] = {}
+        # A response's Connection header values -> what the client is not sent (and the bit set
+        # of those names' lengths), and whether the values name Content-Length: the same few
+        # values ("keep-alive") nearly every time.
+        self._connection_drops: dict[tuple[bytes, ...], tuple[frozenset[bytes], int, bool]] = {}
 
     def upstream_headers(
         self, request: HttpRequest, route: RouteConfig, injected: Mapping[str, str]
@@ -452,7 +479,7 @@ class Forwarder:
         protocol = next((v for n, v in upstream.headers if n.lower() == b"upgrade"), b"").strip()
         if not protocol:
             raise Rejection(Reason.UPSTREAM_UNAVAILABLE, "101 without Upgrade")
-        block = response_block(upstream.headers, RESPONSE_DROPPED)
+        block = response_block(upstream.headers, RESPONSE_DROPPED, _RESPONSE_DROPPED_LENGTHS)
         block += b"Connection: Upgrade\r\nUpgrade: %b\r\n%b: %b\r\n" % (
             protocol,
             REQUEST_ID_BYTES,
@@ -479,18 +506,20 @@ class Forwarder:
         self, request: HttpRequest, conn: UpstreamConnection, upstream: ResponseHead
     ) -> None:
         dropped = RESPONSE_DROPPED
+        lengths = _RESPONSE_DROPPED_LENGTHS
         length_framed = upstream.length_framed
         if upstream.connection:
             drops = self._connection_drops.get(upstream.connection)
             if drops is None:
                 named = connection_options((b"connection", v) for v in upstream.connection)
-                drops = (dropped | named, b"content-length" in named)
+                union = dropped | named
+                drops = (union, name_lengths(union), b"content-length" in named)
                 if len(self._connection_drops) < _MEMO_LIMIT:
                     self._connection_drops[upstream.connection] = drops
-            dropped = drops[0]
-            length_framed = length_framed and not drops[1]
+            dropped, lengths, names_length = drops
+            length_framed = length_framed and not names_length
         record = request.record
-        block = response_block(upstream.headers, dropped)
+        block = response_block(upstream.headers, dropped, lengths)
         block += b"%b: %b\r\n" % (REQUEST_ID_BYTES, record.request_id.encode("ascii"))
         status = upstream.status
         bodiless = request.method == "HEAD" or status in (204, 304) or status < 200

@@ -21,7 +21,15 @@ from gateway.errors import Rejection
 from gateway.extractor import cookie_values, query_values
 from gateway.headers import AUTH_OUTCOME_HEADER, Carriers, header_key, token_carriers
 from gateway.metrics import GatewayMetrics
-from gateway.proxy import Forwarder, _BodyMeter, _BodyStopped, _without_cookies, _without_params
+from gateway.proxy import (
+    Forwarder,
+    _BodyMeter,
+    _BodyStopped,
+    _without_cookies,
+    _without_params,
+    name_lengths,
+    response_block,
+)
 from gateway.reasons import Reason
 from gateway.server import HttpRequest, RequestBody
 from gateway.upstream import UpstreamPools
@@ -614,3 +622,38 @@ async def test_a_declared_length_over_the_limit_is_refused_before_the_upstream(
         await forwarder.forward(request, ROUTES["api"], "/api/orders", {})
     # Not upstream_unavailable: nothing was sent to the (closed) upstream port.
     assert caught.value.reason is Reason.PAYLOAD_TOO_LARGE
+
+
+# --- the response's header block ------------------------------------------------------------
+_RESPONSE = [
+    (b"Server", b"nginx"),
+    (b"X-Hop", b"1"),
+    (b"CONNECTION", b"x-hop"),
+    (b"Keep-Alive", b"timeout=5"),
+    (b"Content-Length", b"3"),
+    (b"x-" + b"l" * 70, b"long"),
+]
+
+
+def test_name_lengths_is_a_bit_per_length() -> None:
+    assert name_lengths(frozenset({b"te", b"connection", b"keep-alive"})) == (1 << 2) | (1 << 10)
+    assert name_lengths(frozenset()) == 0
+    assert name_lengths(frozenset({b"te", b"x" * 64})) == -1  # too long for a small bit set
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["lengths", "every-length"])
+def test_the_response_block_drops_the_named_headers_in_any_case(exact: bool) -> None:
+    dropped = frozenset({b"connection", b"keep-alive", b"x-hop", b"x-" + b"l" * 70})
+    lengths = name_lengths(dropped) if exact else -1
+    assert response_block(_RESPONSE, dropped, lengths) == (
+        b"Server: nginx\r\nContent-Length: 3\r\n"
+    )
+    # Without the lengths, every name is compared.
+    assert response_block(_RESPONSE, dropped) == b"Server: nginx\r\nContent-Length: 3\r\n"
+
+
+def test_a_name_of_a_length_no_dropped_name_has_is_kept_unread() -> None:
+    dropped = frozenset({b"x-hop"})
+    assert response_block(
+        [(b"X-Hops", b"2"), (b"x-HOP", b"1")], dropped, name_lengths(dropped)
+    ) == (b"X-Hops: 2\r\n")
