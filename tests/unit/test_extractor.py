@@ -16,7 +16,14 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.config import BEARER_HEADER, TokenLocation, TokenSource
 from gateway.errors import Rejection
-from gateway.extractor import FoundToken, cookie_values, extract_token, is_b64token, query_values
+from gateway.extractor import (
+    Carriers,
+    FoundToken,
+    cookie_values,
+    extract_token,
+    is_b64token,
+    query_values,
+)
 from gateway.reasons import Reason
 
 TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhIn0.c2lnbmF0dXJl"
@@ -62,6 +69,12 @@ def extract(
 )
 def test_bearer_token_is_extracted(pairs: list[tuple[str, str]], token: str) -> None:
     assert extract(pairs) == token
+    # A route with more than one source reads its header the same way.
+    assert extract(pairs, sources=ALL_SOURCES) == token
+
+
+def test_a_route_without_sources_finds_no_token() -> None:
+    assert Carriers(()).extract(headers(("Authorization", f"Bearer {TOKEN}")), "", MAX) is None
 
 
 @pytest.mark.parametrize(
