@@ -211,6 +211,63 @@ def answering_once(raw: bytes) -> RawBehaviour:
     return answer
 
 
+def answering_in_turn(*answers: bytes) -> RawBehaviour:
+    """An upstream that answers each request on a connection with the next of ``answers``."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for raw in answers:
+            await read_request_head(reader)
+            writer.write(raw)
+            await writer.drain()
+        writer.close()
+
+    return answer
+
+
+async def test_headers_a_connection_value_names_are_dropped_each_time_and_only_then(
+    make_gateway: GatewayFactory, raw_upstreams: list[RawUpstream]
+) -> None:
+    """The drops a Connection value makes are remembered per value: the same value names the
+    same headers on the next response (X-Hop is no hop-by-hop name's length, so only the
+    value's own names tell it apart), and a response that does not name one keeps it."""
+    named = b"HTTP/1.1 200 OK\r\nConnection: X-Hop\r\nX-Hop: 1\r\nX-Kept: 1\r\nContent-Length: 2\r\n\r\nok"
+    plain = b"HTTP/1.1 200 OK\r\nX-Hop: 2\r\nContent-Length: 2\r\n\r\nok"
+    _, reader, writer = await through(
+        make_gateway, raw_upstreams, answering_in_turn(named, named, plain)
+    )
+    try:
+        seen = []
+        for _ in range(3):
+            writer.write(b"GET /public/x HTTP/1.1\r\nHost: gw.test\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WITHIN)
+            await asyncio.wait_for(reader.readexactly(2), WITHIN)
+            seen.append(
+                [(n, v) for n, v in head_fields(head) if n.startswith("x-") and n != "x-request-id"]
+            )
+        assert seen == [[("x-kept", "1")], [("x-kept", "1")], [("x-hop", "2")]]
+    finally:
+        await close(writer)
+
+
+async def test_an_interim_responses_connection_names_nothing_in_the_final_one(
+    make_gateway: GatewayFactory, raw_upstreams: list[RawUpstream]
+) -> None:
+    """A 103 is not relayed, and the headers its Connection names are not the final
+    response's: the final one keeps X-Hint."""
+    answer = answering_once(
+        b"HTTP/1.1 103 Early Hints\r\nConnection: X-Hint\r\nLink: </a>\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nX-Hint: 1\r\nContent-Length: 2\r\n\r\nok"
+    )
+    _, reader, writer = await through(make_gateway, raw_upstreams, answer)
+    try:
+        writer.write(b"GET /public/x HTTP/1.1\r\nHost: gw.test\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WITHIN)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert ("x-hint", "1") in head_fields(head)
+    finally:
+        await close(writer)
+
+
 async def test_an_upstream_answers_connection_level_headers_stay_on_the_upstreams_side(
     make_gateway: GatewayFactory, raw_upstreams: list[RawUpstream]
 ) -> None:

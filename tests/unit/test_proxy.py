@@ -310,10 +310,11 @@ CLIENT_ORIGIN = [
 async def test_client_origin_headers_are_dropped_from_untrusted_peers_only(
     forwarder: Forwarder, name: str
 ) -> None:
-    untrusted = upstream_sees(forwarder, [(name, "198.51.100.7")], peer=UNTRUSTED)
-    assert header_key(name) not in names(untrusted)
-    trusted = upstream_sees(forwarder, [(name, "198.51.100.7")], peer=TRUSTED)
-    assert trusted[name] == "198.51.100.7"
+    for _ in range(2):  # the forwarder remembers each peer's answer: the same both times
+        untrusted = upstream_sees(forwarder, [(name, "198.51.100.7")], peer=UNTRUSTED)
+        assert header_key(name) not in names(untrusted)
+        trusted = upstream_sees(forwarder, [(name, "198.51.100.7")], peer=TRUSTED)
+        assert trusted[name] == "198.51.100.7"
 
 
 async def test_a_request_without_a_peer_address_is_untrusted(forwarder: Forwarder) -> None:
