@@ -3,6 +3,7 @@
     .venv/bin/python bench/run.py            # full run: 5 s warm-up + 30 s per row (~10 min)
     .venv/bin/python bench/run.py --quick    # 2 s warm-up + 5 s per row, 20k memory tokens (~2 min)
     options: --duration S  --warmup S  --connections N (32)  --mem-tokens N (100000)
+             --pair-rounds N (5; the warm ratio's back-to-back rounds, 10 s a row)
              --no-envoy  --nice N (same niceness for every process, e.g. -10 on a busy machine)
              --loadgen python / --upstream python (force the fallbacks)
              --gateway-log-level LEVEL (default WARNING: no per-request log line, as Envoy runs
@@ -19,8 +20,11 @@ What runs where: the gateway (`python -m gateway run --workers 1`), and Envoy in
 (`envoy --concurrency 1`), are pinned to CPU 0; the load generator and the upstream to CPU 1.
 Keys and tokens are minted once (in parallel processes) and cached in bench/.cache/, valid
 14 days (re-minted when less than 6 h is left); a first run spends up to ~1 min minting.
-Then: open-loop latency (bench/openloop.py) at 25% of the gateway's passthrough req/s against
-the upstream directly, the gateway (passthrough, 5,000 RS256 tokens) and Envoy (passthrough,
+After the gateway's rows, the warm target's ratio back to back: ``--pair-rounds`` rounds of gateway passthrough
+and RS256 5,000 tokens alternated (1 s warm-up + 10 s each), each round's ratio and the median
+(rows a few minutes apart see different neighbours on a shared machine; alternated ones share
+theirs).  Then: open-loop latency (bench/openloop.py) at 25% of the gateway's passthrough
+req/s against the upstream directly, the gateway (passthrough, 5,000 RS256 tokens) and Envoy (passthrough,
 jwt_authn with the same tokens), with what each adds over the direct p50/p99; the gateway's
 VmRSS with 1,000 idle keep-alive client connections; and `--workers 2` (unpinned) on the
 passthrough and 5,000-token rows against one worker (bench/extras.py).
@@ -40,6 +44,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -428,6 +433,8 @@ class Bench:
     loadgen: LoadGen
     tokens: TokenSets
     rows: dict[str, Row] = field(default_factory=dict)
+    # Rounds of (passthrough, warm RS256) measured back to back.
+    pairs: list[tuple[Row, Row]] = field(default_factory=list)
 
     def measure(
         self,
@@ -439,20 +446,25 @@ class Bench:
         header: str | None = None,
         offset: int = 0,
         on_warm: Callable[[Load, int], None] | None = None,
+        seconds: tuple[float, float] | None = None,
     ) -> Row:
+        """One row: a warm-up, then the measured load (``seconds``: warm-up and measured
+        seconds instead of the run's; such a row is kept out of ``rows``, the caller keeps it)."""
         row = Row(key, name)
-        self.rows[key] = row
+        warmup, duration = (
+            seconds if seconds is not None else (self.args.warmup, self.args.duration)
+        )
+        if seconds is None:
+            self.rows[key] = row
         log(f"  {name} ...")
-        warm = self.loadgen.run(url, self.args.warmup, tokens=tokens, offset=offset, header=header)
+        warm = self.loadgen.run(url, warmup, tokens=tokens, offset=offset, header=header)
         if warm.non_2xx or warm.errors:
             row.notes.append(f"warm-up: {warm.non_2xx} non-2xx, {warm.errors} errors")
         offset += warm.requests + 2 * self.args.connections + 10
         if on_warm is not None:
             on_warm(warm, offset)
         cpu_before, target_before, wall_before = cpu_times(), proc_cpu(target), time.monotonic()
-        load = self.loadgen.run(
-            url, self.args.duration, tokens=tokens, offset=offset, header=header
-        )
+        load = self.loadgen.run(url, duration, tokens=tokens, offset=offset, header=header)
         cpu_after, target_after, wall_after = cpu_times(), proc_cpu(target), time.monotonic()
         row.load = load
         row.server_cpu_s = target_after - target_before
@@ -750,6 +762,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="RS256 cold tokens to have at start (150000; --quick 60000); extended when needed",
     )
+    parser.add_argument(
+        "--pair-rounds",
+        type=int,
+        default=None,
+        help="rounds of gateway passthrough and RS256 5,000 tokens back to back, for the warm "
+        "ratio (5, 10 s each; --quick 2, 3 s each; 0: none)",
+    )
     parser.add_argument("--no-envoy", action="store_true")
     parser.add_argument("--loadgen", choices=["auto", "python"], default="auto")
     parser.add_argument("--upstream", choices=["auto", "python"], default="auto")
@@ -780,6 +799,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.mem_tokens = 20_000 if args.quick else 100_000
     if args.cold_pool is None:
         args.cold_pool = 60_000 if args.quick else 150_000
+    if args.pair_rounds is None:
+        args.pair_rounds = 2 if args.quick else 5
+    args.pair_seconds = 3.0 if args.quick else 10.0
 
     def on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -887,6 +909,26 @@ def run(args: argparse.Namespace, procs: Processes) -> int:
             gw,
             tokens=tokens.warm[alg],
         )
+
+    # The warm ratio back to back: a row at a time, ~5 minutes apart, the two rows' neighbours
+    # differ (single rows moved by ~5% between runs); alternated rounds share theirs.
+    for i in range(args.pair_rounds):
+        pass_round = bench.measure(
+            f"pair_pass_{i}",
+            f"round {i + 1}: gateway passthrough",
+            f"{base}/public/x",
+            gw,
+            seconds=(1.0, args.pair_seconds),
+        )
+        warm_round = bench.measure(
+            f"pair_warm_{i}",
+            f"round {i + 1}: gateway RS256, {WARM_SET_SIZE:,} tokens",
+            f"{base}/api/x",
+            gw,
+            tokens=tokens.warm["RS256"],
+            seconds=(1.0, args.pair_seconds),
+        )
+        bench.pairs.append((pass_round, warm_round))
 
     # Open-loop latency at a quarter of the passthrough capacity, and idle-connection memory,
     # while this gateway runs (before the cold row grows its token cache).
@@ -1218,6 +1260,8 @@ def render(
             "envoy_pass",
         )
 
+    lines += pair_lines(bench.pairs, args.pair_seconds)
+
     extra_us = (1 / rps("gw_cold_RS256") - 1 / rps("gw_pass")) * 1e6
     extra_cpu_us = (1 / per_cpu("gw_cold_RS256") - 1 / per_cpu("gw_pass")) * 1e6
     rs = decode["RS256"]["us_per_decode"]
@@ -1273,6 +1317,40 @@ def render(
         "",
     ]
     return "\n".join(lines)
+
+
+def pair_lines(pairs: Sequence[tuple[Row, Row]], seconds: float) -> list[str]:
+    """The warm-ratio rounds' markdown: each round's two rows and ratios, and their medians."""
+    if not pairs:
+        return []
+    lines = [
+        "",
+        f"## Warm / passthrough, back to back ({len(pairs)} rounds, {seconds:.0f} s each row, "
+        f"RS256 {WARM_SET_SIZE:,} tokens)",
+        "",
+        "| round | passthrough req/s | warm req/s | warm / passthrough by req/s "
+        "| by req per server CPU-s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    by_rps: list[float] = []
+    by_cpu: list[float] = []
+    for i, (p, w) in enumerate(pairs):
+        if not (p.valid and w.valid) or p.load is None or w.load is None:
+            lines.append(f"| {i + 1} | INVALID | INVALID | — | — |")
+            continue
+        by_rps.append(w.load.rps / p.load.rps)
+        by_cpu.append(w.per_cpu_s / p.per_cpu_s)
+        lines.append(
+            f"| {i + 1} | {_fmt(p.load.rps)} | {_fmt(w.load.rps)} | {by_rps[-1]:.3f} "
+            f"| {_fmt(by_cpu[-1], 3)} |"
+        )
+    if not by_rps:
+        return lines
+    lines.append(
+        f"| **median** | | | **{statistics.median(by_rps):.3f}** "
+        f"| **{statistics.median(by_cpu):.3f}** |"
+    )
+    return lines
 
 
 def _loadavg() -> str:

@@ -114,7 +114,7 @@ class Carriers:
     one): the header name and scheme of the common single-header case need no attribute look-up
     on the config, nor a ``lower()``, per request."""
 
-    __slots__ = ("_name", "_prefix", "_scheme", "_single", "_sources", "_spelled")
+    __slots__ = ("_name", "_plan", "_prefix", "_scheme", "_single", "_sources", "_spelled")
 
     def __init__(self, sources: tuple[TokenSource, ...]) -> None:
         self._sources = sources
@@ -125,6 +125,10 @@ class Carriers:
         self._prefix = first.prefix if first is not None else ""
         self._spelled = self._prefix.strip()
         self._scheme = self._spelled.lower()
+        # Every source with its prefix's stripped and lower-case forms (several sources).
+        self._plan = tuple(
+            (source, source.prefix.strip(), source.prefix.strip().lower()) for source in sources
+        )
 
     def extract(
         self,
@@ -140,10 +144,9 @@ class Carriers:
                 return None
             return _checked(FoundToken(values[0], self._sources[0]), max_token_bytes, known)
         found: list[FoundToken] = []
-        for source in self._sources:
+        for source, spelled, scheme in self._plan:
             if source.location is _HEADER:
-                spelled = source.prefix.strip()
-                values = _from_header(headers, source.name, source.prefix, spelled.lower(), spelled)
+                values = _from_header(headers, source.name, source.prefix, scheme, spelled)
             elif source.location is _COOKIE:
                 values = cookie_values(headers, source.name)
             else:

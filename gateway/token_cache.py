@@ -238,8 +238,9 @@ class TokenCache:
         self._probed_token, self._probed = None, None
         if entry.exp <= (self._clock.time() if now is None else now):
             # Past exp (leeway aside): verify in full so the answer is token_expired.
-            if self._entries.get(cache_key(entry.token)) is entry:
-                self._drop(cache_key(entry.token))
+            key = cache_key(entry.token)
+            if self._entries.get(key) is entry:
+                self._drop(key)
             return None
         entry.used = True
         return entry.verified
