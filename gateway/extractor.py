@@ -13,7 +13,7 @@ from collections.abc import Container
 from typing import Final
 from urllib.parse import unquote_plus
 
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDictProxy, istr
 
 from .config import TokenLocation, TokenSource
 from .errors import Rejection
@@ -88,7 +88,7 @@ def _from_header(
     """The token of header ``name`` (after ``prefix``, whose ``scheme`` is its lower-case,
     stripped form, and ``spelled`` its stripped form as configured), in a list: empty when
     absent or another scheme."""
-    values = headers.getall(name, [])
+    values = headers.getall(name, ())
     if len(values) > 1:
         raise Rejection(Reason.INVALID_REQUEST, f"more than one {name} header")
     if not values:
@@ -121,13 +121,16 @@ class Carriers:
         # The common case: one header source (Authorization: Bearer by default).
         self._single = len(sources) == 1 and sources[0].location is _HEADER
         first = sources[0] if sources else None
-        self._name = first.name if first is not None else ""
+        # An istr: the case-insensitive lookup need not fold the name per request.
+        self._name = istr(first.name if first is not None else "")
         self._prefix = first.prefix if first is not None else ""
         self._spelled = self._prefix.strip()
         self._scheme = self._spelled.lower()
-        # Every source with its prefix's stripped and lower-case forms (several sources).
+        # Every source with its name as an istr and its prefix's stripped and lower-case forms
+        # (several sources).
         self._plan = tuple(
-            (source, source.prefix.strip(), source.prefix.strip().lower()) for source in sources
+            (source, istr(source.name), source.prefix.strip(), source.prefix.strip().lower())
+            for source in sources
         )
 
     def extract(
@@ -144,9 +147,9 @@ class Carriers:
                 return None
             return _checked(FoundToken(values[0], self._sources[0]), max_token_bytes, known)
         found: list[FoundToken] = []
-        for source, spelled, scheme in self._plan:
+        for source, name, spelled, scheme in self._plan:
             if source.location is _HEADER:
-                values = _from_header(headers, source.name, source.prefix, scheme, spelled)
+                values = _from_header(headers, name, source.prefix, scheme, spelled)
             elif source.location is _COOKIE:
                 values = cookie_values(headers, source.name)
             else:
