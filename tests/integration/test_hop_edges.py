@@ -402,3 +402,26 @@ async def test_a_101_without_an_upgrade_header_is_answered_502_not_tunnelled(
     assert gw.metric("gateway_requests_total", route="public", reason="upstream_unavailable") == 1
     assert gw.metric("gateway_upgrades_total", route="public") == 0
     assert gw.metric("gateway_tunnels_open") == 0
+
+
+async def test_header_bytes_that_are_not_utf_8_reach_the_upstream_as_sent(
+    make_gateway: GatewayFactory, raw_upstreams: list[RawUpstream]
+) -> None:
+    """A header value with obs-text (RFC 9110 §5.5: bytes 0x80-0xFF, here Latin-1 "café" and a
+    lone 0xFF, not UTF-8) is forwarded byte for byte, not refused, re-encoded or replaced."""
+    heads: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await read_request_head(reader))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    _, reader, writer = await through(make_gateway, raw_upstreams, answer)
+    try:
+        writer.write(b"GET /public/x HTTP/1.1\r\nHost: gw.test\r\nX-Name: caf\xe9 \xff\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WITHIN)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert b"\r\nX-Name: caf\xe9 \xff\r\n" in heads[0]
+    finally:
+        await close(writer)
