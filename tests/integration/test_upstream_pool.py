@@ -377,6 +377,20 @@ async def test_a_post_on_a_pooled_connection_closed_unanswered_is_502_and_sent_o
     assert upstream.connections == 1
 
 
+async def test_a_bodiless_post_on_a_pooled_connection_closed_unanswered_is_not_retried(
+    serve, scripted
+):
+    """Only an idempotent method is sent again: a POST with no body (nothing to replay either)
+    is answered 502 after its one attempt."""
+    upstream = await scripted(first_only)
+    gw = await serve(point_routes_at(upstream.url))
+    assert (await call(gw, "/public/a")).status == 200
+    got = await call(gw, "/public/b", "POST")
+    assert (got.status, got.reason) == (502, "upstream_unavailable")
+    assert [(s.method, s.connection) for s in upstream.seen] == [("GET", 1), ("POST", 1)]
+    assert upstream.connections == 1
+
+
 # --- 4. HEAD -------------------------------------------------------------------------------------
 async def test_head_answer_has_the_length_but_no_body_and_the_connection_is_reused(serve, scripted):
     async def answer(seen: Seen) -> Reply:

@@ -119,6 +119,8 @@ GROUPS: Final = {
             "tests/integration/test_websocket.py",
             "tests/integration/test_attacks.py",
             "tests/integration/test_tracing.py",
+            # A route's prefix rewrite and a query token's removal from the forwarded target.
+            "tests/integration/test_policy.py",
         ),
     ),
     # W3C trace context (which traceparent is continued, started, forwarded) and the spans.
