@@ -1,6 +1,6 @@
 """Benchmark of the gateway against its upstream alone and Envoy's jwt_authn, in one command.
 
-    .venv/bin/python bench/run.py            # full run: 5 s warm-up + 30 s per row (~10 min)
+    .venv/bin/python bench/run.py            # full run: 5 s warm-up + 30 s per row, then the warm rounds (~14 min)
     .venv/bin/python bench/run.py --quick    # 2 s warm-up + 5 s per row, 20k memory tokens (~2 min)
     options: --duration S  --warmup S  --connections N (32)  --mem-tokens N (100000)
              --pair-rounds N (5; the warm ratio's back-to-back rounds, 10 s a row)
