@@ -3,7 +3,7 @@
     .venv/bin/python bench/run.py            # full run: 5 s warm-up + 30 s per row, then the warm rounds (~14 min)
     .venv/bin/python bench/run.py --quick    # 2 s warm-up + 5 s per row, 20k memory tokens (~2 min)
     options: --duration S  --warmup S  --connections N (32)  --mem-tokens N (100000)
-             --pair-rounds N (5; the warm ratio's back-to-back rounds, 10 s a row)
+             --pair-rounds N (5; rounds of the target ratios' rows back to back, 10 s a row)
              --no-envoy  --nice N (same niceness for every process, e.g. -10 on a busy machine)
              --loadgen python / --upstream python (force the fallbacks)
              --gateway-log-level LEVEL (default WARNING: no per-request log line, as Envoy runs
@@ -20,14 +20,16 @@ What runs where: the gateway (`python -m gateway run --workers 1`), and Envoy in
 (`envoy --concurrency 1`), are pinned to CPU 0; the load generator and the upstream to CPU 1.
 Keys and tokens are minted once (in parallel processes) and cached in bench/.cache/, valid
 14 days (re-minted when less than 6 h is left); a first run spends up to ~1 min minting.
-After the gateway's rows, the warm target's ratio back to back: ``--pair-rounds`` rounds of gateway passthrough
-and RS256 5,000 tokens alternated (1 s warm-up + 10 s each), each round's ratio and the median
-(rows a few minutes apart see different neighbours on a shared machine; alternated ones share
-theirs).  Then: open-loop latency (bench/openloop.py) at 25% of the gateway's passthrough
+Then: open-loop latency (bench/openloop.py) at 25% of the gateway's passthrough
 req/s against the upstream directly, the gateway (passthrough, 5,000 RS256 tokens) and Envoy (passthrough,
 jwt_authn with the same tokens), with what each adds over the direct p50/p99; the gateway's
 VmRSS with 1,000 idle keep-alive client connections; and `--workers 2` (unpinned) on the
 passthrough and 5,000-token rows against one worker (bench/extras.py).
+Last, the target ratios back to back: ``--pair-rounds`` rounds (5) in which a fresh gateway
+and Envoy, both on CPU 0, take turns: gateway passthrough, Envoy passthrough, gateway RS256
+5,000 tokens, Envoy jwt_authn on the same tokens (1 s warm-up + 10 s each), with each round's
+ratios and their medians (rows minutes apart see different neighbours on a shared machine; a
+round's rows share theirs).
 Results: printed, and written as markdown to bench/results/latest.md.  Every process started
 is stopped by PID at the end, on error and on Ctrl-C.
 """
@@ -433,8 +435,8 @@ class Bench:
     loadgen: LoadGen
     tokens: TokenSets
     rows: dict[str, Row] = field(default_factory=dict)
-    # Rounds of (passthrough, warm RS256) measured back to back.
-    pairs: list[tuple[Row, Row]] = field(default_factory=list)
+    # Rounds of the target ratios' rows measured back to back: each round one Row per ROUND_ROWS key.
+    rounds: list[dict[str, Row]] = field(default_factory=list)
 
     def measure(
         self,
@@ -766,8 +768,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--pair-rounds",
         type=int,
         default=None,
-        help="rounds of gateway passthrough and RS256 5,000 tokens back to back, for the warm "
-        "ratio (5, 10 s each; --quick 2, 3 s each; 0: none)",
+        help="rounds of gateway and Envoy passthrough and RS256 5,000 tokens back to back, for "
+        "the target ratios (5, 10 s each row; --quick 2, 3 s each; 0: none)",
     )
     parser.add_argument("--no-envoy", action="store_true")
     parser.add_argument("--loadgen", choices=["auto", "python"], default="auto")
@@ -909,26 +911,6 @@ def run(args: argparse.Namespace, procs: Processes) -> int:
             gw,
             tokens=tokens.warm[alg],
         )
-
-    # The warm ratio back to back: a row at a time, ~5 minutes apart, the two rows' neighbours
-    # differ (single rows moved by ~5% between runs); alternated rounds share theirs.
-    for i in range(args.pair_rounds):
-        pass_round = bench.measure(
-            f"pair_pass_{i}",
-            f"round {i + 1}: gateway passthrough",
-            f"{base}/public/x",
-            gw,
-            seconds=(1.0, args.pair_seconds),
-        )
-        warm_round = bench.measure(
-            f"pair_warm_{i}",
-            f"round {i + 1}: gateway RS256, {WARM_SET_SIZE:,} tokens",
-            f"{base}/api/x",
-            gw,
-            tokens=tokens.warm["RS256"],
-            seconds=(1.0, args.pair_seconds),
-        )
-        bench.pairs.append((pass_round, warm_round))
 
     # Open-loop latency at a quarter of the passthrough capacity, and idle-connection memory,
     # while this gateway runs (before the cold row grows its token cache).
@@ -1119,6 +1101,34 @@ def run(args: argparse.Namespace, procs: Processes) -> int:
                 ev,
                 tokens=tokens.warm[alg],
             )
+        # The target ratios back to back: rows a few minutes apart see different neighbours
+        # on a shared machine (single rows moved by ~5% between runs); a round's rows, 10 s
+        # each in turn, share theirs.  A fresh gateway beside Envoy, both pinned to CPU 0,
+        # only the measured one loaded.
+        if args.pair_rounds:
+            rounds_gw, rounds_base = start_gateway("gateway-rounds")
+            urls = {
+                "gw_pass": (f"{rounds_base}/public/x", [rounds_gw.pid], None),
+                "envoy_pass": (f"http://127.0.0.1:{pass_port}/x", ev, None),
+                "gw_warm": (f"{rounds_base}/api/x", [rounds_gw.pid], tokens.warm["RS256"]),
+                "envoy_warm": (f"{jwt_base}/api/x", ev, tokens.warm["RS256"]),
+            }
+            for i in range(args.pair_rounds):
+                row_set: dict[str, Row] = {}
+                for key, label in ROUND_ROWS.items():
+                    url, pids, token_file = urls[key]
+                    # The first round's warm-up verifies the 5,000 tokens once.
+                    warmup = args.warmup if i == 0 else 1.0
+                    row_set[key] = bench.measure(
+                        f"round_{key}_{i}",
+                        f"round {i + 1}: {label}",
+                        url,
+                        pids,
+                        tokens=token_file,
+                        seconds=(warmup, args.pair_seconds),
+                    )
+                bench.rounds.append(row_set)
+            procs.stop(rounds_gw)
         if not math.isnan(extras.rate):
             open_loop_rows(
                 [
@@ -1146,9 +1156,9 @@ def run(args: argparse.Namespace, procs: Processes) -> int:
         },
     )
     one_worker = {
-        key: row.load.rps
+        key: kept.load.rps
         for key in ("gw_pass", "gw_warm_RS256")
-        if (row := bench.rows.get(key)) is not None and row.valid and row.load is not None
+        if (kept := bench.rows.get(key)) is not None and kept.valid and kept.load is not None
     }
     report += "\n".join(render_extras(extras, one_worker, args.duration)) + "\n"
     print()
@@ -1260,7 +1270,7 @@ def render(
             "envoy_pass",
         )
 
-    lines += pair_lines(bench.pairs, args.pair_seconds)
+    lines += round_lines(bench.rounds, args.pair_seconds)
 
     extra_us = (1 / rps("gw_cold_RS256") - 1 / rps("gw_pass")) * 1e6
     extra_cpu_us = (1 / per_cpu("gw_cold_RS256") - 1 / per_cpu("gw_pass")) * 1e6
@@ -1319,37 +1329,68 @@ def render(
     return "\n".join(lines)
 
 
-def pair_lines(pairs: Sequence[tuple[Row, Row]], seconds: float) -> list[str]:
-    """The warm-ratio rounds' markdown: each round's two rows and ratios, and their medians."""
-    if not pairs:
+ROUND_ROWS: dict[str, str] = {
+    "gw_pass": "gateway passthrough",
+    "envoy_pass": "envoy passthrough",
+    "gw_warm": f"gateway RS256, {WARM_SET_SIZE:,} tokens",
+    "envoy_warm": f"envoy jwt_authn RS256, {WARM_SET_SIZE:,} tokens",
+}
+# (label, numerator, denominator) of each ratio the rounds measure.
+ROUND_RATIOS: tuple[tuple[str, str, str], ...] = (
+    ("gateway warm / gateway passthrough", "gw_warm", "gw_pass"),
+    ("gateway passthrough / Envoy passthrough", "gw_pass", "envoy_pass"),
+    ("gateway warm / Envoy jwt_authn warm", "gw_warm", "envoy_warm"),
+    ("Envoy jwt_authn warm / Envoy passthrough", "envoy_warm", "envoy_pass"),
+)
+
+
+def _rps(row: Row) -> float:
+    return row.load.rps if row.valid and row.load is not None else math.nan
+
+
+def round_lines(rounds: Sequence[dict[str, Row]], seconds: float) -> list[str]:
+    """The back-to-back rounds' markdown: each round's req/s and ratios, and their medians."""
+    if not rounds:
         return []
     lines = [
         "",
-        f"## Warm / passthrough, back to back ({len(pairs)} rounds, {seconds:.0f} s each row, "
-        f"RS256 {WARM_SET_SIZE:,} tokens)",
+        f"## Target ratios back to back ({len(rounds)} rounds; in each, the four rows in turn, "
+        f"{seconds:.0f} s each, warm = RS256 {WARM_SET_SIZE:,} tokens)",
         "",
-        "| round | passthrough req/s | warm req/s | warm / passthrough by req/s "
-        "| by req per server CPU-s |",
-        "|---|---:|---:|---:|---:|",
+        "| round | "
+        + " | ".join(f"{label} req/s" for label in ROUND_ROWS.values())
+        + " | "
+        + " | ".join(label for label, _, _ in ROUND_RATIOS)
+        + " |",
+        "|---|" + "---:|" * (len(ROUND_ROWS) + len(ROUND_RATIOS)),
     ]
-    by_rps: list[float] = []
-    by_cpu: list[float] = []
-    for i, (p, w) in enumerate(pairs):
-        if not (p.valid and w.valid) or p.load is None or w.load is None:
-            lines.append(f"| {i + 1} | INVALID | INVALID | — | — |")
-            continue
-        by_rps.append(w.load.rps / p.load.rps)
-        by_cpu.append(w.per_cpu_s / p.per_cpu_s)
+    by_rps: dict[str, list[float]] = {label: [] for label, _, _ in ROUND_RATIOS}
+    by_cpu: dict[str, list[float]] = {label: [] for label, _, _ in ROUND_RATIOS}
+    for i, row_set in enumerate(rounds):
+        rates = [_rps(row_set[key]) for key in ROUND_ROWS]
+        cells = []
+        for label, num, den in ROUND_RATIOS:
+            n, d = row_set[num], row_set[den]
+            if not (n.valid and d.valid) or n.load is None or d.load is None:
+                cells.append("—")
+                continue
+            by_rps[label].append(n.load.rps / d.load.rps)
+            by_cpu[label].append(n.per_cpu_s / d.per_cpu_s)
+            cells.append(f"{by_rps[label][-1]:.3f}")
         lines.append(
-            f"| {i + 1} | {_fmt(p.load.rps)} | {_fmt(w.load.rps)} | {by_rps[-1]:.3f} "
-            f"| {_fmt(by_cpu[-1], 3)} |"
+            f"| {i + 1} | " + " | ".join(_fmt(r) for r in rates) + " | " + " | ".join(cells) + " |"
         )
-    if not by_rps:
-        return lines
-    lines.append(
-        f"| **median** | | | **{statistics.median(by_rps):.3f}** "
-        f"| **{statistics.median(by_cpu):.3f}** |"
-    )
+    lines += [
+        "",
+        "| ratio, median of the rounds | by req/s | by req per server CPU-s |",
+        "|---|---:|---:|",
+    ]
+    for label, _, _ in ROUND_RATIOS:
+        if by_rps[label]:
+            lines.append(
+                f"| {label} | **{statistics.median(by_rps[label]):.3f}** "
+                f"| **{statistics.median(by_cpu[label]):.3f}** |"
+            )
     return lines
 
 
