@@ -1047,6 +1047,38 @@ def run(args: argparse.Namespace, procs: Processes) -> int:
             extras.workers[key] = row.load.rps
     procs.stop(workers)
 
+    # The target ratios back to back: rows a few minutes apart see different neighbours on a
+    # shared machine (single rows moved by ~5% between runs); a round's rows, 10 s each in
+    # turn, share theirs.  A fresh gateway beside Envoy (when it runs), both pinned to CPU 0,
+    # only the measured one loaded.
+    def run_rounds(envoy_urls: dict[str, tuple[str, list[int], Path | None]]) -> None:
+        if not args.pair_rounds:
+            return
+        rounds_gw, rounds_base = start_gateway("gateway-rounds")
+        urls = {
+            "gw_pass": (f"{rounds_base}/public/x", [rounds_gw.pid], None),
+            "gw_warm": (f"{rounds_base}/api/x", [rounds_gw.pid], tokens.warm["RS256"]),
+            **envoy_urls,
+        }
+        for i in range(args.pair_rounds):
+            row_set: dict[str, Row] = {}
+            for key, label in ROUND_ROWS.items():
+                if key not in urls:
+                    continue
+                url, pids, token_file = urls[key]
+                # The first round's warm-up verifies the 5,000 tokens once.
+                warmup = args.warmup if i == 0 else 1.0
+                row_set[key] = bench.measure(
+                    f"round_{key}_{i}",
+                    f"round {i + 1}: {label}",
+                    url,
+                    pids,
+                    tokens=token_file,
+                    seconds=(warmup, args.pair_seconds),
+                )
+            bench.rounds.append(row_set)
+        procs.stop(rounds_gw)
+
     # --- Envoy -------------------------------------------------------------------------------
     envoy_version = "not run"
     if envoy:
@@ -1101,34 +1133,12 @@ def run(args: argparse.Namespace, procs: Processes) -> int:
                 ev,
                 tokens=tokens.warm[alg],
             )
-        # The target ratios back to back: rows a few minutes apart see different neighbours
-        # on a shared machine (single rows moved by ~5% between runs); a round's rows, 10 s
-        # each in turn, share theirs.  A fresh gateway beside Envoy, both pinned to CPU 0,
-        # only the measured one loaded.
-        if args.pair_rounds:
-            rounds_gw, rounds_base = start_gateway("gateway-rounds")
-            urls = {
-                "gw_pass": (f"{rounds_base}/public/x", [rounds_gw.pid], None),
+        run_rounds(
+            {
                 "envoy_pass": (f"http://127.0.0.1:{pass_port}/x", ev, None),
-                "gw_warm": (f"{rounds_base}/api/x", [rounds_gw.pid], tokens.warm["RS256"]),
                 "envoy_warm": (f"{jwt_base}/api/x", ev, tokens.warm["RS256"]),
             }
-            for i in range(args.pair_rounds):
-                row_set: dict[str, Row] = {}
-                for key, label in ROUND_ROWS.items():
-                    url, pids, token_file = urls[key]
-                    # The first round's warm-up verifies the 5,000 tokens once.
-                    warmup = args.warmup if i == 0 else 1.0
-                    row_set[key] = bench.measure(
-                        f"round_{key}_{i}",
-                        f"round {i + 1}: {label}",
-                        url,
-                        pids,
-                        tokens=token_file,
-                        seconds=(warmup, args.pair_seconds),
-                    )
-                bench.rounds.append(row_set)
-            procs.stop(rounds_gw)
+        )
         if not math.isnan(extras.rate):
             open_loop_rows(
                 [
@@ -1142,6 +1152,8 @@ def run(args: argparse.Namespace, procs: Processes) -> int:
                 ]
             )
         procs.stop(proxy)
+    else:
+        run_rounds({})  # the gateway's rows alone: its warm ratio
 
     report = render(
         bench,
@@ -1354,7 +1366,7 @@ def round_lines(rounds: Sequence[dict[str, Row]], seconds: float) -> list[str]:
         return []
     lines = [
         "",
-        f"## Target ratios back to back ({len(rounds)} rounds; in each, the four rows in turn, "
+        f"## Target ratios back to back ({len(rounds)} rounds; in each, the rows in turn, "
         f"{seconds:.0f} s each, warm = RS256 {WARM_SET_SIZE:,} tokens)",
         "",
         "| round | "
@@ -1367,11 +1379,11 @@ def round_lines(rounds: Sequence[dict[str, Row]], seconds: float) -> list[str]:
     by_rps: dict[str, list[float]] = {label: [] for label, _, _ in ROUND_RATIOS}
     by_cpu: dict[str, list[float]] = {label: [] for label, _, _ in ROUND_RATIOS}
     for i, row_set in enumerate(rounds):
-        rates = [_rps(row_set[key]) for key in ROUND_ROWS]
+        rates = [_rps(row_set[key]) if key in row_set else math.nan for key in ROUND_ROWS]
         cells = []
         for label, num, den in ROUND_RATIOS:
-            n, d = row_set[num], row_set[den]
-            if not (n.valid and d.valid) or n.load is None or d.load is None:
+            n, d = row_set.get(num), row_set.get(den)
+            if n is None or d is None or not (n.valid and d.valid) or not (n.load and d.load):
                 cells.append("—")
                 continue
             by_rps[label].append(n.load.rps / d.load.rps)
