@@ -1,6 +1,6 @@
 """Benchmark of the gateway against its upstream alone and Envoy's jwt_authn, in one command.
 
-    .venv/bin/python bench/run.py            # full run: 5 s warm-up + 30 s per row, then the warm rounds (~14 min)
+    .venv/bin/python bench/run.py            # full run: 5 s warm-up + 30 s per row, rounds (~14 min)
     .venv/bin/python bench/run.py --quick    # 2 s warm-up + 5 s per row, 20k memory tokens (~2 min)
     options: --duration S  --warmup S  --connections N (32)  --mem-tokens N (100000)
              --pair-rounds N (5; rounds of the target ratios' rows back to back, 10 s a row)
@@ -20,16 +20,17 @@ What runs where: the gateway (`python -m gateway run --workers 1`), and Envoy in
 (`envoy --concurrency 1`), are pinned to CPU 0; the load generator and the upstream to CPU 1.
 Keys and tokens are minted once (in parallel processes) and cached in bench/.cache/, valid
 14 days (re-minted when less than 6 h is left); a first run spends up to ~1 min minting.
-Then: open-loop latency (bench/openloop.py) at 25% of the gateway's passthrough
-req/s against the upstream directly, the gateway (passthrough, 5,000 RS256 tokens) and Envoy (passthrough,
+Then: open-loop latency (bench/openloop.py) at 25% of the gateway's passthrough req/s against
+the upstream directly, the gateway (passthrough, 5,000 RS256 tokens) and Envoy (passthrough,
 jwt_authn with the same tokens), with what each adds over the direct p50/p99; the gateway's
 VmRSS with 1,000 idle keep-alive client connections; and `--workers 2` (unpinned) on the
 passthrough and 5,000-token rows against one worker (bench/extras.py).
 Last, the target ratios back to back: ``--pair-rounds`` rounds (5) in which a fresh gateway
 and Envoy, both on CPU 0, take turns: gateway passthrough, Envoy passthrough, gateway RS256
-5,000 tokens, Envoy jwt_authn on the same tokens (1 s warm-up + 10 s each), with each round's
-ratios and their medians (rows minutes apart see different neighbours on a shared machine; a
-round's rows share theirs).
+5,000 tokens, Envoy jwt_authn on the same tokens (10 s each after a 1 s warm-up, the run's in
+the first round), with each round's ratios and their medians (rows minutes apart see
+different neighbours on a shared machine; a round's rows share theirs).  Without Envoy, the
+gateway's two rows alone.
 Results: printed, and written as markdown to bench/results/latest.md.  Every process started
 is stopped by PID at the end, on error and on Ctrl-C.
 """
@@ -1200,12 +1201,10 @@ def render(
     rows = bench.rows
 
     def rps(key: str) -> float:
-        row = rows.get(key)
-        return row.load.rps if row and row.load and row.valid else math.nan
+        return _rps(rows.get(key))
 
     def per_cpu(key: str) -> float:
-        row = rows.get(key)
-        return row.per_cpu_s if row and row.valid else math.nan
+        return _per_cpu(rows.get(key))
 
     pinning = (
         "gateway / Envoy on CPU 0; load generator + upstream on CPU 1"
@@ -1356,8 +1355,14 @@ ROUND_RATIOS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def _rps(row: Row) -> float:
-    return row.load.rps if row.valid and row.load is not None else math.nan
+def _rps(row: Row | None) -> float:
+    """A row's req/s; NaN for a missing or invalid row (left out of every ratio)."""
+    return row.load.rps if row is not None and row.valid and row.load is not None else math.nan
+
+
+def _per_cpu(row: Row | None) -> float:
+    """A row's requests per server CPU-second; NaN for a missing or invalid row."""
+    return row.per_cpu_s if row is not None and row.valid else math.nan
 
 
 def round_lines(rounds: Sequence[dict[str, Row]], seconds: float) -> list[str]:
@@ -1379,16 +1384,16 @@ def round_lines(rounds: Sequence[dict[str, Row]], seconds: float) -> list[str]:
     by_rps: dict[str, list[float]] = {label: [] for label, _, _ in ROUND_RATIOS}
     by_cpu: dict[str, list[float]] = {label: [] for label, _, _ in ROUND_RATIOS}
     for i, row_set in enumerate(rounds):
-        rates = [_rps(row_set[key]) if key in row_set else math.nan for key in ROUND_ROWS]
+        rates = [_rps(row_set.get(key)) for key in ROUND_ROWS]
         cells = []
         for label, num, den in ROUND_RATIOS:
-            n, d = row_set.get(num), row_set.get(den)
-            if n is None or d is None or not (n.valid and d.valid) or not (n.load and d.load):
+            ratio = _rps(row_set.get(num)) / _rps(row_set.get(den))
+            if math.isnan(ratio):
                 cells.append("—")
                 continue
-            by_rps[label].append(n.load.rps / d.load.rps)
-            by_cpu[label].append(n.per_cpu_s / d.per_cpu_s)
-            cells.append(f"{by_rps[label][-1]:.3f}")
+            by_rps[label].append(ratio)
+            by_cpu[label].append(_per_cpu(row_set.get(num)) / _per_cpu(row_set.get(den)))
+            cells.append(f"{ratio:.3f}")
         lines.append(
             f"| {i + 1} | " + " | ".join(_fmt(r) for r in rates) + " | " + " | ".join(cells) + " |"
         )
