@@ -472,13 +472,12 @@ class Forwarder:
     ) -> None:
         """Answer the client's handshake with the upstream's 101 and relay bytes both ways."""
         record = request.record
-        if conn.transport is None or request.connection.transport is None:
-            raise Rejection(Reason.UPSTREAM_UNAVAILABLE, "upstream closed after its 101")
         # RFC 9110 §7.8: a 101 names the protocol switched to; one that does not is no
-        # handshake the client could go on with.
+        # handshake the client could go on with.  (Neither connection can have closed yet:
+        # this task runs on the 101's arrival, before the loop reads either side's close.)
         protocol = next((v for n, v in upstream.headers if n.lower() == b"upgrade"), b"").strip()
-        if not protocol:
-            raise Rejection(Reason.UPSTREAM_UNAVAILABLE, "101 without Upgrade")
+        if not protocol or conn.transport is None or request.connection.transport is None:
+            raise Rejection(Reason.UPSTREAM_UNAVAILABLE, "no tunnel after the 101")
         block = response_block(upstream.headers, RESPONSE_DROPPED, _RESPONSE_DROPPED_LENGTHS)
         block += b"Connection: Upgrade\r\nUpgrade: %b\r\n%b: %b\r\n" % (
             protocol,

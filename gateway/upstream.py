@@ -230,9 +230,10 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self._head is None:
             return  # the end of an interim response
-        # llhttp read the whole message: the same parser can read the next exchange's
-        # response (not after a HEAD's, whose body llhttp was still expecting).
-        self._parser_reusable = not self._head_only and not self.upgraded
+        # llhttp read the whole message itself: the same parser can read the next exchange's
+        # response.  (It never gets here for a HEAD's answer with a length, whose body it still
+        # expects: the gateway ended that exchange at its head, so the parser is not kept.)
+        self._parser_reusable = True
         self._complete = True
         self._wake_body()
 
@@ -242,9 +243,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is None:
             raise UpstreamClosed("upstream closed", responded=False)
         kept, self._idle_parser = self._idle_parser, None
-        self._parser = (
-            kept if kept is not None and not head_only else httptools.HttpResponseParser(self)
-        )
+        # A kept parser stands at a message boundary; llhttp knows nothing of HEAD either way.
+        self._parser = kept if kept is not None else httptools.HttpResponseParser(self)
         self._head_only = head_only
         self._upgrade = upgrade
         self._status_text = b""
@@ -334,10 +334,12 @@ class UpstreamConnection(asyncio.Protocol):
 
     @property
     def reusable(self) -> bool:
-        """The exchange ended cleanly and the upstream keeps the connection open."""
+        """The exchange ended cleanly and the upstream keeps the connection open (never after
+        a ``101``: the connection then belongs to the tunnel)."""
         return (
             self._complete
             and not self.spoiled
+            and not self.upgraded
             and self._failure is None
             and not self._until_close
             and self._head is not None

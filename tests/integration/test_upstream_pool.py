@@ -538,6 +538,8 @@ class EarlyAnswer:
 
     def __init__(self) -> None:
         self.latency = 0.0
+        self.on_cue = False  # a POST waits in ``held`` for the test to answer it
+        self.held: list[asyncio.StreamWriter] = []
         self.raw = RawUpstream(self._serve)
         self.methods: list[tuple[str, int]] = []
         self._writers: list[asyncio.StreamWriter] = []
@@ -558,10 +560,13 @@ class EarlyAnswer:
             method, _, headers = parse_head(head)
             self.methods.append((method, number))
             if method == "POST":
-                if self.latency:
-                    await asyncio.sleep(self.latency)  # the upstream's own latency
-                writer.write(response(TOO_LARGE, status="413 Content Too Large"))
-                await writer.drain()
+                if self.on_cue:
+                    self.held.append(writer)
+                else:
+                    if self.latency:
+                        await asyncio.sleep(self.latency)  # the upstream's own latency
+                    writer.write(response(TOO_LARGE, status="413 Content Too Large"))
+                    await writer.drain()
                 # Never read the body; wait for the gateway to drop the connection.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(writer.wait_closed(), 10)
@@ -622,6 +627,39 @@ async def test_an_early_answer_reaches_a_client_still_holding_back_its_body(serv
         )
         got = await client.response(within=1.5)
         assert (got.status, got.body) == (413, TOO_LARGE)
+    finally:
+        await client.close()
+
+
+async def test_a_client_leaving_as_the_early_answer_arrives_is_not_answered(serve, early):
+    """The client leaves in the same turn of the event loop as the upstream's early 413
+    arrives: the upload stops for both reasons at once, and the client's leaving wins (the
+    request is cancelled, counted as client_disconnected, with no upstream answer relayed)."""
+    early.on_cue = True
+    url = await early.raw.start()
+    gw = await serve(point_routes_at(url), set_upstream_defaults(timeout_s=5))
+    client = await RawConnection.open(gw.port)
+    await client.send(
+        b"POST /public/upload HTTP/1.1\r\nHost: gw.test\r\n"
+        + f"Content-Length: {2 * MIB}\r\n\r\n".encode()
+        + b"u" * (64 * 1024)
+    )
+    await wait_until(lambda: bool(early.held), what="the upload's head reached the upstream")
+    # The client's close first, then the answer: the gateway's next poll sees both sockets
+    # ready, in this order, and handles them in one turn.
+    client.writer.transport.get_extra_info("socket").shutdown(socket.SHUT_WR)  # a FIN, now
+    early.held[0].write(response(TOO_LARGE, status="413 Content Too Large"))
+    # Blocking the loop is the point: both reach the gateway before its loop runs again.
+    time.sleep(0.05)  # noqa: ASYNC251
+
+    def counted(reason: str) -> float:
+        return float(gw.metric("gateway_requests_total", route="public", reason=reason))
+
+    try:
+        await wait_until(lambda: counted("client_disconnected") == 1, what="the request counted")
+        assert counted("ok") == 0
+        # The 413 was read but never relayed: no upstream answer is recorded for the route.
+        assert gw.metric("gateway_upstream_responses_total", route="public", code_class="4xx") == 0
     finally:
         await client.close()
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -26,7 +28,14 @@ import pytest
 from gateway.config import Upstream
 from gateway.errors import Rejection
 from gateway.reasons import Reason
-from gateway.upstream import DEFAULT_IDLE_S, UpstreamClosed, UpstreamConnection, UpstreamPool
+from gateway.tunnel import Tunnel
+from gateway.upstream import (
+    _HIGH_WATER,
+    DEFAULT_IDLE_S,
+    UpstreamClosed,
+    UpstreamConnection,
+    UpstreamPool,
+)
 from tests.integration.e2e_helpers import free_port, wait_until
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -43,6 +52,11 @@ ANSWERS: dict[str, bytes | None] = {
     "/connection-close": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
     "/extra": OK + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nno",
     "/no-content": b"HTTP/1.1 204 No Content\r\n\r\n",
+    "/not-modified": b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\n\r\n',
+    "/not-modified-length": b"HTTP/1.1 304 Not Modified\r\nContent-Length: 1000\r\n\r\n",
+    "/chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    "/manual": b"",  # the test writes the answer itself (RawServer.send), piece by piece
+    "/sink": b"",  # nothing: the server reads nothing more until ``sinking`` is set, then all
 }
 
 CLOSE_AFTER = frozenset({"/until-close"})
@@ -57,6 +71,7 @@ class RawServer:
         self.port = 0
         self.writers: list[asyncio.StreamWriter] = []
         self.paths: list[tuple[int, str]] = []  # (connection number from 1, path)
+        self.sinking = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
@@ -85,11 +100,23 @@ class RawServer:
                 await writer.drain()
                 if path in CLOSE_AFTER:
                     break
+                if path == "/sink":
+                    await self.sinking.wait()
+                    while await reader.read(1 << 20):
+                        pass
+                    break
         writer.close()
 
     def send(self, number: int, data: bytes) -> None:
         """Write ``data`` on connection ``number`` (from 1), asked or not."""
         self.writers[number - 1].write(data)
+
+    def reset_connection(self, number: int) -> None:
+        """Reset connection ``number`` (from 1) from the server's side (an RST, not a FIN)."""
+        transport = self.writers[number - 1].transport
+        sock = transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
 
     def close_connection(self, number: int) -> None:
         """Close connection ``number`` (from 1) from the server's side (a FIN)."""
@@ -158,6 +185,14 @@ async def exchange(
 
 async def settle() -> None:
     for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def arrived(server: RawServer, number: int) -> None:
+    """What the server wrote on connection ``number`` has left it, and the loop read it."""
+    writer = server.writers[number - 1]
+    await wait_until(lambda: writer.transport.get_write_buffer_size() == 0, what="sent")
+    for _ in range(20):
         await asyncio.sleep(0)
 
 
@@ -530,3 +565,204 @@ async def test_an_exchange_abandoned_midway_is_not_reusable(server, pools):
     assert not conn.reusable
     conn.finish()
     await wait_until(lambda: pool.open == 0, what="the connection closed")
+
+
+@pytest.mark.parametrize("path", ["/not-modified", "/not-modified-length"])
+async def test_a_304_has_no_body_and_keeps_the_connection(server, pools, path):
+    # Without framing a 200 would run until the close; a 304 ends at its head, whatever
+    # Content-Length it declares (the length of the resource it did not send).
+    pool = pools()
+    conn = await acquire(pool)
+    assert await exchange(conn, path) == (304, b"")
+    assert conn.reusable
+    conn.finish()
+    assert await exchange(await acquire(pool)) == (200, b"ok")
+    assert server.connections == 1
+
+
+async def test_a_head_between_two_gets_leaves_the_next_get_a_parser_at_its_start(server, pools):
+    # The HEAD's answer declared 1,000 bytes it never sent: its parser, still waiting for
+    # them, must not read the third exchange's answer.
+    pool = pools()
+    for path, method, answer in [
+        ("/", "GET", (200, b"ok")),
+        ("/head", "HEAD", (200, b"")),
+        ("/", "GET", (200, b"ok")),
+    ]:
+        conn = await acquire(pool)
+        assert await exchange(conn, path, method) == answer
+        assert conn.reusable
+        conn.finish()
+    assert server.connections == 1
+
+
+async def test_a_response_after_the_answer_in_a_read_of_its_own_spoils_the_connection(
+    server, pools
+):
+    pool = pools()
+    conn = await acquire(pool)
+    conn.begin(b"GET /manual HTTP/1.1\r\nHost: t\r\n\r\n", head_only=False)
+    await wait_until(lambda: server.paths == [(1, "/manual")], what="the request arrived")
+    server.send(1, OK)
+    await conn.read_head(WAIT_S)
+    assert await conn.read_body(WAIT_S) == b"ok"
+    assert await conn.read_body(WAIT_S) == b""
+    server.send(1, b"HTTP/1.1 204 No Content\r\n\r\n")  # whole, well-formed, and unasked for
+    await arrived(server, 1)
+    assert not conn.reusable
+    conn.finish()
+    await wait_until(lambda: pool.open == 0, what="the connection closed")
+
+
+async def test_only_a_content_length_makes_a_response_length_framed(server, pools):
+    pool = pools()
+    conn = await acquire(pool)
+    conn.begin(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n", head_only=False)
+    assert (await conn.read_head(WAIT_S)).length_framed
+    assert await conn.read_body(WAIT_S) == b"ok"
+    assert await conn.read_body(WAIT_S) == b""
+    conn.finish()
+    conn = await acquire(pool)
+    conn.begin(b"GET /chunked HTTP/1.1\r\nHost: t\r\n\r\n", head_only=False)
+    assert not (await conn.read_head(WAIT_S)).length_framed
+    assert await conn.read_body(WAIT_S) == b"ok"
+    assert await conn.read_body(WAIT_S) == b""
+    assert conn.reusable  # framed by its chunks, not by the connection's close
+    conn.finish()
+    assert (server.connections, pool.idle) == (1, 1)
+
+
+async def test_a_status_line_split_across_reads_keeps_its_whole_reason(server, pools):
+    pool = pools()
+    conn = await acquire(pool)
+    conn.begin(b"GET /manual HTTP/1.1\r\nHost: t\r\n\r\n", head_only=False)
+    await wait_until(lambda: server.paths == [(1, "/manual")], what="the request arrived")
+    server.send(1, b"HTTP/1.1 404 Not Fo")
+    await wait_until(lambda: conn.responded, what="the first piece arrived")
+    server.send(1, b"und\r\nContent-Length: 0\r\n\r\n")
+    head = await conn.read_head(WAIT_S)
+    assert (head.status, head.reason) == (404, b"Not Found")
+
+
+async def test_reading_pauses_past_the_high_water_mark_until_the_body_is_read(server, pools):
+    # A slow client must not make the gateway buffer the upstream's whole body.
+    pool = pools()
+    conn = await acquire(pool)
+    first, second = _HIGH_WATER + 40_000, _HIGH_WATER - 60_000
+    conn.begin(b"GET /manual HTTP/1.1\r\nHost: t\r\n\r\n", head_only=False)
+    await wait_until(lambda: server.paths == [(1, "/manual")], what="the request arrived")
+    server.send(1, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (first + second))
+    server.send(1, b"a" * first)
+    await conn.read_head(WAIT_S)
+    transport = conn.transport
+    assert transport is not None
+    await wait_until(lambda: not transport.is_reading(), what="reading paused")
+    body = b""
+    while len(body) < first:
+        body += await conn.read_body(WAIT_S)
+        assert transport.is_reading()  # what waited was taken: reading goes on
+    assert body == b"a" * first
+    # Less than the mark arrives next: counted afresh, it does not pause reading.
+    server.send(1, b"b" * second)
+    await arrived(server, 1)
+    assert transport.is_reading()
+    body = b""
+    while len(body) < second:
+        body += await conn.read_body(WAIT_S)
+    assert body == b"b" * second
+    assert await conn.read_body(WAIT_S) == b""
+    assert conn.reusable
+    conn.finish()
+
+
+async def test_a_reset_during_a_close_delimited_body_cuts_it_rather_than_ending_it(server, pools):
+    # Only a clean close ends a body without framing; a reset means some of it is missing.
+    pool = pools()
+    conn = await acquire(pool)
+    conn.begin(b"GET /manual HTTP/1.1\r\nHost: t\r\n\r\n", head_only=False)
+    await wait_until(lambda: server.paths == [(1, "/manual")], what="the request arrived")
+    server.send(1, b"HTTP/1.0 200 OK\r\n\r\npart")
+    await conn.read_head(WAIT_S)
+    assert await conn.read_body(WAIT_S) == b"part"
+    server.reset_connection(1)
+    with pytest.raises(UpstreamClosed) as cut:
+        await conn.read_body(WAIT_S)
+    assert cut.value.responded
+    assert not conn.reusable
+    conn.finish()
+
+
+def upgrade_request() -> bytes:
+    return b"GET /manual HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+
+
+SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+
+
+async def test_bytes_after_a_101_wait_in_order_for_the_tunnel(server, pools):
+    pool = pools()
+    conn = await acquire(pool)
+    conn.begin(upgrade_request(), head_only=False, upgrade=True)
+    await wait_until(lambda: server.paths == [(1, "/manual")], what="the request arrived")
+    server.send(1, SWITCHING + b"first")  # a frame in the same read as the head
+    head = await conn.read_head(WAIT_S)
+    assert (head.status, conn.upgraded) == (101, True)
+    await wait_until(lambda: conn.early == b"first", what="the glued frame kept")
+    server.send(1, b"second")  # a frame in a read of its own, before the tunnel opened
+    await wait_until(lambda: conn.early == b"firstsecond", what="the next frame kept after it")
+    assert not conn.reusable
+
+
+async def test_an_upgrade_the_request_did_not_ask_for_fails_the_exchange(server, pools):
+    pool = pools()
+    conn = await acquire(pool)
+    conn.begin(b"GET /manual HTTP/1.1\r\nHost: t\r\n\r\n", head_only=False)
+    await wait_until(lambda: server.paths == [(1, "/manual")], what="the request arrived")
+    server.send(1, SWITCHING + b"frame")
+    with pytest.raises(UpstreamClosed):
+        await conn.read_head(WAIT_S)
+    assert (conn.upgraded, conn.early) == (False, b"")
+    conn.finish()
+    await wait_until(lambda: pool.open == 0, what="the connection closed")
+
+
+class Reading:
+    """The client side of a tunnel: records whether the tunnel paused reading it."""
+
+    def __init__(self) -> None:
+        self.paused = False
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+async def test_an_upstream_that_stops_reading_a_tunnel_pauses_the_client_until_it_reads(
+    server, pools
+):
+    pool = pools()
+    conn = await acquire(pool)
+    conn.begin(b"GET /sink HTTP/1.1\r\nHost: t\r\n\r\n", head_only=False, upgrade=True)
+    transport = conn.transport
+    assert transport is not None
+    client = Reading()
+    conn.tunnel = Tunnel(client, transport, idle_timeout_s=30.0, max_duration_s=0.0)
+    for _ in range(64):  # the upstream reads nothing: its buffers fill, then the gateway's
+        transport.write(b"x" * (1 << 20))
+        if client.paused:
+            break
+    assert client.paused
+    server.sinking.set()  # the upstream reads again
+    await wait_until(lambda: not client.paused, what="the client read again")
+    conn.close()
