@@ -528,7 +528,8 @@ class Forwarder:
         record.status = status
         # From here on the status line is sent: failures are logged and counted, and the
         # connection is closed so the client sees a cut stream, never a complete-looking
-        # truncated body.
+        # truncated body.  When the client goes or stalls, the upstream connection goes back
+        # to the pool only if its response was read whole (``finish`` judges that).
         while True:
             try:
                 chunk = await conn.read_body(self._read_timeout)
@@ -548,11 +549,9 @@ class Forwarder:
                     async with asyncio.timeout(self._write_timeout_s):
                         await request.drain()
             except ConnectionError:
-                conn.spoiled = True
                 record.reason = Reason.CLIENT_DISCONNECTED
                 return
             except TimeoutError:
-                conn.spoiled = True
                 record.reason = Reason.CLIENT_TIMEOUT
                 record.detail = "client stopped reading"
                 request.close_connection(abort=True)

@@ -52,8 +52,8 @@ class ResponseHead:
         reason: bytes,
         headers: list[tuple[bytes, bytes]],
         keep_alive: bool,
-        length_framed: bool = False,
-        connection: tuple[bytes, ...] = (),
+        length_framed: bool,
+        connection: tuple[bytes, ...],
     ) -> None:
         self.status: Final = status
         self.reason: Final = reason

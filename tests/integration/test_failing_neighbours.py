@@ -354,8 +354,16 @@ async def test_client_dripping_a_body_is_cut_at_the_body_deadline(serve, sink):
 async def test_client_that_stops_reading_frees_its_slot_and_upstream_connection(serve, upstream):
     upstream.mode = "download"
     upstream.download_bytes = 256 * MIB  # far more than the kernel buffers on the way hold
+    # One client connection at most: the next request is let in only once the stalled
+    # connection is gone, not merely closing with its unsent bytes still queued for a
+    # client that will never read them.
     gw = await serve(
-        set_limits(max_concurrent_requests=1, max_queued_requests=0, client_write_timeout_s=0.3)
+        set_limits(
+            max_concurrent_requests=1,
+            max_queued_requests=0,
+            client_write_timeout_s=0.3,
+            max_connections=1,
+        )
     )
     conn = await RawConnection.open(gw.port)
     try:

@@ -392,11 +392,18 @@ async def test_a_bodiless_post_on_a_pooled_connection_closed_unanswered_is_not_r
 
 
 # --- 4. HEAD -------------------------------------------------------------------------------------
-async def test_head_answer_has_the_length_but_no_body_and_the_connection_is_reused(serve, scripted):
+@pytest.mark.parametrize(
+    ("framing", "length"),
+    [("Content-Length: 1000", "1000"), ("Transfer-Encoding: chunked", None)],
+    ids=["length", "chunked"],  # chunked: a GET's answer would have been chunked
+)
+async def test_head_answer_has_the_length_but_no_body_and_the_connection_is_reused(
+    serve, scripted, framing, length
+):
     async def answer(seen: Seen) -> Reply:
-        if seen.method == "HEAD":  # the length a GET would have, and no body
+        if seen.method == "HEAD":  # the framing a GET would have, and no body
             return Reply(
-                b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nContent-Type: text/plain\r\n\r\n"
+                f"HTTP/1.1 200 OK\r\n{framing}\r\nContent-Type: text/plain\r\n\r\n".encode()
             )
         return Reply(response(b"g" * 1000, headers=("Content-Type: text/plain",)))
 
@@ -406,7 +413,7 @@ async def test_head_answer_has_the_length_but_no_body_and_the_connection_is_reus
     try:
         await client.send(b"HEAD /public/x HTTP/1.1\r\nHost: gw.test\r\n\r\n")
         head = await client.response(method="HEAD", within=2)
-        assert (head.status, head.headers.get("Content-Length"), head.body) == (200, "1000", b"")
+        assert (head.status, head.headers.get("Content-Length"), head.body) == (200, length, b"")
         # The next answer on the same client connection parses: no stray bytes after the HEAD.
         await client.send(b"GET /public/x HTTP/1.1\r\nHost: gw.test\r\n\r\n")
         got = await client.response(within=2)
@@ -660,6 +667,69 @@ async def test_a_client_leaving_as_the_early_answer_arrives_is_not_answered(serv
         assert counted("ok") == 0
         # The 413 was read but never relayed: no upstream answer is recorded for the route.
         assert gw.metric("gateway_upstream_responses_total", route="public", code_class="4xx") == 0
+    finally:
+        await client.close()
+
+
+class Cued:
+    """Reads one request head per connection and answers only when the test writes to
+    ``held`` (its writers, in order); then waits for the gateway to close."""
+
+    def __init__(self) -> None:
+        self.held: list[asyncio.StreamWriter] = []
+        self.raw = RawUpstream(self._serve)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        self.held.append(writer)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+
+    async def close(self) -> None:
+        for writer in self.held:
+            writer.transport.abort()
+        await self.raw.close()
+
+
+@pytest.fixture
+async def cued() -> AsyncIterator[Cued]:
+    upstream = Cued()
+    yield upstream
+    await upstream.close()
+
+
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [response(), CHUNKED + b"5\r\nhello\r\n0\r\n\r\n", CHUNKED + b"0\r\n\r\n"],
+    ids=["length", "chunked", "empty-chunked"],  # the last: found at the response's end
+)
+async def test_a_client_leaving_as_the_answer_arrives_is_counted_client_disconnected(
+    serve, cued, answer
+):
+    """The whole answer arrives in the same turn of the event loop as the client's close:
+    the relay finds the client's connection closing before it is lost, and the request is
+    counted as client_disconnected, not as served."""
+    url = await cued.raw.start()
+    gw = await serve(point_routes_at(url))
+    client = await RawConnection.open(gw.port)
+    await client.send(b"GET /public/x HTTP/1.1\r\nHost: gw.test\r\n\r\n")
+    await wait_until(lambda: bool(cued.held), what="the request reached the upstream")
+    # The answer first, then the client's close: handled in this order, in one turn.
+    cued.held[0].write(answer)
+    client.writer.transport.get_extra_info("socket").shutdown(socket.SHUT_WR)
+    # Blocking the loop is the point: both reach the gateway before its loop runs again.
+    time.sleep(0.05)  # noqa: ASYNC251
+
+    def counted(reason: str) -> float:
+        return float(gw.metric("gateway_requests_total", route="public", reason=reason))
+
+    try:
+        await wait_until(lambda: counted("client_disconnected") == 1, what="the request counted")
+        assert counted("ok") == 0
     finally:
         await client.close()
 

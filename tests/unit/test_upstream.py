@@ -644,32 +644,38 @@ async def test_a_status_line_split_across_reads_keeps_its_whole_reason(server, p
     assert (head.status, head.reason) == (404, b"Not Found")
 
 
+async def read_exactly(conn: UpstreamConnection, size: int, transport: Any) -> bytes:
+    """``size`` body bytes; reading is on again after each piece is taken."""
+    body = b""
+    while len(body) < size:
+        body += await conn.read_body(WAIT_S)
+        assert transport.is_reading()  # what waited was taken: reading goes on
+    return body
+
+
 async def test_reading_pauses_past_the_high_water_mark_until_the_body_is_read(server, pools):
     # A slow client must not make the gateway buffer the upstream's whole body.
     pool = pools()
     conn = await acquire(pool)
-    first, second = _HIGH_WATER + 40_000, _HIGH_WATER - 60_000
+    over, under = _HIGH_WATER + 40_000, _HIGH_WATER - 60_000
     conn.begin(b"GET /manual HTTP/1.1\r\nHost: t\r\n\r\n", head_only=False)
     await wait_until(lambda: server.paths == [(1, "/manual")], what="the request arrived")
-    server.send(1, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (first + second))
-    server.send(1, b"a" * first)
+    server.send(1, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (2 * over + under))
+    server.send(1, b"a" * over)
     await conn.read_head(WAIT_S)
     transport = conn.transport
     assert transport is not None
     await wait_until(lambda: not transport.is_reading(), what="reading paused")
-    body = b""
-    while len(body) < first:
-        body += await conn.read_body(WAIT_S)
-        assert transport.is_reading()  # what waited was taken: reading goes on
-    assert body == b"a" * first
+    assert await read_exactly(conn, over, transport) == b"a" * over
     # Less than the mark arrives next: counted afresh, it does not pause reading.
-    server.send(1, b"b" * second)
+    server.send(1, b"b" * under)
     await arrived(server, 1)
     assert transport.is_reading()
-    body = b""
-    while len(body) < second:
-        body += await conn.read_body(WAIT_S)
-    assert body == b"b" * second
+    assert await read_exactly(conn, under, transport) == b"b" * under
+    # More than the mark again: reading pauses again.
+    server.send(1, b"c" * over)
+    await wait_until(lambda: not transport.is_reading(), what="reading paused again")
+    assert await read_exactly(conn, over, transport) == b"c" * over
     assert await conn.read_body(WAIT_S) == b""
     assert conn.reusable
     conn.finish()
