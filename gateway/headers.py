@@ -12,10 +12,25 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+from multidict import istr
+
 if TYPE_CHECKING:
     from .config import RouteConfig
 
-REQUEST_ID_HEADER: Final = "X-Request-ID"
+# The names the request path looks up or sets on every request, as multidict ``istr``s: a
+# case-insensitive lookup by an ``istr`` uses its folded form, computed once, not per call.
+HOST: Final = istr("Host")
+CONTENT_LENGTH: Final = istr("Content-Length")
+TRANSFER_ENCODING: Final = istr("Transfer-Encoding")
+EXPECT: Final = istr("Expect")
+CONNECTION: Final = istr("Connection")
+UPGRADE: Final = istr("Upgrade")
+X_FORWARDED_FOR: Final = istr("X-Forwarded-For")
+X_FORWARDED_PROTO: Final = istr("X-Forwarded-Proto")
+X_FORWARDED_HOST: Final = istr("X-Forwarded-Host")
+REQUEST_ID_HEADER: Final = istr("X-Request-ID")
+TRACEPARENT: Final = istr("traceparent")  # W3C trace context (gateway/tracing.py)
+TRACESTATE: Final = istr("tracestate")
 REQUEST_ID_BYTES: Final = REQUEST_ID_HEADER.encode()  # as the relay writes it
 AUTH_OUTCOME_HEADER: Final = "X-Gateway-Auth-Outcome"  # report-only routes tell the upstream
 

@@ -16,6 +16,7 @@ from .errors import ClientGone, Rejection
 from .extractor import cookie_name, query_name
 from .headers import (
     CLIENT_ORIGIN_HEADERS,
+    CONNECTION,
     FORWARDED_PREFIX,
     METHOD_OVERRIDE_HEADERS,
     PROXY_OWN_HEADERS,
@@ -23,6 +24,12 @@ from .headers import (
     REQUEST_ID_HEADER,
     RESPONSE_DROPPED,
     TRACE_CONTEXT_HEADERS,
+    TRACEPARENT,
+    TRACESTATE,
+    UPGRADE,
+    X_FORWARDED_FOR,
+    X_FORWARDED_HOST,
+    X_FORWARDED_PROTO,
     Carriers,
     connection_options,
     header_key,
@@ -249,7 +256,7 @@ class Forwarder:
                 self._trusted_peers[peer] = trusted
         hop = self._hops[route.id]
         strip = hop.strip if trusted else hop.strip_untrusted
-        connection = inbound.getall("Connection", [])
+        connection = inbound.getall(CONNECTION, ())
         if connection:
             strip = strip | headers_to_strip(frozenset(), connection)
         out: CIMultiDict[str] = CIMultiDict()
@@ -274,17 +281,17 @@ class Forwarder:
         trace = record.trace
         if trace is not None:
             # The client's were stripped above: the upstream gets exactly one of each.
-            out.add("traceparent", trace.traceparent())
+            out.add(TRACEPARENT, trace.traceparent())
             if trace.tracestate is not None:
-                out.add("tracestate", trace.tracestate)
-        prior_for = ", ".join(inbound.getall("X-Forwarded-For", [])) if trusted else ""
-        out["X-Forwarded-For"] = f"{prior_for}, {peer}" if prior_for else (peer or "unknown")
-        out["X-Forwarded-Proto"] = (
-            inbound.get("X-Forwarded-Proto", request.scheme) if trusted else request.scheme
+                out.add(TRACESTATE, trace.tracestate)
+        prior_for = ", ".join(inbound.getall(X_FORWARDED_FOR, ())) if trusted else ""
+        out[X_FORWARDED_FOR] = f"{prior_for}, {peer}" if prior_for else (peer or "unknown")
+        out[X_FORWARDED_PROTO] = (
+            inbound.get(X_FORWARDED_PROTO, request.scheme) if trusted else request.scheme
         )
         # request.host passed the gate's check; a trusted proxy's X-Forwarded-Host must too.
-        forwarded_host = inbound.get("X-Forwarded-Host") if trusted else None
-        out["X-Forwarded-Host"] = (
+        forwarded_host = inbound.get(X_FORWARDED_HOST) if trusted else None
+        out[X_FORWARDED_HOST] = (
             forwarded_host
             if forwarded_host is not None and valid_host(forwarded_host)
             else request.host
@@ -339,11 +346,11 @@ class Forwarder:
         upgrade = (
             request.upgrade
             and request.method == "GET"
-            and request.headers.get("Upgrade", "").strip().lower() == "websocket"
+            and request.headers.get(UPGRADE, "").strip().lower() == "websocket"
         )
         if upgrade:
-            headers["Connection"] = "Upgrade"
-            headers["Upgrade"] = request.headers["Upgrade"]
+            headers[CONNECTION] = "Upgrade"
+            headers[UPGRADE] = request.headers[UPGRADE]
         head = request_head(request.method, target, hop.host, headers, framing)
         async with hop.admission:
             started = time.perf_counter()

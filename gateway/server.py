@@ -39,6 +39,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from .config import Limits
 from .errors import ClientGone
+from .headers import CONTENT_LENGTH, EXPECT, HOST, TRANSFER_ENCODING
 from .logs import REQUEST_LOGGER, kv
 from .metrics import UNMATCHED_ROUTE, GatewayMetrics
 from .reasons import REASON_SPECS, Reason
@@ -172,11 +173,11 @@ class HttpRequest:
         self.version = version
         self.remote = remote
         self.scheme = scheme
-        self.host = headers.get("Host", "") if host is None else host
+        self.host = headers.get(HOST, "") if host is None else host
         self.content_length = content_length
         self.chunked = chunked
         self.keep_alive = keep_alive
-        self.expect = headers.get("Expect")
+        self.expect = headers.get(EXPECT)
         self.upgrade = False
         self.body: RequestBody | None = (
             RequestBody(conn) if chunked or (content_length or 0) > 0 else None
@@ -527,12 +528,12 @@ class HttpConnection(asyncio.Protocol):
         headers: CIMultiDict[str] = CIMultiDict(
             [(n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in raw]
         )
-        hosts = headers.getall("Host", ())
+        hosts = headers.getall(HOST, ())
         if len(hosts) > 1 or (not hosts and version == "1.1"):
             self._refuse(Reason.REQUEST_MALFORMED, "not exactly one Host")
             return
         chunked = False
-        codings = headers.getall("Transfer-Encoding", ())
+        codings = headers.getall(TRANSFER_ENCODING, ())
         if codings:
             if version != "1.1":
                 self._refuse(Reason.REQUEST_MALFORMED, "Transfer-Encoding on HTTP/1.0")
@@ -545,7 +546,7 @@ class HttpConnection(asyncio.Protocol):
                 self._refuse(Reason.TRANSFER_CODING_NOT_SUPPORTED, "transfer coding")
                 return
             chunked = True
-        length = headers.get("Content-Length")
+        length = headers.get(CONTENT_LENGTH)
         request = HttpRequest(
             method,
             self._url.decode("utf-8", "surrogateescape"),

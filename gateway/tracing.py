@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 from multidict import CIMultiDictProxy
 
+from .headers import TRACEPARENT, TRACESTATE
+
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Span, Tracer
@@ -49,8 +51,6 @@ if TYPE_CHECKING:
     from .record import RequestRecord
     from .verifier import VerifiedToken, Verifier
 
-TRACEPARENT: Final = "traceparent"
-TRACESTATE: Final = "tracestate"
 
 _HEX: Final = "0123456789abcdef"
 _ZERO_TRACE: Final = "0" * 32
