@@ -39,6 +39,7 @@ from .headers import (
     FORWARDED_PREFIX,
     HOP_BY_HOP_HEADERS,
     METHOD_OVERRIDE_HEADERS,
+    REQUEST_ID_HEADER,
     RESERVED_HEADERS,
     header_key,
 )
@@ -1363,6 +1364,7 @@ def _read_owned_header_name(node: Node, header: str) -> str:
         or lower in METHOD_OVERRIDE_HEADERS
         or lower.startswith(FORWARDED_PREFIX)
         or lower == AUTH_OUTCOME_HEADER.lower()
+        or lower == REQUEST_ID_HEADER.lower()  # the gateway's own: the one it logs
     ):
         raise node.fail(f"header {header!r} is reserved", "a header the gateway does not own")
     return header

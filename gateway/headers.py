@@ -66,9 +66,12 @@ CLIENT_ORIGIN_HEADERS: Final = frozenset(
 METHOD_OVERRIDE_HEADERS: Final = frozenset(
     {"x-http-method-override", "x-method-override", "x-http-method"}
 )
-# Never copied from the client: Host is the upstream's, Expect was already answered here, and
-# the body's framing is the gateway's (it writes its own Content-Length or chunked coding).
-PROXY_OWN_HEADERS: Final = frozenset({"host", "expect", "content-length", "transfer-encoding"})
+# Never copied from the client: Host is the upstream's, Expect was already answered here, the
+# body's framing is the gateway's (it writes its own Content-Length or chunked coding), and so
+# is the request id (the upstream gets the one the gateway logs).
+PROXY_OWN_HEADERS: Final = frozenset(
+    {"host", "expect", "content-length", "transfer-encoding", REQUEST_ID_HEADER.lower()}
+)
 # Dropped from an upstream's response before it is relayed (the framing is the gateway's).
 RESPONSE_HOP_BY_HOP_HEADERS: Final = frozenset(
     {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",

@@ -552,6 +552,11 @@ INVALID: list[Any] = [
         id="claim-header-auth-outcome",
     ),
     pytest.param(
+        setter("routes", 0, "claim_headers", value={"x-request-id": "sub"}),
+        "routes[0].claim_headers.x-request-id: header 'x-request-id' is reserved",
+        id="claim-header-request-id",
+    ),
+    pytest.param(
         setter("routes", 0, "claim_headers", value={"X-User-Sub": "sub", "x-user-SUB": "email"}),
         "routes[0].claim_headers.x-user-SUB: header 'x-user-SUB' is listed twice "
         "(names are case-insensitive)",

@@ -140,7 +140,8 @@ def upstream_sees(
     route: str = "api",
     injected: dict[str, str] | None = None,
 ) -> CIMultiDict[str]:
-    return forwarder.upstream_headers(request_from(peer, headers), ROUTES[route], injected or {})
+    sent = forwarder.upstream_headers(request_from(peer, headers), ROUTES[route], injected or {})
+    return CIMultiDict(sent)
 
 
 def names(headers: CIMultiDict[str]) -> set[str]:
