@@ -824,6 +824,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, procs: Processes) -> int:
     loadavg_start = _loadavg()
+    # The revision measured: read now, as the build is made, not when the report is written
+    # (an edit during the run is not in the build).
+    revision = _git_rev()
     wrk, envoy, nginx, pin = check_tools(args)
     gw_cpu = GATEWAY_CPU if pin else None
     load_cpu = LOAD_CPU if pin else None
@@ -1166,6 +1169,7 @@ def run(args: argparse.Namespace, procs: Processes) -> int:
             "envoy": envoy_version,
             "pinned": pin,
             "loadavg_start": loadavg_start,
+            "revision": revision,
         },
     )
     one_worker = {
@@ -1214,7 +1218,7 @@ def render(
     lines = [
         "# gateway benchmark",
         "",
-        f"- run: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, git {_git_rev()}, "
+        f"- run: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, git {env['revision']}, "
         f"{'quick' if args.quick else 'full'}: {args.warmup:.0f} s warm-up + "
         f"{args.duration:.0f} s per row, {args.connections} connections",
         f"- machine: {os.cpu_count()} CPUs, Python {platform.python_version()}, "

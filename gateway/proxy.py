@@ -71,7 +71,7 @@ class _BodyMeter:
     deadline runs from the first read.  (A method, not an async generator: mypyc compiles no
     async generator.)"""
 
-    __slots__ = ("_content", "_deadline", "_deadline_s", "_gap_s", "_limit", "_seen", "stopped")
+    __slots__ = ("_content", "_deadline", "_deadline_s", "_gap_s", "_limit", "_seen")
 
     def __init__(self, content: RequestBody, limit: int, gap_s: float, deadline_s: float) -> None:
         self._content = content
@@ -80,7 +80,6 @@ class _BodyMeter:
         self._deadline_s = deadline_s
         self._deadline: float | None = None
         self._seen = 0
-        self.stopped: Reason | None = None
 
     async def next_chunk(self) -> bytes:
         """The next part of the body; ``b""`` once it is complete."""
@@ -92,11 +91,9 @@ class _BodyMeter:
             async with asyncio.timeout_at(min(now + self._gap_s, self._deadline)):
                 chunk = await self._content.readany()
         except TimeoutError:
-            self.stopped = Reason.CLIENT_TIMEOUT
             raise _BodyStopped(Reason.CLIENT_TIMEOUT) from None
         self._seen += len(chunk)
         if self._limit and self._seen > self._limit:
-            self.stopped = Reason.PAYLOAD_TOO_LARGE
             raise _BodyStopped(Reason.PAYLOAD_TOO_LARGE)
         return chunk
 
@@ -368,8 +365,7 @@ class Forwarder:
         try:
             await self._tunnel(request, route.id, conn, response)
         finally:
-            conn.spoiled = True
-            conn.finish()
+            conn.discard()
 
     async def _exchange(
         self,
@@ -378,7 +374,7 @@ class Forwarder:
         head: bytes,
         meter: _BodyMeter | None,
         chunked: bool,
-        upgrade: bool = False,
+        upgrade: bool,
     ) -> tuple[UpstreamConnection, ResponseHead]:
         """Send the request; the connection and response head.  A bodiless idempotent request
         that finds its pooled connection closed before any answer is sent once more, on a new
@@ -403,36 +399,31 @@ class Forwarder:
                     await self._upload(request, conn, meter, chunked)
                 return conn, await conn.read_head(self._read_timeout)
             except _BodyStopped as stop:
-                conn.spoiled = True
-                conn.finish()
+                conn.discard()
                 raise Rejection(stop.reason, "request body stopped") from None
             except UpstreamClosed as closed:
-                conn.finish()
+                conn.finish()  # failed: closed, not pooled
                 if retry and not fresh and conn.reused and not closed.responded:
                     fresh = True
                     continue
-                if request.client_gone:
-                    raise Rejection(Reason.CLIENT_DISCONNECTED, closed.detail) from None
-                raise Rejection(Reason.UPSTREAM_UNAVAILABLE, closed.detail) from None
+                raise _upstream_failed(
+                    request, Reason.UPSTREAM_UNAVAILABLE, closed.detail
+                ) from None
             except ClientGone as gone:
                 # The client left mid-upload, or its chunked body broke the framing rules.
-                conn.spoiled = True
-                conn.finish()
+                conn.discard()
                 raise Rejection(gone.reason, "request body cut off") from None
             except (OSError, TimeoutError) as exc:
-                conn.spoiled = True
-                conn.finish()
-                if meter is not None and meter.stopped is not None:
-                    raise Rejection(meter.stopped, "request body stopped") from None
-                if request.client_gone:
-                    # The client left mid-upload: not the upstream's fault.
-                    raise Rejection(Reason.CLIENT_DISCONNECTED, type(exc).__name__) from None
+                conn.discard()
                 if isinstance(exc, TimeoutError):
-                    raise Rejection(Reason.UPSTREAM_TIMEOUT, "no response in time") from None
-                raise Rejection(Reason.UPSTREAM_UNAVAILABLE, type(exc).__name__) from None
+                    raise _upstream_failed(
+                        request, Reason.UPSTREAM_TIMEOUT, "no response in time"
+                    ) from None
+                raise _upstream_failed(
+                    request, Reason.UPSTREAM_UNAVAILABLE, type(exc).__name__
+                ) from None
             except BaseException:
-                conn.spoiled = True
-                conn.finish()
+                conn.discard()
                 raise
 
     async def _upload(
@@ -565,6 +556,14 @@ class Forwarder:
             request.end_response()
         except ConnectionError:
             record.reason = Reason.CLIENT_DISCONNECTED
+
+
+def _upstream_failed(request: HttpRequest, reason: Reason, detail: str) -> Rejection:
+    """The upstream's failure as ``reason``, unless the client left mid-upload (its connection
+    is closing): then the exchange broke because of the client, not the upstream."""
+    if request.client_gone:
+        return Rejection(Reason.CLIENT_DISCONNECTED, detail)
+    return Rejection(reason, detail)
 
 
 def admissions_for(

@@ -136,7 +136,7 @@ class UpstreamConnection(asyncio.Protocol):
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             if self.upgraded:
-                self.early = data[upgrade.args[0] :] if upgrade.args else b""
+                self.early = data[upgrade.args[0] :]  # httptools: the offset after the head
             else:
                 self._fail("upgrade not requested")
         except httptools.HttpParserError:
@@ -240,8 +240,6 @@ class UpstreamConnection(asyncio.Protocol):
     # --- the exchange -----------------------------------------------------------------------
     def begin(self, head: bytes, *, head_only: bool, upgrade: bool = False) -> None:
         """Start an exchange: send the request head (and whatever body bytes it carries)."""
-        if self.transport is None:
-            raise UpstreamClosed("upstream closed", responded=False)
         kept, self._idle_parser = self._idle_parser, None
         # A kept parser stands at a message boundary; llhttp knows nothing of HEAD either way.
         self._parser = kept if kept is not None else httptools.HttpResponseParser(self)
@@ -258,6 +256,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._complete = False
         self.responded = False
         self.spoiled = False
+        if self.transport is None:
+            self._fail("upstream closed")  # read_head raises it: nothing was sent
+            return
         self.transport.write(head)
 
     @property
@@ -355,6 +356,12 @@ class UpstreamConnection(asyncio.Protocol):
             self._parser = None
         self._parser_reusable = False
         self._pool.release(self)
+
+    def discard(self) -> None:
+        """End an exchange that broke off (its request not sent whole, or its response not read
+        whole): the connection is closed, never pooled."""
+        self.spoiled = True
+        self.finish()
 
     def close(self) -> None:
         if self.transport is not None:

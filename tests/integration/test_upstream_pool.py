@@ -364,6 +364,32 @@ async def test_a_get_on_a_pooled_connection_closed_unanswered_is_retried_on_a_ne
     ]
 
 
+async def test_the_retry_takes_a_new_connection_not_another_pooled_one_and_comes_once(
+    serve, scripted
+):
+    """Two connections are pooled when the upstream closes both unanswered: the GET that found
+    the first closed is sent again on a new connection (the other pooled one may be as stale),
+    and only once."""
+    hold = Hold()
+
+    async def answer(seen: Seen) -> Reply | None:
+        if seen.connection <= 2 and seen.order > 0:
+            return None  # the first two connections: closed at their second request
+        return await hold(seen)
+
+    upstream = await scripted(answer)
+    gw = await serve(point_routes_at(upstream.url))
+    both = [asyncio.ensure_future(call(gw, f"/public/hold/{n}")) for n in (1, 2)]
+    await wait_until(lambda: hold.held == 2, what="two requests on two connections")
+    hold.release.set()
+    assert [(await done).status for done in both] == [200, 200]
+    await wait_until(lambda: only_pool(gw).idle == 2, what="two connections pooled")
+    got = await call(gw, "/public/again")
+    assert (got.status, got.body) == (200, HELLO)
+    tries = [s.connection for s in upstream.seen if s.target == "/public/again"]
+    assert tries in ([1, 3], [2, 3])  # then a new connection, not the other pooled one
+
+
 async def test_a_post_on_a_pooled_connection_closed_unanswered_is_502_and_sent_once(
     serve, scripted
 ):

@@ -772,3 +772,17 @@ async def test_an_upstream_that_stops_reading_a_tunnel_pauses_the_client_until_i
     server.sinking.set()  # the upstream reads again
     await wait_until(lambda: not client.paused, what="the client read again")
     conn.close()
+
+
+async def test_an_exchange_begun_on_a_lost_connection_fails_with_nothing_sent(server, pools):
+    pool = pools()
+    conn = await acquire(pool)
+    await wait_until(lambda: server.connections == 1, what="the server accepted")
+    server.close_connection(1)
+    await wait_until(lambda: conn.transport is None, what="the connection lost")
+    conn.begin(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n", head_only=False)
+    with pytest.raises(UpstreamClosed) as failed:
+        await conn.read_head(WAIT_S)
+    assert not failed.value.responded  # nothing reached the upstream: it may be sent again
+    conn.finish()
+    assert (pool.open, pool.idle) == (0, 0)
