@@ -378,7 +378,9 @@ class Forwarder:
     ) -> tuple[UpstreamConnection, ResponseHead]:
         """Send the request; the connection and response head.  A bodiless idempotent request
         that finds its pooled connection closed before any answer is sent once more, on a new
-        connection; every other failure is a ``Rejection`` naming whose fault it was."""
+        connection; every other failure is a ``Rejection`` naming whose fault it was.  (A
+        client that leaves mid-exchange cancels this task: server.py's ``connection_lost``.
+        An upstream failure seen here is the upstream's.)"""
         method = request.method
         retry = meter is None and method in _IDEMPOTENT
         fresh = False
@@ -406,9 +408,7 @@ class Forwarder:
                 if retry and not fresh and conn.reused and not closed.responded:
                     fresh = True
                     continue
-                raise _upstream_failed(
-                    request, Reason.UPSTREAM_UNAVAILABLE, closed.detail
-                ) from None
+                raise Rejection(Reason.UPSTREAM_UNAVAILABLE, closed.detail) from None
             except ClientGone as gone:
                 # The client left mid-upload, or its chunked body broke the framing rules.
                 conn.discard()
@@ -416,12 +416,8 @@ class Forwarder:
             except (OSError, TimeoutError) as exc:
                 conn.discard()
                 if isinstance(exc, TimeoutError):
-                    raise _upstream_failed(
-                        request, Reason.UPSTREAM_TIMEOUT, "no response in time"
-                    ) from None
-                raise _upstream_failed(
-                    request, Reason.UPSTREAM_UNAVAILABLE, type(exc).__name__
-                ) from None
+                    raise Rejection(Reason.UPSTREAM_TIMEOUT, "no response in time") from None
+                raise Rejection(Reason.UPSTREAM_UNAVAILABLE, type(exc).__name__) from None
             except BaseException:
                 conn.discard()
                 raise
@@ -556,14 +552,6 @@ class Forwarder:
             request.end_response()
         except ConnectionError:
             record.reason = Reason.CLIENT_DISCONNECTED
-
-
-def _upstream_failed(request: HttpRequest, reason: Reason, detail: str) -> Rejection:
-    """The upstream's failure as ``reason``, unless the client left mid-upload (its connection
-    is closing): then the exchange broke because of the client, not the upstream."""
-    if request.client_gone:
-        return Rejection(Reason.CLIENT_DISCONNECTED, detail)
-    return Rejection(reason, detail)
 
 
 def admissions_for(
