@@ -664,6 +664,27 @@ async def test_an_early_answer_reaches_a_client_still_holding_back_its_body(serv
         await client.close()
 
 
+def half_close(client: RawConnection) -> None:
+    """The client's FIN, sent now (a StreamWriter's close waits for the loop to run)."""
+    client.writer.transport.get_extra_info("socket").shutdown(socket.SHUT_WR)
+
+
+def hold_the_loop() -> None:
+    """Block the event loop: what was just sent reaches the gateway's sockets before its loop
+    polls them again, so it handles all of it in one turn (as a busy loop would)."""
+    time.sleep(0.05)  # blocking the loop is the point
+
+
+async def counted_client_disconnected(gw: RunningGateway) -> None:
+    """The request is counted once, as client_disconnected and not as served."""
+
+    def counted(reason: str) -> float:
+        return float(gw.metric("gateway_requests_total", route="public", reason=reason))
+
+    await wait_until(lambda: counted("client_disconnected") == 1, what="the request counted")
+    assert counted("ok") == 0
+
+
 async def test_a_client_leaving_as_the_early_answer_arrives_is_not_answered(serve, early):
     """The client leaves in the same turn of the event loop as the upstream's early 413
     arrives: the upload stops for both reasons at once, and the client's leaving wins (the
@@ -680,17 +701,11 @@ async def test_a_client_leaving_as_the_early_answer_arrives_is_not_answered(serv
     await wait_until(lambda: bool(early.held), what="the upload's head reached the upstream")
     # The client's close first, then the answer: the gateway's next poll sees both sockets
     # ready, in this order, and handles them in one turn.
-    client.writer.transport.get_extra_info("socket").shutdown(socket.SHUT_WR)  # a FIN, now
+    half_close(client)
     early.held[0].write(response(TOO_LARGE, status="413 Content Too Large"))
-    # Blocking the loop is the point: both reach the gateway before its loop runs again.
-    time.sleep(0.05)  # noqa: ASYNC251
-
-    def counted(reason: str) -> float:
-        return float(gw.metric("gateway_requests_total", route="public", reason=reason))
-
+    hold_the_loop()
     try:
-        await wait_until(lambda: counted("client_disconnected") == 1, what="the request counted")
-        assert counted("ok") == 0
+        await counted_client_disconnected(gw)
         # The 413 was read but never relayed: no upstream answer is recorded for the route.
         assert gw.metric("gateway_upstream_responses_total", route="public", code_class="4xx") == 0
     finally:
@@ -746,16 +761,10 @@ async def test_a_client_leaving_as_the_answer_arrives_is_counted_client_disconne
     await wait_until(lambda: bool(cued.held), what="the request reached the upstream")
     # The answer first, then the client's close: handled in this order, in one turn.
     cued.held[0].write(answer)
-    client.writer.transport.get_extra_info("socket").shutdown(socket.SHUT_WR)
-    # Blocking the loop is the point: both reach the gateway before its loop runs again.
-    time.sleep(0.05)  # noqa: ASYNC251
-
-    def counted(reason: str) -> float:
-        return float(gw.metric("gateway_requests_total", route="public", reason=reason))
-
+    half_close(client)
+    hold_the_loop()
     try:
-        await wait_until(lambda: counted("client_disconnected") == 1, what="the request counted")
-        assert counted("ok") == 0
+        await counted_client_disconnected(gw)
     finally:
         await client.close()
 

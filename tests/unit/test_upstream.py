@@ -196,6 +196,21 @@ async def arrived(server: RawServer, number: int) -> None:
         await asyncio.sleep(0)
 
 
+async def manual(
+    server: RawServer,
+    pool: UpstreamPool,
+    request: bytes = b"GET /manual HTTP/1.1\r\nHost: t\r\n\r\n",
+    *,
+    upgrade: bool = False,
+) -> UpstreamConnection:
+    """A connection whose first exchange, a request for ``/manual``, has reached the server:
+    the test writes the answer itself (``server.send``)."""
+    conn = await acquire(pool)
+    conn.begin(request, head_only=False, upgrade=upgrade)
+    await wait_until(lambda: server.paths == [(1, "/manual")], what="the request arrived")
+    return conn
+
+
 def waiter(pool: UpstreamPool, pool_timeout: float = WAIT_S) -> asyncio.Task[UpstreamConnection]:
     return asyncio.create_task(acquire(pool, pool_timeout=pool_timeout))
 
@@ -516,10 +531,22 @@ async def test_close_closes_idle_connections(server, pools):
 
 
 # --- what one exchange leaves the connection fit for ------------------------------------------------
-async def test_a_head_answer_ends_at_its_head_and_the_connection_is_reusable(server, pools):
+@pytest.mark.parametrize(
+    ("path", "method", "status"),
+    [
+        pytest.param("/head", "HEAD", 200, id="head"),
+        # Without framing a 200 would run until the close; a 304 ends at its head, whatever
+        # Content-Length it declares (the length of the resource it did not send).
+        pytest.param("/not-modified", "GET", 304, id="304"),
+        pytest.param("/not-modified-length", "GET", 304, id="304-with-a-length"),
+    ],
+)
+async def test_an_answer_without_a_body_ends_at_its_head_and_the_connection_is_reusable(
+    server, pools, path, method, status
+):
     pool = pools()
     conn = await acquire(pool)
-    assert await exchange(conn, "/head", "HEAD") == (200, b"")
+    assert await exchange(conn, path, method) == (status, b"")
     assert conn.reusable
     conn.finish()
     assert await exchange(await acquire(pool)) == (200, b"ok")
@@ -567,19 +594,6 @@ async def test_an_exchange_abandoned_midway_is_not_reusable(server, pools):
     await wait_until(lambda: pool.open == 0, what="the connection closed")
 
 
-@pytest.mark.parametrize("path", ["/not-modified", "/not-modified-length"])
-async def test_a_304_has_no_body_and_keeps_the_connection(server, pools, path):
-    # Without framing a 200 would run until the close; a 304 ends at its head, whatever
-    # Content-Length it declares (the length of the resource it did not send).
-    pool = pools()
-    conn = await acquire(pool)
-    assert await exchange(conn, path) == (304, b"")
-    assert conn.reusable
-    conn.finish()
-    assert await exchange(await acquire(pool)) == (200, b"ok")
-    assert server.connections == 1
-
-
 async def test_a_head_between_two_gets_leaves_the_next_get_a_parser_at_its_start(server, pools):
     # The HEAD's answer declared 1,000 bytes it never sent: its parser, still waiting for
     # them, must not read the third exchange's answer.
@@ -600,9 +614,7 @@ async def test_a_response_after_the_answer_in_a_read_of_its_own_spoils_the_conne
     server, pools
 ):
     pool = pools()
-    conn = await acquire(pool)
-    conn.begin(b"GET /manual HTTP/1.1\r\nHost: t\r\n\r\n", head_only=False)
-    await wait_until(lambda: server.paths == [(1, "/manual")], what="the request arrived")
+    conn = await manual(server, pool)
     server.send(1, OK)
     await conn.read_head(WAIT_S)
     assert await conn.read_body(WAIT_S) == b"ok"
@@ -634,9 +646,7 @@ async def test_only_a_content_length_makes_a_response_length_framed(server, pool
 
 async def test_a_status_line_split_across_reads_keeps_its_whole_reason(server, pools):
     pool = pools()
-    conn = await acquire(pool)
-    conn.begin(b"GET /manual HTTP/1.1\r\nHost: t\r\n\r\n", head_only=False)
-    await wait_until(lambda: server.paths == [(1, "/manual")], what="the request arrived")
+    conn = await manual(server, pool)
     server.send(1, b"HTTP/1.1 404 Not Fo")
     await wait_until(lambda: conn.responded, what="the first piece arrived")
     server.send(1, b"und\r\nContent-Length: 0\r\n\r\n")
@@ -684,9 +694,7 @@ async def test_reading_pauses_past_the_high_water_mark_until_the_body_is_read(se
 async def test_a_reset_during_a_close_delimited_body_cuts_it_rather_than_ending_it(server, pools):
     # Only a clean close ends a body without framing; a reset means some of it is missing.
     pool = pools()
-    conn = await acquire(pool)
-    conn.begin(b"GET /manual HTTP/1.1\r\nHost: t\r\n\r\n", head_only=False)
-    await wait_until(lambda: server.paths == [(1, "/manual")], what="the request arrived")
+    conn = await manual(server, pool)
     server.send(1, b"HTTP/1.0 200 OK\r\n\r\npart")
     await conn.read_head(WAIT_S)
     assert await conn.read_body(WAIT_S) == b"part"
@@ -707,9 +715,7 @@ SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade
 
 async def test_bytes_after_a_101_wait_in_order_for_the_tunnel(server, pools):
     pool = pools()
-    conn = await acquire(pool)
-    conn.begin(upgrade_request(), head_only=False, upgrade=True)
-    await wait_until(lambda: server.paths == [(1, "/manual")], what="the request arrived")
+    conn = await manual(server, pool, upgrade_request(), upgrade=True)
     server.send(1, SWITCHING + b"first")  # a frame in the same read as the head
     head = await conn.read_head(WAIT_S)
     assert (head.status, conn.upgraded) == (101, True)
@@ -721,9 +727,7 @@ async def test_bytes_after_a_101_wait_in_order_for_the_tunnel(server, pools):
 
 async def test_an_upgrade_the_request_did_not_ask_for_fails_the_exchange(server, pools):
     pool = pools()
-    conn = await acquire(pool)
-    conn.begin(b"GET /manual HTTP/1.1\r\nHost: t\r\n\r\n", head_only=False)
-    await wait_until(lambda: server.paths == [(1, "/manual")], what="the request arrived")
+    conn = await manual(server, pool)
     server.send(1, SWITCHING + b"frame")
     with pytest.raises(UpstreamClosed):
         await conn.read_head(WAIT_S)
