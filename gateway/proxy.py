@@ -446,12 +446,9 @@ class Forwarder:
             while chunk := await meter.next_chunk():
                 conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
                 await conn.drain(self._read_timeout)
-                if conn.answered:
-                    break
-            else:
-                if chunked:
-                    conn.write(b"0\r\n\r\n")
-                return
+            if chunked:
+                conn.write(b"0\r\n\r\n")
+            return
         except asyncio.CancelledError:
             if not interrupted or task.uncancel() > 0:
                 raise  # a real cancellation (the client left, or shutdown)
@@ -465,11 +462,15 @@ class Forwarder:
         """Answer the client's handshake with the upstream's 101 and relay bytes both ways."""
         record = request.record
         # RFC 9110 §7.8: a 101 names the protocol switched to; one that does not is no
-        # handshake the client could go on with.  (Neither connection can have closed yet:
-        # this task runs on the 101's arrival, before the loop reads either side's close.)
+        # handshake the client could go on with.
         protocol = next((v for n, v in upstream.headers if n.lower() == b"upgrade"), b"").strip()
-        if not protocol or conn.transport is None or request.connection.transport is None:
-            raise Rejection(Reason.UPSTREAM_UNAVAILABLE, "no tunnel after the 101")
+        if not protocol:
+            raise Rejection(Reason.UPSTREAM_UNAVAILABLE, "101 without Upgrade")
+        # Neither connection can have closed yet: this task runs on the 101's arrival, before
+        # the loop reads either side's close, and a client that left cancelled the task.
+        client_transport = request.connection.transport
+        assert conn.transport is not None
+        assert client_transport is not None
         block = response_block(upstream.headers, RESPONSE_DROPPED, _RESPONSE_DROPPED_LENGTHS)
         block += b"Connection: Upgrade\r\nUpgrade: %b\r\n%b: %b\r\n" % (
             protocol,
@@ -477,7 +478,7 @@ class Forwarder:
             record.request_id.encode("ascii"),
         )
         tunnel = Tunnel(
-            request.connection.transport,
+            client_transport,
             conn.transport,
             idle_timeout_s=self._tunnel_idle_s,
             max_duration_s=self._tunnel_max_s,

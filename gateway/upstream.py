@@ -265,11 +265,6 @@ class UpstreamConnection(asyncio.Protocol):
     def closed(self) -> bool:
         return self.transport is None or self.transport.is_closing()
 
-    @property
-    def answered(self) -> bool:
-        """The response head has arrived (possibly while the request body is still going up)."""
-        return self._head is not None
-
     def write(self, data: bytes) -> None:
         if self._failure is not None:
             raise self._failure
@@ -360,7 +355,7 @@ class UpstreamConnection(asyncio.Protocol):
     def discard(self) -> None:
         """End an exchange that broke off (its request not sent whole, or its response not read
         whole): the connection is closed, never pooled."""
-        self.spoiled = True
+        self.abort()
         self.finish()
 
     def close(self) -> None:
