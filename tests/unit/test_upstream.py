@@ -48,6 +48,8 @@ ANSWERS: dict[str, bytes | None] = {
     "/head": b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n",
     "/interim": b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
     b"HTTP/1.1 100 Continue\r\n\r\n" + OK,
+    "/interim-chunked": b"HTTP/1.1 103 Early Hints\r\nContent-Length: 0\r\n\r\n"
+    b"HTTP/1.1 200 Fine\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
     "/until-close": b"HTTP/1.0 200 OK\r\n\r\nall of it",
     "/connection-close": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
     "/extra": OK + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nno",
@@ -558,7 +560,8 @@ async def test_interim_responses_are_skipped(server, pools):
     conn = await acquire(pool)
     conn.begin(b"GET /interim HTTP/1.1\r\nHost: t\r\n\r\n", head_only=False)
     head = await conn.read_head(WAIT_S)
-    assert (head.status, head.headers) == (200, [(b"Content-Length", b"2")])
+    assert (head.status, head.reason, head.headers) == (200, b"OK", [(b"Content-Length", b"2")])
+    assert head.length_framed
     assert await conn.read_body(WAIT_S) == b"ok"
     assert await conn.read_body(WAIT_S) == b""
     assert conn.reusable
@@ -790,3 +793,18 @@ async def test_an_exchange_begun_on_a_lost_connection_fails_with_nothing_sent(se
     assert not failed.value.responded  # nothing reached the upstream: it may be sent again
     conn.finish()
     assert (pool.open, pool.idle) == (0, 0)
+
+
+async def test_an_interim_response_leaves_nothing_of_itself_in_the_final_one(server, pools):
+    # The 103's Content-Length and reason are its own: the final answer is chunked, "Fine".
+    pool = pools()
+    conn = await acquire(pool)
+    conn.begin(b"GET /interim-chunked HTTP/1.1\r\nHost: t\r\n\r\n", head_only=False)
+    head = await conn.read_head(WAIT_S)
+    assert (head.status, head.reason) == (200, b"Fine")
+    assert head.headers == [(b"Transfer-Encoding", b"chunked")]
+    assert not head.length_framed
+    assert await conn.read_body(WAIT_S) == b"ok"
+    assert await conn.read_body(WAIT_S) == b""
+    assert conn.reusable
+    conn.finish()
