@@ -1495,7 +1495,7 @@ class RouteConfig:
         "is then JSON text, with those characters escaped, that decodes to exactly the checked "
         "value. These names are stripped from every inbound request on every route. Reserved "
         "names (`Authorization`, `Host`, `Content-Length`, `Cookie`, hop-by-hop, "
-        "`X-Forwarded-*`…) are refused",
+        "`X-Forwarded-*`, `X-Request-ID`…) are refused",
         shown="`{}`",
     )  # fmt: skip
     rewrite: PathRewrite | None = optional(
