@@ -214,8 +214,8 @@ class Forwarder:
             untrusted = untrusted | {header_key(config.client_cert_header.name)}
         self._hops: dict[str, RouteHop] = {}
         for route in config.routes:
-            if route.upstream is None:
-                continue  # forward_auth mode: no hop
+            # Proxy mode (the only one with a forwarder): the config requires every upstream.
+            assert route.upstream is not None
             carriers = token_carriers(route)
             strip = base | carriers.headers
             self._hops[route.id] = RouteHop(

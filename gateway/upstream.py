@@ -17,7 +17,6 @@ when the upstream closes.
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections import deque
 from collections.abc import Callable
 from typing import Final, cast
@@ -394,15 +393,13 @@ class UpstreamPool:
         origin: Upstream,
         max_connections: int,
         *,
-        ssl_context: ssl.SSLContext | None = None,
         idle_s: float = DEFAULT_IDLE_S,
     ) -> None:
         self.origin = origin
         self.loop = asyncio.get_running_loop()
         self.max_connections = max_connections
-        self._ssl = ssl_context
-        if origin.scheme == "https" and ssl_context is None:
-            self._ssl = client_tls_context(origin.tls)
+        # https: the route's CA bundle, server name and client certificate (else the system store).
+        self._ssl = client_tls_context(origin.tls) if origin.scheme == "https" else None
         self._server_name = (
             origin.tls.server_name if origin.tls is not None and origin.tls.server_name else None
         ) or origin.host
@@ -425,7 +422,7 @@ class UpstreamPool:
         return len(self._waiters)
 
     async def acquire(
-        self, *, connect_timeout: float, pool_timeout: float, fresh: bool = False
+        self, *, connect_timeout: float, pool_timeout: float, fresh: bool
     ) -> UpstreamConnection:
         """A connection ready for an exchange: a pooled idle one (unless ``fresh``), a new one
         while under the bound, or the first one released within ``pool_timeout``."""

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import io
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -216,6 +217,7 @@ STATUSES = [200, 201, 204, 302, 304, 404, 500, 503]
 
 async def test_upstream_statuses_and_headers_pass_through_untouched(make_gateway, scripted):
     gw = await make_gateway(point_routes_at(scripted.url))
+    began = time.perf_counter()
     for code in STATUSES:
         response = await gw.client.get(f"/public/status/{code}", allow_redirects=False)
         assert response.status == code
@@ -240,6 +242,11 @@ async def test_upstream_statuses_and_headers_pass_through_untouched(make_gateway
             == count
         )
     assert gw.metric("gateway_upstream_responses_total", route="api", code_class="2xx") == 0
+    # Each answer's time to headers, on its route: together no longer than the loop took.
+    took = time.perf_counter() - began
+    duration = "gateway_upstream_duration_seconds"
+    assert gw.metric(f"{duration}_count", route="public") == len(STATUSES)
+    assert 0 < gw.metric(f"{duration}_sum", route="public") < took
 
 
 # --- Expect: 100-continue is the gateway's decision, after the route's policy ----------------------

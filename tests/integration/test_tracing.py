@@ -20,6 +20,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
+from yarl import URL
 
 from gateway.app import GATEWAY_KEY
 from gateway.tracing import parse_traceparent
@@ -280,7 +281,7 @@ def no_token_in(spans: list[Received], secret: str) -> None:
 
 
 async def test_spans_of_an_allowed_request_hang_under_the_clients_span(
-    make_gateway, token, receiver
+    make_gateway, token, receiver, upstream
 ):
     gateway = await make_gateway(tracing_to(receiver))
     jwt = token(email="alice@example.com")
@@ -323,6 +324,7 @@ async def test_spans_of_an_allowed_request_hang_under_the_clients_span(
     assert client.attributes["gateway.route"] == "api"
     assert client.attributes["http.response.status_code"] == 200
     assert client.attributes["server.address"] == "127.0.0.1"
+    assert client.attributes["server.port"] == URL(upstream.url).port
     assert client.status == Status.STATUS_CODE_UNSET
     no_token_in(spans, jwt)
     for span in spans:

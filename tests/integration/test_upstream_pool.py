@@ -855,6 +855,43 @@ async def test_a_reload_raising_the_bound_admits_a_second_request_at_once(
     assert (await first).status == 200
 
 
+async def test_a_reload_raising_the_queue_bound_queues_what_it_refused(
+    serve, scripted, idp, upstream
+):
+    hold = Hold()
+    raw = await scripted(hold)
+    gw = await serve(
+        point_routes_at(raw.url),
+        set_route("public", max_concurrent_requests=1, max_queued_requests=0),
+    )
+    assert gw.runner.server is not None
+    first = asyncio.create_task(call(gw, "/public/hold"))
+    queued: list[asyncio.Task[Got]] = []
+    try:
+        await hold.wait_entered()
+        assert (await call(gw, "/public/x")).status == 503  # no queue yet
+        gw.app[GATEWAY_KEY].apply(
+            reloaded(
+                idp,
+                upstream,
+                point_routes_at(raw.url),
+                set_route("public", max_concurrent_requests=1, max_queued_requests=2),
+            )
+        )
+        handled = gw.runner.server.requests_count
+        queued = [asyncio.create_task(call(gw, f"/public/q{n}")) for n in range(2)]
+        await wait_until(
+            lambda: gw.runner.server.requests_count == handled + 2, what="two requests queued"
+        )
+        got = await call(gw, "/public/full")  # the new queue of two is full
+        assert (got.status, got.reason) == (503, "upstream_overloaded")
+        assert not any(task.done() for task in queued)
+    finally:
+        hold.release.set()
+    assert (await first).status == 200
+    assert [(await task).status for task in queued] == [200, 200]
+
+
 # --- 10. upstream failures as reasons --------------------------------------------------------------
 async def test_a_response_head_later_than_timeout_s_is_504(serve, scripted):
     hold = Hold()

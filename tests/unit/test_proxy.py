@@ -16,7 +16,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client import CollectorRegistry
 
 from gateway import loads_config
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, Upstream
 from gateway.errors import Rejection
 from gateway.extractor import cookie_values, query_values
 from gateway.headers import AUTH_OUTCOME_HEADER, Carriers, header_key, token_carriers
@@ -25,6 +25,7 @@ from gateway.proxy import (
     Forwarder,
     _BodyMeter,
     _BodyStopped,
+    _host_header,
     _without_cookies,
     _without_params,
     name_lengths,
@@ -48,6 +49,8 @@ CONFIG: GatewayConfig = loads_config(
         {
             "trusted_proxies": ["10.0.0.0/8"],
             "strip_untrusted_headers": ["X-Debug-User"],
+            # Only a trusted proxy may say which certificate the client showed.
+            "client_cert_header": {"name": "X-SSL-Client-Cert", "format": "pem"},
             "issuers": {
                 "test": {
                     "issuer": "https://idp.test",
@@ -305,6 +308,8 @@ CLIENT_ORIGIN = [
     "True_Client_IP",
     "X-Debug-User",  # strip_untrusted_headers
     "x_debug.user",  # ... in another spelling
+    "X-SSL-Client-Cert",  # client_cert_header
+    "x_ssl_client.cert",  # ... in another spelling
 ]
 
 
@@ -632,6 +637,35 @@ _RESPONSE = [
     (b"Content-Length", b"3"),
     (b"x-" + b"l" * 70, b"long"),
 ]
+
+
+def upstream_at(url: str) -> Upstream:
+    """``url`` as the config reads a route's upstream."""
+    route = {"id": "r", "match": {"path_prefix": "/"}, "upstream": url, "auth": "none"}
+    [parsed] = loads_config(yaml.safe_dump({"routes": [route]})).routes
+    assert parsed.upstream is not None
+    return parsed.upstream
+
+
+@pytest.mark.parametrize(
+    ("url", "host"),
+    [
+        pytest.param("http://svc", "svc", id="http-default-port"),
+        pytest.param("http://svc:80", "svc", id="http-port-80-named"),
+        pytest.param("https://svc", "svc", id="https-default-port"),
+        pytest.param("https://svc:443", "svc", id="https-port-443-named"),
+        pytest.param("http://svc:443", "svc:443", id="http-on-443"),
+        pytest.param("https://svc:80", "svc:80", id="https-on-80"),
+        pytest.param("http://svc:8080", "svc:8080", id="other-port"),
+        pytest.param("http://127.0.0.1:9", "127.0.0.1:9", id="ipv4"),
+        pytest.param("http://[::1]:8080", "[::1]:8080", id="ipv6-bracketed"),
+        pytest.param("https://[2001:db8::1]", "[2001:db8::1]", id="ipv6-default-port"),
+    ],
+)
+def test_the_upstreams_host_header_names_its_port_unless_the_schemes_default(
+    url: str, host: str
+) -> None:
+    assert _host_header(upstream_at(url)) == host
 
 
 def test_the_request_head_is_written_byte_for_byte() -> None:

@@ -312,12 +312,32 @@ async def test_a_connection_closed_in_use_gives_its_slot_to_a_waiter(server, poo
     assert (pool.open, pool.idle, server.connections) == (1, 1, 2)
 
 
+async def test_a_slot_freed_beside_a_busy_connection_is_counted_once_for_its_waiter(
+    server, pools
+):
+    pool = pools(max_connections=2)
+    busy = await acquire(pool)
+    dropped = await acquire(pool)
+    waiting = waiter(pool)
+    await settle()
+    dropped.abort()  # its slot goes to the waiter, which opens a connection in it
+    fresh = await asyncio.wait_for(waiting, WAIT_S)
+    assert fresh is not dropped
+    assert (pool.open, pool.waiting, server.connections) == (2, 0, 3)
+    with pytest.raises(Rejection):  # still at the bound: two open, none idle
+        await acquire(pool, pool_timeout=0.05)
+    for conn in (busy, fresh):
+        assert await exchange(conn) == (200, b"ok")
+        conn.finish()
+    assert (pool.open, pool.idle) == (2, 2)
+
+
 async def test_a_failed_connect_gives_its_slot_back():
     pool = UpstreamPool(origin(free_port()), 1)
     try:
         for _ in range(2):  # refused each time: the first failure did not keep the only slot
             with pytest.raises(ConnectionRefusedError):
-                await pool.acquire(connect_timeout=CONNECT_S, pool_timeout=0.1)
+                await pool.acquire(connect_timeout=CONNECT_S, pool_timeout=0.1, fresh=False)
             assert (pool.open, pool.waiting) == (0, 0)
     finally:
         await pool.close()
