@@ -123,6 +123,8 @@ GROUPS: Final = {
             "tests/integration/test_policy.py",
             # A chunked body that turns malformed mid-upload (the reason its refusal carries).
             "tests/integration/test_http_server.py",
+            # The pools closed by a shutdown (UpstreamPools.closed).
+            "tests/integration/test_shutdown.py",
         ),
     ),
     # W3C trace context (which traceparent is continued, started, forwarded) and the spans.
