@@ -526,9 +526,14 @@ class Forwarder:
         while True:
             try:
                 chunk = await conn.read_body(self._read_timeout)
-            except (UpstreamClosed, TimeoutError) as exc:
+            except UpstreamClosed as closed:
                 record.reason = Reason.UPSTREAM_ABORTED
-                record.detail = type(exc).__name__
+                record.detail = closed.detail  # closed, reset, malformed...: as for a 502
+                request.close_connection()
+                return
+            except TimeoutError:
+                record.reason = Reason.UPSTREAM_ABORTED
+                record.detail = "upstream body timed out"
                 request.close_connection()
                 return
             if not chunk:

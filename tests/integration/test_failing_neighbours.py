@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,10 +27,11 @@ import pytest
 from aiohttp import web
 
 from gateway.config import ISSUER
+from gateway.logs import REQUEST_LOGGER
 from tests import conftest
 from tests.conftest import Edit, GatewayFactory, RunningGateway
 from tests.fakes import SigningKey
-from tests.integration.authkit import RawConnection
+from tests.integration.authkit import RawConnection, decision_lines
 from tests.integration.e2e_helpers import MIB, free_port, wait_until
 from tests.integration.hardening_kit import (
     DECLARED_BODY,
@@ -351,7 +353,10 @@ async def test_client_dripping_a_body_is_cut_at_the_body_deadline(serve, sink):
     assert gw.metric("gateway_requests_total", route="public", reason="client_timeout") == 1
 
 
-async def test_client_that_stops_reading_frees_its_slot_and_upstream_connection(serve, upstream):
+async def test_client_that_stops_reading_frees_its_slot_and_upstream_connection(
+    serve, upstream, caplog
+):
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
     upstream.mode = "download"
     upstream.download_bytes = 256 * MIB  # far more than the kernel buffers on the way hold
     # One client connection at most: the next request is let in only once the stalled
@@ -380,6 +385,8 @@ async def test_client_that_stops_reading_frees_its_slot_and_upstream_connection(
     finally:
         await conn.close()
     assert gw.metric("gateway_requests_total", route="public", reason="client_timeout") == 1
+    [cut] = [line for line in decision_lines(caplog) if "reason=client_timeout" in line]
+    assert "detail=client_stopped_reading" in cut.split()  # not reading, as against a slow upload
     # The cut response's upstream connection was closed, not pooled (its body was unfinished);
     # only the follow-up request's connection stays pooled (the echo upstream, in this process,
     # keeps a task for it, so tasks are not counted here).

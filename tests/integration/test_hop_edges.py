@@ -12,12 +12,15 @@ import contextlib
 import json
 import logging
 import socket
+import struct
 from collections.abc import AsyncIterator
 
 import pytest
 
+from gateway.logs import REQUEST_LOGGER
 from tests.conftest import GatewayFactory, RunningGateway
 from tests.fakes import EchoUpstream
+from tests.integration.authkit import logged
 from tests.integration.e2e_helpers import wait_until
 from tests.integration.hardening_kit import (
     RawBehaviour,
@@ -426,3 +429,97 @@ async def test_header_bytes_that_are_not_utf_8_reach_the_upstream_as_sent(
         assert b"\r\nX-Name: caf\xe9 \xff\r\n" in heads[0]
     finally:
         await close(writer)
+
+
+# --- each upstream failure says what went wrong ---------------------------------------------------
+SWITCHING_UNASKED = (
+    b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+)
+REQUEST = b"GET /public/x HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n\r\n"
+
+
+def answering(data: bytes) -> RawBehaviour:
+    """An upstream that reads the request head, writes ``data``, then closes."""
+
+    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(data)
+        await writer.drain()
+        writer.close()
+
+    return behaviour
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "behaviour", "detail"),
+    [
+        pytest.param(REQUEST, answering(b""), "upstream_closed", id="closed-unanswered"),
+        pytest.param(
+            REQUEST,
+            answering(b"HTTP/1.1 2x0 OK\r\n\r\n"),
+            "malformed_upstream_response",
+            id="malformed-status-line",
+        ),
+        pytest.param(
+            REQUEST, answering(SWITCHING_UNASKED), "upgrade_not_requested", id="unasked-101"
+        ),
+        pytest.param(
+            HANDSHAKE,
+            answering(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\r\n"),
+            "101_without_Upgrade",
+            id="101-naming-no-protocol",
+        ),
+    ],
+)
+async def test_an_upstream_failure_is_logged_with_what_went_wrong(
+    make_gateway: GatewayFactory,
+    raw_upstreams: list[RawUpstream],
+    caplog: pytest.LogCaptureFixture,
+    request_bytes: bytes,
+    behaviour: RawBehaviour,
+    detail: str,
+) -> None:
+    """The decision line's detail names the upstream's fault, so an operator can tell a
+    closed connection from a reset, a malformed answer or a handshake gone wrong."""
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+    gw, reader, writer = await through(make_gateway, raw_upstreams, behaviour)
+    try:
+        writer.write(request_bytes)
+        answer = await read_to_end(reader)
+    finally:
+        await close(writer)
+    assert answer.startswith(b"HTTP/1.1 502 "), answer[:200]
+    fields = logged(caplog)
+    assert (fields["reason"], fields["detail"]) == ("upstream_unavailable", detail)
+    assert gw.metric("gateway_requests_total", route="public", reason="upstream_unavailable") == 1
+
+
+async def test_an_upstream_reset_mid_body_is_logged_as_a_reset(
+    make_gateway: GatewayFactory, raw_upstreams: list[RawUpstream], caplog: pytest.LogCaptureFixture
+) -> None:
+    """After the status line the client's answer can only be cut; the log still says why."""
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+    client_has_head = asyncio.Event()
+
+    async def reset_mid_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\npart")
+        await writer.drain()
+        await asyncio.wait_for(client_has_head.wait(), WITHIN)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.close()  # with a zero linger: a reset, not a clean close
+
+    gw, reader, writer = await through(make_gateway, raw_upstreams, reset_mid_body)
+    try:
+        writer.write(REQUEST)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WITHIN)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        client_has_head.set()
+        rest = await read_to_end(reader)
+    finally:
+        await close(writer)
+    assert len(rest) < 9  # fewer bytes than declared: a cut stream, not a complete answer
+    fields = logged(caplog)
+    assert (fields["reason"], fields["detail"]) == ("upstream_aborted", "ConnectionResetError")
+    assert gw.metric("gateway_requests_total", route="public", reason="upstream_aborted") == 1

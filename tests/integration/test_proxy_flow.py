@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -14,8 +15,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway.logs import REQUEST_LOGGER
 from tests import conftest
-from tests.integration.authkit import RawConnection, send_raw
+from tests.integration.authkit import RawConnection, logged, send_raw
 from tests.integration.e2e_helpers import (
     MIB,
     ScriptedUpstream,
@@ -184,11 +186,12 @@ async def test_upstream_short_content_length_body_is_a_broken_stream(make_gatewa
     assert gw.metric("gateway_requests_total", route="public", reason="upstream_aborted") == 1
 
 
-async def test_upstream_stall_mid_body_is_upstream_aborted(make_gateway, scripted):
+async def test_upstream_stall_mid_body_is_upstream_aborted(make_gateway, scripted, caplog):
     def small_timeout(doc: dict[str, Any]) -> None:
         point_routes_at(scripted.url)(doc)
         doc["upstream_defaults"]["timeout_s"] = 0.3
 
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
     gw = await make_gateway(small_timeout)
     response = await gw.client.get("/public/stream-down")  # 1 MiB, then silence
     assert response.status == 200
@@ -196,6 +199,7 @@ async def test_upstream_stall_mid_body_is_upstream_aborted(make_gateway, scripte
         await response.read()
     scripted.client_has_first.set()
     assert gw.metric("gateway_requests_total", route="public", reason="upstream_aborted") == 1
+    assert logged(caplog)["detail"] == "upstream_body_timed_out"  # a stall, not a cut
 
 
 # --- pass-through ---------------------------------------------------------------------------

@@ -312,9 +312,7 @@ async def test_a_connection_closed_in_use_gives_its_slot_to_a_waiter(server, poo
     assert (pool.open, pool.idle, server.connections) == (1, 1, 2)
 
 
-async def test_a_slot_freed_beside_a_busy_connection_is_counted_once_for_its_waiter(
-    server, pools
-):
+async def test_a_slot_freed_beside_a_busy_connection_is_counted_once_for_its_waiter(server, pools):
     pool = pools(max_connections=2)
     busy = await acquire(pool)
     dropped = await acquire(pool)
