@@ -712,6 +712,33 @@ async def test_reading_pauses_past_the_high_water_mark_until_the_body_is_read(se
     conn.finish()
 
 
+async def test_a_connection_lost_while_reading_is_paused_still_yields_what_it_buffered(
+    server, pools
+):
+    # Paused past the mark, then the connection goes (an abort): what arrived is read, and
+    # then the body is cut; nothing tries to resume reading a transport that is gone.
+    pool = pools()
+    conn = await acquire(pool)
+    over = _HIGH_WATER + 40_000
+    conn.begin(b"GET /manual HTTP/1.1\r\nHost: t\r\n\r\n", head_only=False)
+    await wait_until(lambda: server.paths == [(1, "/manual")], what="the request arrived")
+    server.send(1, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (2 * over))
+    server.send(1, b"a" * over)
+    await conn.read_head(WAIT_S)
+    transport = conn.transport
+    assert transport is not None
+    await wait_until(lambda: not transport.is_reading(), what="reading paused")
+    conn.abort()
+    await wait_until(lambda: conn.transport is None, what="the connection lost")
+    buffered = await conn.read_body(WAIT_S)
+    assert 0 < len(buffered) <= over and set(buffered) == {ord("a")}
+    with pytest.raises(UpstreamClosed) as cut:
+        await conn.read_body(WAIT_S)
+    assert cut.value.responded
+    assert not conn.reusable
+    conn.finish()
+
+
 async def test_a_reset_during_a_close_delimited_body_cuts_it_rather_than_ending_it(server, pools):
     # Only a clean close ends a body without framing; a reset means some of it is missing.
     pool = pools()
