@@ -31,6 +31,7 @@ from tests.integration.authkit import (
     assert_not_logged,
     decision_lines,
     echoed,
+    logged,
     requests_total,
     send_raw,
     values_of,
@@ -716,6 +717,7 @@ async def test_a_chunked_body_that_turns_malformed_mid_upload_is_400_and_aborted
     assert reply.json()["error"]["reason"] == Reason.REQUEST_MALFORMED.value
     assert gw.metric("gateway_requests_total", route="public", reason="request_malformed") == 1
     assert requests_total(gw) == 1  # counted once, under its route
+    assert logged(caplog)["detail"] == "request_body_cut_off"  # refused mid-upload
 
 
 # --- 8. what a refusal leaves behind --------------------------------------------------------------

@@ -11,6 +11,7 @@ import asyncio
 import functools
 import hashlib
 import io
+import logging
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,9 +19,10 @@ from typing import Any
 import pytest
 
 from gateway.config import Limits
+from gateway.logs import REQUEST_LOGGER
 from tests import conftest
 from tests.conftest import GatewayFactory, RunningGateway
-from tests.integration.authkit import RawConnection
+from tests.integration.authkit import RawConnection, logged
 from tests.integration.e2e_helpers import wait_until
 from tests.integration.hardening_kit import (
     SinkUpstream,
@@ -227,7 +229,10 @@ async def test_body_of_exactly_the_default_limit_passes(serve, upstream):
     assert seen["body_sha256"] == hashlib.sha256(data).hexdigest()
 
 
-async def test_chunked_body_over_the_limit_is_413_and_the_upstream_request_aborted(serve, sink):
+async def test_chunked_body_over_the_limit_is_413_and_the_upstream_request_aborted(
+    serve, sink, caplog
+):
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
     fake, url = sink
     gw = await serve(point_routes_at(url), set_limits(max_body_bytes=LIMIT))
 
@@ -245,6 +250,7 @@ async def test_chunked_body_over_the_limit_is_413_and_the_upstream_request_abort
     assert outcome.error is not None, outcome  # the upstream saw its body cut off, not an end
     assert outcome.received <= LIMIT
     assert gw.metric("gateway_requests_total", route="public", reason="payload_too_large") == 1
+    assert logged(caplog)["detail"] == "request_body_stopped"  # mid-stream, not declared
 
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])

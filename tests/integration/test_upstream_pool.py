@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,10 +29,11 @@ from multidict import CIMultiDictProxy
 
 from gateway import loads_config
 from gateway.app import GATEWAY_KEY
+from gateway.logs import REQUEST_LOGGER
 from gateway.upstream import UpstreamPool
 from tests.conftest import Edit, GatewayFactory, RunningGateway, base_config
 from tests.fakes import EchoUpstream, FakeIdP
-from tests.integration.authkit import RawConnection
+from tests.integration.authkit import RawConnection, logged
 from tests.integration.e2e_helpers import MIB, free_port, wait_until
 from tests.integration.hardening_kit import (
     RawUpstream,
@@ -893,7 +895,8 @@ async def test_a_reload_raising_the_queue_bound_queues_what_it_refused(
 
 
 # --- 10. upstream failures as reasons --------------------------------------------------------------
-async def test_a_response_head_later_than_timeout_s_is_504(serve, scripted):
+async def test_a_response_head_later_than_timeout_s_is_504(serve, scripted, caplog):
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
     hold = Hold()
     raw = await scripted(hold)
     gw = await serve(point_routes_at(raw.url), set_upstream_defaults(timeout_s=0.3))
@@ -902,14 +905,17 @@ async def test_a_response_head_later_than_timeout_s_is_504(serve, scripted):
         got = await call(gw, "/public/hold")
         assert (got.status, got.reason) == (504, "upstream_timeout")
         assert time.monotonic() - started < 2.5
+        assert logged(caplog)["detail"] == "no_response_in_time"
     finally:
         hold.release.set()
 
 
-async def test_a_refused_connection_is_502(serve):
+async def test_a_refused_connection_is_502(serve, caplog):
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
     gw = await serve(point_routes_at(f"http://127.0.0.1:{free_port()}"))
     got = await call(gw, "/public/x")
     assert (got.status, got.reason) == (502, "upstream_unavailable")
+    assert logged(caplog)["detail"] == "ConnectionRefusedError"
 
 
 @contextlib.contextmanager
@@ -940,7 +946,8 @@ def unaccepting_listener() -> Any:
         listener.close()
 
 
-async def test_a_connect_not_completed_in_connect_timeout_s_is_504(serve):
+async def test_a_connect_not_completed_in_connect_timeout_s_is_504(serve, caplog):
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
     with unaccepting_listener() as port:
         gw = await serve(
             point_routes_at(f"http://127.0.0.1:{port}"),
@@ -950,5 +957,6 @@ async def test_a_connect_not_completed_in_connect_timeout_s_is_504(serve):
         got = await call(gw, "/public/x")
         assert (got.status, got.reason) == (504, "upstream_timeout")
         assert time.monotonic() - started < 2
+        assert logged(caplog)["detail"] == "connect_timeout"  # not a slow answer
         pool = only_pool(gw)
         assert (pool.open, pool.waiting) == (0, 0)  # the slot of the failed connect came back

@@ -626,6 +626,7 @@ async def test_a_declared_length_over_the_limit_is_refused_before_the_upstream(
         await forwarder.forward(request, ROUTES["api"], "/api/orders", {})
     # Not upstream_unavailable: nothing was sent to the (closed) upstream port.
     assert caught.value.reason is Reason.PAYLOAD_TOO_LARGE
+    assert caught.value.detail == f"Content-Length {BODY_LIMIT + 1} over {BODY_LIMIT}"
 
 
 # --- the response's header block ------------------------------------------------------------
@@ -698,6 +699,7 @@ def test_a_line_break_never_reaches_the_upstream(
     with pytest.raises(Rejection) as caught:
         request_head("GET", target, "svc", headers, "")
     assert caught.value.reason is Reason.INTERNAL_ERROR
+    assert caught.value.detail == "line break in an upstream header"
 
 
 def test_name_lengths_is_a_bit_per_length() -> None:

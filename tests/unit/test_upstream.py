@@ -731,7 +731,8 @@ async def test_a_connection_lost_while_reading_is_paused_still_yields_what_it_bu
     conn.abort()
     await wait_until(lambda: conn.transport is None, what="the connection lost")
     buffered = await conn.read_body(WAIT_S)
-    assert 0 < len(buffered) <= over and set(buffered) == {ord("a")}
+    assert 0 < len(buffered) <= over
+    assert set(buffered) == {ord("a")}
     with pytest.raises(UpstreamClosed) as cut:
         await conn.read_body(WAIT_S)
     assert cut.value.responded
