@@ -413,11 +413,11 @@ class Forwarder:
                 # The client left mid-upload, or its chunked body broke the framing rules.
                 conn.discard()
                 raise Rejection(gone.reason, "request body cut off") from None
-            except (OSError, TimeoutError) as exc:
+            except TimeoutError:
+                # Nothing else is raised here: the connection's own failures are UpstreamClosed,
+                # and the client's (ClientGone, an OSError) are caught above.
                 conn.discard()
-                if isinstance(exc, TimeoutError):
-                    raise Rejection(Reason.UPSTREAM_TIMEOUT, "no response in time") from None
-                raise Rejection(Reason.UPSTREAM_UNAVAILABLE, type(exc).__name__) from None
+                raise Rejection(Reason.UPSTREAM_TIMEOUT, "no response in time") from None
             except BaseException:
                 conn.discard()
                 raise

@@ -300,10 +300,13 @@ async def test_100_continue_is_not_sent_for_a_body_over_the_limit(make_gateway, 
         await conn.close()
 
 
-async def test_an_unknown_expectation_is_refused(gateway):
+async def test_an_unknown_expectation_is_refused(gateway, upstream, caplog):
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
     answer = await send_raw(gateway.client, "POST", "/public/x", [("Expect", "magic")], body=b"x")
     assert answer.status == 400
     assert answer.json()["error"]["reason"] == "request_rejected"
+    assert logged(caplog)["detail"] == "unsupported_Expect"  # a 400 of the gateway's, named
+    assert upstream.hits == 0
 
 
 async def test_the_gateways_own_answers_name_no_software_version(gateway, upstream):

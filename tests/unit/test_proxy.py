@@ -330,6 +330,9 @@ async def test_a_request_without_a_peer_address_is_untrusted(forwarder: Forwarde
     )
     assert names(sent) & {"true-client-ip", "x-forwarded-port"} == set()
     assert sent["X-Forwarded-For"] == "unknown"
+    # The untrusted answer remembered for "no address" is not any other peer's.
+    trusted = upstream_sees(forwarder, [("True-Client-IP", "1.2.3.4")], peer=TRUSTED)
+    assert trusted["True-Client-IP"] == "1.2.3.4"
 
 
 METHOD_OVERRIDES = ["X-HTTP-Method-Override", "X-Method-Override", "X-HTTP-Method", "X_Http_Method"]
@@ -444,6 +447,24 @@ async def test_a_token_cookie_is_cut_out_and_the_other_cookies_kept(forwarder: F
         route="sources",
     )
     assert sent.getall("Cookie") == ["theme=dark; lang=en"]  # the second header is gone whole
+
+
+async def test_the_headers_after_a_cookie_that_held_only_the_token_still_pass(
+    forwarder: Forwarder,
+) -> None:
+    sent = upstream_sees(
+        forwarder,
+        [("Cookie", "session=secret-token"), ("X-After", "1"), ("Cookie", "lang=en")],
+        route="sources",
+    )
+    assert sent.getall("Cookie") == ["lang=en"]
+    assert sent["X-After"] == "1"
+
+
+async def test_the_headers_after_a_stripped_one_still_pass(forwarder: Forwarder) -> None:
+    sent = upstream_sees(forwarder, [("X-User-Sub", "spoofed"), ("X-After", "1")])
+    assert "X-User-Sub" not in sent
+    assert sent["X-After"] == "1"
 
 
 async def test_cookies_of_a_route_without_cookie_tokens_pass_untouched(
