@@ -16,6 +16,7 @@ busy event loop would; no test sleeps to wait for state.
 from __future__ import annotations
 
 import asyncio
+import logging
 import contextlib
 import socket
 import struct
@@ -489,13 +490,28 @@ async def test_an_idle_connection_older_than_idle_s_is_closed_not_handed_out(ser
     second.finish()
 
 
-async def test_unsolicited_bytes_on_an_idle_connection_close_it(server, pools):
+async def test_unsolicited_bytes_on_an_idle_connection_close_it(server, pools, caplog):
+    caplog.set_level(logging.WARNING)
     pool = pools(max_connections=1)
     conn = await used(pool)
     conn.finish()
     assert pool.idle == 1
     server.send(1, OK)  # a response nobody asked for: the framing can no longer be trusted
     await wait_until(lambda: (pool.open, pool.idle) == (0, 0), what="the connection dropped")
+    assert caplog.records == []  # closed by the gateway's decision, not by a failing callback
+
+
+async def test_an_upstream_that_talks_before_any_request_is_dropped_quietly(
+    server, pools, caplog
+):
+    caplog.set_level(logging.WARNING)
+    pool = pools(max_connections=1)
+    conn = await acquire(pool)  # opened, no exchange begun on it yet
+    await wait_until(lambda: server.connections == 1, what="the server accepted")
+    server.send(1, OK)
+    await wait_until(lambda: conn.closed, what="the connection dropped")
+    await wait_until(lambda: pool.open == 0, what="its slot freed")
+    assert caplog.records == []
     assert conn.closed
     fresh = await used(pool)
     assert fresh is not conn
@@ -837,6 +853,7 @@ async def test_an_exchange_begun_on_a_lost_connection_fails_with_nothing_sent(se
     with pytest.raises(UpstreamClosed) as failed:
         await conn.read_head(WAIT_S)
     assert not failed.value.responded  # nothing reached the upstream: it may be sent again
+    assert failed.value.detail == "upstream closed"
     conn.finish()
     assert (pool.open, pool.idle) == (0, 0)
 
