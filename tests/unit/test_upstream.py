@@ -16,8 +16,8 @@ busy event loop would; no test sleeps to wait for state.
 from __future__ import annotations
 
 import asyncio
-import logging
 import contextlib
+import logging
 import socket
 import struct
 import time
@@ -501,9 +501,7 @@ async def test_unsolicited_bytes_on_an_idle_connection_close_it(server, pools, c
     assert caplog.records == []  # closed by the gateway's decision, not by a failing callback
 
 
-async def test_an_upstream_that_talks_before_any_request_is_dropped_quietly(
-    server, pools, caplog
-):
+async def test_an_upstream_that_talks_before_any_request_is_dropped_quietly(server, pools, caplog):
     caplog.set_level(logging.WARNING)
     pool = pools(max_connections=1)
     conn = await acquire(pool)  # opened, no exchange begun on it yet
