@@ -492,6 +492,8 @@ async def test_an_upstream_failure_is_logged_with_what_went_wrong(
     fields = logged(caplog)
     assert (fields["reason"], fields["detail"]) == ("upstream_unavailable", detail)
     assert gw.metric("gateway_requests_total", route="public", reason="upstream_unavailable") == 1
+    # A new connection's failure is not retried (only a reused one's may have gone stale).
+    assert raw_upstreams[0].connections == 1
 
 
 async def test_an_upstream_reset_mid_body_is_logged_as_a_reset(

@@ -280,6 +280,7 @@ async def test_at_the_bound_a_request_is_refused_after_pool_timeout(server, pool
         await acquire(pool, pool_timeout=0.1)
     assert time.monotonic() - started >= 0.09
     assert caught.value.reason is Reason.UPSTREAM_OVERLOADED
+    assert caught.value.detail == "no upstream connection free in time"
     assert (pool.open, server.connections) == (1, 1)
     held.finish()
     assert await acquire(pool) is held  # the refused waiter took nothing with it
@@ -536,6 +537,19 @@ async def test_a_fresh_acquire_at_the_bound_replaces_an_idle_connection(server, 
     assert await exchange(second) == (200, b"ok")
     assert (pool.open, server.connections) == (1, 2)
     second.finish()
+
+
+async def test_a_fresh_acquire_under_the_bound_leaves_the_idle_connections_alone(server, pools):
+    pool = pools(max_connections=2)
+    first = await used(pool)
+    first.finish()
+    second = await acquire(pool, fresh=True)  # room for one more: no idle one need go
+    assert second is not first
+    assert not first.closed
+    assert (pool.open, pool.idle, server.connections) == (2, 1, 2)
+    second.close()
+    await wait_until(lambda: pool.open == 1, what="the fresh connection closed")
+    assert await acquire(pool) is first  # the idle one is still there to reuse
 
 
 # --- close ---------------------------------------------------------------------------------------
