@@ -51,6 +51,7 @@ async def test_inflight_request_completes_during_graceful_shutdown(make_gateway,
         if t.get_coro().__qualname__ == "JwksCache._refresh_loop"  # type: ignore[union-attr]
     }
     assert len(refreshers) == 1  # one per issuer
+    assert not upstream_pools(gw).closed  # open while serving; the shutdown closes them
 
     upstream.mode = "stall"
     async with aiohttp.ClientSession() as client:

@@ -894,6 +894,31 @@ async def test_a_reload_raising_the_queue_bound_queues_what_it_refused(
     assert [(await task).status for task in queued] == [200, 200]
 
 
+async def test_a_route_a_reload_adds_has_its_own_bounds_from_the_first_request(
+    serve, scripted, idp, upstream
+):
+    hold = Hold()
+    raw = await scripted(hold)
+    gw = await serve(point_routes_at(raw.url))
+    gw.app[GATEWAY_KEY].apply(
+        reloaded(
+            idp,
+            upstream,
+            add_public_route("added", "/added"),
+            point_routes_at(raw.url),
+            set_route("added", max_concurrent_requests=1, max_queued_requests=0),
+        )
+    )
+    first = asyncio.create_task(call(gw, "/added/hold"))
+    try:
+        await hold.wait_entered()
+        got = await call(gw, "/added/x")  # its one slot is taken and it has no queue
+        assert (got.status, got.reason) == (503, "upstream_overloaded")
+    finally:
+        hold.release.set()
+    assert (await first).status == 200
+
+
 # --- 10. upstream failures as reasons --------------------------------------------------------------
 async def test_a_response_head_later_than_timeout_s_is_504(serve, scripted, caplog):
     caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)

@@ -562,6 +562,7 @@ async def test_close_refuses_waiters_and_closes_what_comes_back(server, pools):
     with pytest.raises(Rejection) as caught:
         await asyncio.wait_for(waiting, WAIT_S)
     assert caught.value.reason is Reason.UPSTREAM_UNAVAILABLE
+    assert caught.value.detail == "the gateway is shutting down"
     held.finish()  # a connection in use at shutdown is closed when its exchange ends
     await wait_until(lambda: held.closed and pool.open == 0, what="the connection closed")
     assert pool.idle == 0
