@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import socket
-import struct
 from collections.abc import AsyncIterator
 
 import pytest
@@ -29,6 +28,7 @@ from tests.integration.hardening_kit import (
     point_routes_at,
     read_all,
     read_request_head,
+    reset,
     set_limits,
     set_route,
 )
@@ -438,34 +438,22 @@ SWITCHING_UNASKED = (
 REQUEST = b"GET /public/x HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n\r\n"
 
 
-def answering(data: bytes) -> RawBehaviour:
-    """An upstream that reads the request head, writes ``data``, then closes."""
-
-    async def behaviour(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request_head(reader)
-        writer.write(data)
-        await writer.drain()
-        writer.close()
-
-    return behaviour
-
-
 @pytest.mark.parametrize(
     ("request_bytes", "behaviour", "detail"),
     [
-        pytest.param(REQUEST, answering(b""), "upstream_closed", id="closed-unanswered"),
+        pytest.param(REQUEST, answering_once(b""), "upstream_closed", id="closed-unanswered"),
         pytest.param(
             REQUEST,
-            answering(b"HTTP/1.1 2x0 OK\r\n\r\n"),
+            answering_once(b"HTTP/1.1 2x0 OK\r\n\r\n"),
             "malformed_upstream_response",
             id="malformed-status-line",
         ),
         pytest.param(
-            REQUEST, answering(SWITCHING_UNASKED), "upgrade_not_requested", id="unasked-101"
+            REQUEST, answering_once(SWITCHING_UNASKED), "upgrade_not_requested", id="unasked-101"
         ),
         pytest.param(
             HANDSHAKE,
-            answering(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\r\n"),
+            answering_once(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\r\n"),
             "101_without_Upgrade",
             id="101-naming-no-protocol",
         ),
@@ -508,9 +496,7 @@ async def test_an_upstream_reset_mid_body_is_logged_as_a_reset(
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\npart")
         await writer.drain()
         await asyncio.wait_for(client_has_head.wait(), WITHIN)
-        sock = writer.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        writer.close()  # with a zero linger: a reset, not a clean close
+        reset(writer)  # a reset, not a clean close
 
     gw, reader, writer = await through(make_gateway, raw_upstreams, reset_mid_body)
     try:
