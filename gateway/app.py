@@ -19,6 +19,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from .admission import Admission
 from .binding import SenderCheck
 from .clock import SYSTEM_CLOCK, Clock
 from .config import AuthMode, GatewayConfig, GatewayMode, load_config
@@ -76,7 +77,8 @@ class Gateway:
         self.handler_slot = HandlerSlot()  # what the proxy listener's observer calls
         self._jwks: JwksCache | None = None
         self._upstream_pools: UpstreamPools | None = None
-        self._admissions = admissions_for(config)
+        # Each route's bound, made by the first _build_handler and kept across reloads.
+        self._admissions: dict[str, Admission] = {}
         self._reload_lock = asyncio.Lock()
         # Survives reloads: every hit is re-checked against the route's current policy.
         self.token_cache = (

@@ -526,14 +526,12 @@ class Forwarder:
         while True:
             try:
                 chunk = await conn.read_body(self._read_timeout)
-            except UpstreamClosed as closed:
+            except (UpstreamClosed, TimeoutError) as exc:
                 record.reason = Reason.UPSTREAM_ABORTED
-                record.detail = closed.detail  # closed, reset, malformed...: as for a 502
-                request.close_connection()
-                return
-            except TimeoutError:
-                record.reason = Reason.UPSTREAM_ABORTED
-                record.detail = "upstream body timed out"
+                # The upstream's own failure (closed, reset, malformed...), as for a 502.
+                record.detail = (
+                    exc.detail if isinstance(exc, UpstreamClosed) else "upstream body timed out"
+                )
                 request.close_connection()
                 return
             if not chunk:
