@@ -8,6 +8,8 @@ the hop mutual TLS, and ``verify: false`` is the explicit opt-out.  A failed han
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -19,8 +21,11 @@ from aiohttp import web
 
 from gateway.config import parse_config
 from gateway.errors import ConfigError
+from gateway.logs import REQUEST_LOGGER
 from tests.conftest import GatewayFactory
+from tests.integration.authkit import logged
 from tests.integration.e2e_helpers import reason_of
+from tests.integration.hardening_kit import set_upstream_defaults
 
 UPSTREAM_NAME = "orders.internal"
 
@@ -178,6 +183,38 @@ async def test_verify_false_is_the_explicit_opt_out(
     gw = await make_gateway(tls_route(port, verify=False))
     status, _ = await get_public(gw)
     assert status == 200
+
+
+async def test_a_tls_handshake_not_finished_in_connect_timeout_s_is_504(
+    make_gateway: GatewayFactory, pem_files: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The handshake is part of the connect: an upstream that accepts the TCP connection and
+    never answers the ClientHello is given up after ``connect_timeout_s``, not held for
+    asyncio's 60-second handshake timeout."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # accepted, never answered
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+    try:
+        gw = await make_gateway(
+            tls_route(port, ca_file=str(pem_files["ca"])),
+            set_upstream_defaults(connect_timeout_s=0.2),
+        )
+        async with asyncio.timeout(5):
+            response = await gw.client.get("/public/orders")
+        assert response.status == 504
+        assert await reason_of(response) == "upstream_timeout"
+        assert logged(caplog)["detail"] == "connect_timeout"
+        assert held  # the TCP connection was made: it is the handshake that timed out
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
 
 
 @pytest.mark.parametrize(
