@@ -14,10 +14,11 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import pytest
 from aiohttp.test_utils import TestClient
@@ -102,6 +103,7 @@ class RawResponse:
     status: int
     headers: CIMultiDict[str]
     body: bytes
+    reason: str = ""  # the status line's reason phrase
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -118,6 +120,9 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
             return bytes(body)
         body += await reader.readexactly(size)
         await reader.readexactly(2)
+
+
+_STATUS_LINE: Final = re.compile(r"HTTP/1\.[01] (?P<status>[1-5][0-9][0-9]) (?P<reason>[^\r\n]*)")
 
 
 class RawConnection:
@@ -146,7 +151,9 @@ class RawConnection:
         reader = self.reader
         head = await reader.readuntil(b"\r\n\r\n")
         status_line, *header_lines = head.decode("latin-1").split("\r\n")
-        status = int(status_line.split(" ", 2)[1])
+        status_match = _STATUS_LINE.fullmatch(status_line)
+        assert status_match is not None, f"not an HTTP/1.x status line: {status_line!r}"
+        status = int(status_match["status"])
         parsed: CIMultiDict[str] = CIMultiDict()
         for line in header_lines:
             if line:
@@ -160,7 +167,7 @@ class RawConnection:
             payload = await _read_chunked(reader)
         else:
             payload = await reader.read()
-        return RawResponse(status, parsed, payload)
+        return RawResponse(status, parsed, payload, status_match["reason"])
 
     async def closed_by_server(self, within: float) -> tuple[float, bytes]:
         """Seconds until the server closed the connection (EOF or reset), and any bytes it sent

@@ -117,6 +117,55 @@ async def test_a_101_passes_on_no_hop_by_hop_header_and_no_upstream_request_id(
         await close(writer)
 
 
+async def test_a_101_with_no_reason_phrase_reaches_the_client_as_switching_protocols(
+    make_gateway: GatewayFactory, raw_upstreams: list[RawUpstream]
+) -> None:
+    """RFC 9112 §4 lets the upstream leave the reason phrase empty; the client's status line
+    still names one."""
+
+    async def accept_with_no_reason(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 101 \r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    _, reader, writer = await through(make_gateway, raw_upstreams, accept_with_no_reason)
+    try:
+        writer.write(HANDSHAKE)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WITHIN)
+        assert head.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+    finally:
+        await close(writer)
+
+
+async def test_more_early_bytes_than_the_read_pause_holds_all_reach_the_upstream_after_its_101(
+    make_gateway: GatewayFactory, raw_upstreams: list[RawUpstream]
+) -> None:
+    """Past 256 KiB sent before the 101 the gateway stops reading the client; the 101 starts
+    reading again, and the tunnel carries every byte in order."""
+    early = bytes(range(256)) * 4096  # 1 MiB
+    received: list[bytes] = []
+
+    async def accept_then_read(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(UPSTREAM_101)
+        await writer.drain()
+        received.append(await asyncio.wait_for(reader.readexactly(len(early)), WITHIN))
+        writer.close()
+
+    _, reader, writer = await through(make_gateway, raw_upstreams, accept_then_read)
+    try:
+        writer.write(HANDSHAKE + early)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WITHIN)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        await wait_until(lambda: bool(received), within=WITHIN)
+        assert received == [early]
+    finally:
+        await close(writer)
+
+
 async def test_bytes_sent_with_the_handshake_reach_the_upstream_after_its_101(
     make_gateway: GatewayFactory, raw_upstreams: list[RawUpstream]
 ) -> None:
@@ -280,7 +329,9 @@ async def test_an_upstream_answers_connection_level_headers_stay_on_the_upstream
 
     answer_with_hop_headers = answering_once(
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nKeep-Alive: timeout=5\r\n"
-        b"Connection: keep-alive, X-Secret-Hop\r\nX-Secret-Hop: 1\r\n"
+        # One list with and without whitespace around its commas (RFC 9110 §5.6.1).
+        b"Connection: keep-alive,X-Secret-Hop , X-Other-Hop\r\nX-Secret-Hop: 1\r\n"
+        b"X-Other-Hop: 2\r\n"
         b"Proxy-Authenticate: Basic\r\nTrailer: X-Sum\r\nX-Request-ID: upstream-chosen\r\n"
         b"X-Kept: yes\r\n\r\n2\r\nok\r\n0\r\n\r\n"
     )
@@ -293,7 +344,8 @@ async def test_an_upstream_answers_connection_level_headers_stay_on_the_upstream
         fields = head_fields(head)
         names = [name for name, _ in fields]
         assert head.startswith(b"HTTP/1.1 200 ")
-        for hop in ("keep-alive", "x-secret-hop", "proxy-authenticate", "trailer", "connection"):
+        hops = ("keep-alive", "x-secret-hop", "x-other-hop", "proxy-authenticate", "trailer")
+        for hop in (*hops, "connection"):
             assert hop not in names, hop
         assert [v for n, v in fields if n == "transfer-encoding"] == ["chunked"]
         assert [v for n, v in fields if n == "x-request-id"] == ["client-chosen-2"]

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from email.utils import parsedate_to_datetime
+from http import HTTPStatus
 from typing import Any
 
 import pytest
@@ -79,6 +80,7 @@ def get(path: str, *headers: str) -> bytes:
 def assert_fixed_answer(reply: RawResponse, reason: Reason) -> None:
     """The listener's own refusal: status, fixed JSON body, ``Connection: close``, no Server."""
     assert reply.status == STATUS[reason], reply
+    assert reply.reason == HTTPStatus(STATUS[reason]).phrase  # e.g. "400 Bad Request"
     assert reply.json() == {
         "error": {
             "code": STATUS[reason],

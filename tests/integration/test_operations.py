@@ -990,7 +990,8 @@ async def test_json_log_format_writes_json_objects_only_and_never_a_token(
     assert failure["level"] == "error"
     assert {"listening", "jwks_fetch", "shutdown"} <= {e.get("event") for e in entries}
     (listening,) = [e for e in entries if e.get("event") == "listening"]
-    # Which build serves: the process imports the gateway the way this test run does.
+    # Which build serves: the process imports the gateway the way this test run does
+    # (test_build.py holds compiled() to the module's loader).
     assert listening["build"] == ("compiled" if compiled() else "python")
     assert good not in text
     assert good.split(".")[2] not in text  # not even the signature

@@ -99,6 +99,9 @@ GROUPS: Final = {
             "tests/integration/test_proxy_flow.py",
             "tests/unit/test_proxy.py",
             "tests/unit/test_claims.py",
+            "tests/unit/test_build.py",
+            "tests/integration/test_listener_tls.py",
+            "tests/integration/test_cert_bound.py",
         ),
     ),
     # The upstream hop: what the upstream is sent (stripped, injected, framed), its pool and
