@@ -324,9 +324,11 @@ _REASONS: Final = {
 
 
 def _fixed_lines(answer: Answer) -> bytes:
-    """The header lines of one of the gateway's own answers: its headers, its Content-Length."""
+    """The header lines of one of the gateway's own answers: its headers, its Content-Length.
+    UTF-8, as the upstream gets the same claim headers in proxy mode (proxy.py): a forward-auth
+    caller gets a claim's bytes, not Latin-1 with ``?`` for every other character."""
     text = "".join(f"{name}: {value}\r\n" for name, value in answer.headers)
-    return text.encode("latin-1", "replace") + b"Content-Length: %d\r\n" % len(answer.body)
+    return text.encode("utf-8", "surrogateescape") + b"Content-Length: %d\r\n" % len(answer.body)
 
 
 _date_second = 0

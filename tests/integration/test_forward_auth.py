@@ -66,6 +66,20 @@ async def test_nginx_allow_answers_200_with_the_claim_headers_and_never_calls_th
     assert fa.metric("gateway_forward_auth_decisions_total", caller="nginx", decision="allow") == 1
 
 
+async def test_a_claim_outside_latin_1_reaches_the_caller_in_utf_8_as_an_upstream_gets_it(
+    fa, token
+):
+    """The caller copies the answer's header bytes onto the request it forwards (nginx's
+    auth_request_set): they are the claim's UTF-8, as proxy mode sends them upstream."""
+    email = "zoë@例え.jp"
+    jwt = token(email=email)
+    headers = [*nginx_headers("GET", "/api/orders").items(), *bearer(jwt).items()]
+    response = await send_raw(fa.client, "GET", NGINX, headers)
+    assert response.status == 200
+    # RawConnection reads header bytes as Latin-1, one character per byte.
+    assert response.headers["X-User-Email"].encode("latin-1").decode("utf-8") == email
+
+
 async def test_traefik_dialect_reads_the_forwarded_method_uri_and_host(fa, token):
     headers = traefik_headers("GET", "/api/x", **{"X-Forwarded-Host": "a.example"}) | bearer(
         token()

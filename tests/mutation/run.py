@@ -102,6 +102,7 @@ GROUPS: Final = {
             "tests/unit/test_build.py",
             "tests/integration/test_listener_tls.py",
             "tests/integration/test_cert_bound.py",
+            "tests/integration/test_forward_auth.py",
         ),
     ),
     # The upstream hop: what the upstream is sent (stripped, injected, framed), its pool and
