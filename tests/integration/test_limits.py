@@ -362,6 +362,28 @@ async def test_connection_in_use_is_not_closed_by_the_idle_timeout(serve):
         await conn.close()
 
 
+async def test_a_connection_idle_after_its_last_request_is_closed_and_frees_its_place(serve):
+    """The idle timer re-arms past each check that finds the connection in use and runs from
+    its last request; a connection it closes no longer counts against limits.max_connections."""
+    gw = await serve(set_limits(client_idle_timeout_s=IDLE_S, max_connections=1))
+    conn = await RawConnection.open(gw.port)
+    try:
+        for _ in range(3):  # spaced under the timeout: each check finds a recent request
+            await conn.send(request_head())
+            assert (await conn.response()).status == 200
+            await asyncio.sleep(IDLE_S / 2)
+        _, sent = await conn.closed_by_server(within=IDLE_S + SLACK_S)
+    finally:
+        await conn.close()
+    assert sent == b""
+    again = await RawConnection.open(gw.port)
+    try:
+        await again.send(request_head())
+        assert (await again.response()).status == 200  # not 503 too_many_connections
+    finally:
+        await again.close()
+
+
 # --- concurrency and queueing ------------------------------------------------------------------
 async def test_in_flight_and_queue_limits_shed_the_excess_at_once(serve, sink):
     fake, url = sink

@@ -14,7 +14,7 @@ from gateway.app import GATEWAY_KEY
 from gateway.documents import HttpDocumentFetcher
 from gateway.upstream import UpstreamPools
 from tests.conftest import RunningGateway
-from tests.integration.authkit import refused
+from tests.integration.authkit import RawConnection, refused
 from tests.integration.e2e_helpers import echoed_headers, wait_until
 
 GATEWAY_DIR = str(Path(gateway_package.__file__).parent)
@@ -53,6 +53,10 @@ async def test_inflight_request_completes_during_graceful_shutdown(make_gateway,
     assert len(refreshers) == 1  # one per issuer
     assert not upstream_pools(gw).closed  # open while serving; the shutdown closes them
 
+    # A keep-alive connection with nothing in flight when the shutdown begins.
+    idle = await RawConnection.open(gw.port)
+    await idle.send(b"GET /public/first HTTP/1.1\r\nHost: gw.test\r\n\r\n")
+    assert (await idle.response()).status == 200
     upstream.mode = "stall"
     async with aiohttp.ClientSession() as client:
 
@@ -63,11 +67,18 @@ async def test_inflight_request_completes_during_graceful_shutdown(make_gateway,
                 return response.status, await response.json(), response.headers.get("Connection")
 
         inflight = asyncio.create_task(call())
-        await wait_until(lambda: upstream.hits == 1, what="request reached the upstream")
+        await wait_until(lambda: upstream.hits == 2, what="request reached the upstream")
 
         cleanup = asyncio.create_task(gw.shut_down())
         # Shutdown has begun once the listener stops accepting new connections.
         await wait_until(lambda: refused(gw.port), what="listener closed")
+        # The idle connection is closed at once (its client can go elsewhere), not held
+        # until the request in flight ends.
+        try:
+            _, sent = await idle.closed_by_server(within=2)
+        finally:
+            await idle.close()
+        assert sent == b""
         assert not inflight.done()
         upstream.release.set()
 
