@@ -610,11 +610,16 @@ async def test_a_chunked_answer_reaches_an_http11_client_chunked(serve, chunked_
     assert "Connection" not in first.headers
 
 
-async def test_a_chunked_answer_reaches_an_http10_client_close_delimited(serve, chunked_upstream):
+@pytest.mark.parametrize("asks", [(), ("Connection: keep-alive",)], ids=["plain", "keep-alive"])
+async def test_a_chunked_answer_reaches_an_http10_client_close_delimited(
+    serve, chunked_upstream, asks
+):
+    """An HTTP/1.0 client cannot read chunked: the body ends with the connection, even when
+    the client asked to keep it alive."""
     gw = await serve(point_routes_at(chunked_upstream))
     conn = await RawConnection.open(gw.port)
     try:
-        await conn.send(request("GET /public/chunked HTTP/1.0", HOST))
+        await conn.send(request("GET /public/chunked HTTP/1.0", HOST, *asks))
         received = await asyncio.wait_for(conn.reader.read(), WITHIN)  # up to the server's close
     finally:
         await conn.close()

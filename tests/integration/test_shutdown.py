@@ -58,37 +58,42 @@ async def test_inflight_request_completes_during_graceful_shutdown(make_gateway,
     await idle.send(b"GET /public/first HTTP/1.1\r\nHost: gw.test\r\n\r\n")
     assert (await idle.response()).status == 200
     upstream.mode = "stall"
-    async with aiohttp.ClientSession() as client:
+    busy = await RawConnection.open(gw.port)
 
-        async def call() -> tuple[int, dict[str, Any], str | None]:
-            async with client.post(
-                f"http://127.0.0.1:{gw.port}/public/slow", data=b"in flight"
-            ) as response:
-                return response.status, await response.json(), response.headers.get("Connection")
+    async def call() -> tuple[int, dict[str, Any], str | None]:
+        await busy.send(
+            b"POST /public/slow HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 9\r\n\r\nin flight"
+        )
+        response = await busy.response(within=10)
+        # A client that keeps the connection open anyway: the gateway closes it at once.
+        _, after = await busy.closed_by_server(within=2)
+        await busy.close()
+        assert after == b""
+        return response.status, response.json(), response.headers.get("Connection")
 
-        inflight = asyncio.create_task(call())
-        await wait_until(lambda: upstream.hits == 2, what="request reached the upstream")
+    inflight = asyncio.create_task(call())
+    await wait_until(lambda: upstream.hits == 2, what="request reached the upstream")
 
-        cleanup = asyncio.create_task(gw.shut_down())
-        # Shutdown has begun once the listener stops accepting new connections.
-        await wait_until(lambda: refused(gw.port), what="listener closed")
-        # The idle connection is closed at once (its client can go elsewhere), not held
-        # until the request in flight ends.
-        try:
-            _, sent = await idle.closed_by_server(within=2)
-        finally:
-            await idle.close()
-        assert sent == b""
-        assert not inflight.done()
-        upstream.release.set()
+    cleanup = asyncio.create_task(gw.shut_down())
+    # Shutdown has begun once the listener stops accepting new connections.
+    await wait_until(lambda: refused(gw.port), what="listener closed")
+    # The idle connection is closed at once (its client can go elsewhere), not held
+    # until the request in flight ends.
+    try:
+        _, sent = await idle.closed_by_server(within=2)
+    finally:
+        await idle.close()
+    assert sent == b""
+    assert not inflight.done()
+    upstream.release.set()
 
-        status, body, connection = await asyncio.wait_for(inflight, 5)
-        assert status == 200
-        assert connection == "close"  # the drain serves no more requests on this connection
-        assert body["method"] == "POST"
-        assert body["body_bytes"] == len(b"in flight")
-        assert echoed_headers(body)["X-Forwarded-For"] == "127.0.0.1"
-        await asyncio.wait_for(cleanup, 10)
+    status, body, connection = await asyncio.wait_for(inflight, 5)
+    assert status == 200
+    assert connection == "close"  # the drain serves no more requests on this connection
+    assert body["method"] == "POST"
+    assert body["body_bytes"] == len(b"in flight")
+    assert echoed_headers(body)["X-Forwarded-For"] == "127.0.0.1"
+    await asyncio.wait_for(cleanup, 10)
 
     assert all(t.done() and t.cancelled() for t in refreshers)
     assert len(fetcher.sessions) == 1
