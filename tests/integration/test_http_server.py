@@ -336,6 +336,37 @@ async def test_head_over_the_header_limits_is_431_and_closed(serve, upstream, ca
     )
 
 
+# Lines each under max_header_bytes, fewer than max_headers, 80 KB in all and no end: a head
+# still unfinished past the bound on what one may buffer (4 x max_header_bytes, at least
+# 64 KiB). A finished one is held to max_headers lines of max_header_bytes.
+WIDE_HEAD = get(f"/public/{M}", *(f"X-Wide-{i:02}: " + "w" * 1980 for i in range(40)))[:-2]
+
+
+async def test_an_unfinished_head_over_the_head_bound_is_431_and_closed(serve, upstream, caplog):
+    gw = await serve(set_limits(max_header_bytes=2048, max_headers=100))
+    assert len(WIDE_HEAD) > 65536
+    await assert_refused_before_any_route(
+        gw, upstream, caplog, WIDE_HEAD, Reason.HEADERS_TOO_LARGE, "request_head_too_large"
+    )
+
+
+async def test_the_head_bound_holds_for_each_request_on_a_kept_alive_connection(
+    serve, upstream
+):
+    gw = await serve(set_limits(max_header_bytes=2048, max_headers=100))
+    conn = await RawConnection.open(gw.port)
+    try:
+        await conn.send(get("/public/first"))
+        assert (await conn.response(within=WITHIN)).status == 200
+        await conn.send(WIDE_HEAD)  # one write: the count starts again after each request
+        reply = await conn.response(within=WITHIN)
+        await conn.closed_by_server(within=WITHIN)
+    finally:
+        await conn.close()
+    assert_fixed_answer(reply, Reason.HEADERS_TOO_LARGE)
+    assert upstream.hits == 1
+
+
 async def test_head_at_the_header_limits_is_served(serve, upstream):
     gw = await serve(set_limits(max_header_bytes=2048, max_headers=10))
     # "X-Big: " + value + CRLF is the line the limit counts: 2048 bytes exactly.
