@@ -350,9 +350,7 @@ async def test_an_unfinished_head_over_the_head_bound_is_431_and_closed(serve, u
     )
 
 
-async def test_the_head_bound_holds_for_each_request_on_a_kept_alive_connection(
-    serve, upstream
-):
+async def test_the_head_bound_holds_for_each_request_on_a_kept_alive_connection(serve, upstream):
     gw = await serve(set_limits(max_header_bytes=2048, max_headers=100))
     conn = await RawConnection.open(gw.port)
     try:
