@@ -384,6 +384,26 @@ async def test_a_connection_idle_after_its_last_request_is_closed_and_frees_its_
         await again.close()
 
 
+async def test_a_request_in_flight_past_the_idle_timeout_keeps_its_connection_then_idles_out(
+    serve, upstream
+):
+    """A check that finds a request in flight re-arms the timer (no idle start to count from):
+    the answer arrives, and the connection is closed once it has been idle for the timeout."""
+    gw = await serve(set_limits(client_idle_timeout_s=IDLE_S))
+    upstream.mode = "stall"
+    conn = await RawConnection.open(gw.port)
+    try:
+        await conn.send(request_head())
+        await wait_until(lambda: upstream.hits == 1, what="the request reached the upstream")
+        await asyncio.sleep(IDLE_S * 1.5)  # the idle check runs while the request is in flight
+        upstream.release.set()
+        assert (await conn.response()).status == 200
+        _, sent = await conn.closed_by_server(within=IDLE_S + SLACK_S)
+    finally:
+        await conn.close()
+    assert sent == b""
+
+
 # --- concurrency and queueing ------------------------------------------------------------------
 async def test_in_flight_and_queue_limits_shed_the_excess_at_once(serve, sink):
     fake, url = sink
