@@ -53,6 +53,7 @@ WITHIN = 3.0  # the bound on every wait for the gateway's answer or its close
 # Written out by hand, not derived from the gateway's table.
 STATUS = {
     Reason.REQUEST_MALFORMED: 400,
+    Reason.REQUEST_REJECTED: 400,
     Reason.HEADERS_TOO_LARGE: 431,
     Reason.VERSION_NOT_SUPPORTED: 505,
     Reason.TRANSFER_CODING_NOT_SUPPORTED: 501,
@@ -246,6 +247,36 @@ FRAMING = {
         Reason.TRANSFER_CODING_NOT_SUPPORTED,
         "transfer_coding",
     ),
+    "gzip-then-chunked-without-spaces": (
+        request(
+            f"POST /public/{M} HTTP/1.1", HOST, "Transfer-Encoding: gzip,chunked", body=CHUNKED_X
+        ),
+        Reason.TRANSFER_CODING_NOT_SUPPORTED,
+        "transfer_coding",
+    ),
+    "two-codings-then-chunked": (
+        request(
+            f"POST /public/{M} HTTP/1.1",
+            HOST,
+            "Transfer-Encoding: gzip, deflate, chunked",
+            body=CHUNKED_X,
+        ),
+        Reason.TRANSFER_CODING_NOT_SUPPORTED,
+        "transfer_coding",
+    ),
+    # A target byte outside ASCII (here Latin-1 "é"): llhttp refuses it, so the target the
+    # gateway decodes is ASCII.
+    "non-ascii-target": (
+        request(f"GET /public/{M}/caf\u00e9 HTTP/1.1", HOST),
+        Reason.REQUEST_MALFORMED,
+        "Invalid_char_in_url_path",
+    ),
+    # CONNECT asks for a tunnel to any host: refused at its head, before any route.
+    "connect": (
+        request(f"CONNECT {M}.test:443 HTTP/1.1", f"Host: {M}.test:443"),
+        Reason.REQUEST_REJECTED,
+        "CONNECT",
+    ),
     "two-te-headers": (
         request(
             f"POST /public/{M} HTTP/1.1",
@@ -304,11 +335,25 @@ async def test_the_framings_next_to_the_refused_ones_are_served(serve, upstream)
         ),
         request("POST /public/c HTTP/1.1", HOST, close, "Content-Length: 1", body=b"x"),
         request("GET /public/d HTTP/1.1", HOST, close, "X-Note: a b\tc"),
+        # A trailer section is read and not forwarded.
+        request(
+            "POST /public/e HTTP/1.1",
+            HOST,
+            close,
+            "Transfer-Encoding: chunked",
+            body=b"1\r\nx\r\n0\r\nX-Trailer: t\r\n\r\n",
+        ),
     ]
     for data in served:
         reply, _ = await refuse(gw, data)
         assert reply.status == 200, (data, reply)
     assert upstream.hits == len(served)
+
+
+async def test_the_upstream_is_told_the_host_the_client_named(serve, upstream):
+    gw = await serve()
+    reply, _ = await refuse(gw, get("/public/x", "Connection: close"))
+    assert values_of(echoed(reply), "X-Forwarded-Host") == ["gateway.test"]
 
 
 # --- 3. header limits -------------------------------------------------------------------------
