@@ -384,6 +384,22 @@ async def test_a_connection_idle_after_its_last_request_is_closed_and_frees_its_
         await again.close()
 
 
+async def test_the_idle_timeout_counts_from_the_end_of_the_last_request(serve):
+    """The timer's first check (the timeout after the connection opened) finds the request
+    just answered; the connection is then closed the timeout after that answer, not a whole
+    timeout after the check (which would be about twice as long)."""
+    idle_s = 1.0
+    gw = await serve(set_limits(client_idle_timeout_s=idle_s))
+    conn = await RawConnection.open(gw.port)
+    try:
+        await conn.send(request_head())
+        assert (await conn.response()).status == 200
+        took, _ = await conn.closed_by_server(within=idle_s * 3)
+    finally:
+        await conn.close()
+    assert idle_s * 0.8 <= took < idle_s * 1.6
+
+
 async def test_a_request_in_flight_past_the_idle_timeout_keeps_its_connection_then_idles_out(
     serve, upstream
 ):
