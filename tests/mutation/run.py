@@ -103,6 +103,7 @@ GROUPS: Final = {
             "tests/integration/test_listener_tls.py",
             "tests/integration/test_cert_bound.py",
             "tests/integration/test_forward_auth.py",
+            "tests/integration/test_upstream_pool.py",
         ),
     ),
     # The upstream hop: what the upstream is sent (stripped, injected, framed), its pool and
