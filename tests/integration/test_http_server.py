@@ -360,6 +360,11 @@ async def test_the_upstream_is_told_the_host_the_client_named(serve, upstream):
 LIMITED = {
     "header-line": (get(f"/public/{M}", "X-Big: " + "a" * 3000), "header_line_too_long"),
     "request-line": (get(f"/public/{M}/" + "a" * 3000), "request_line_too_long"),
+    "header-line-one-over": (get(f"/public/{M}", "X-Big: " + "a" * 2042), "header_line_too_long"),
+    "request-target-one-over": (
+        get(f"/public/{M}/" + "a" * (2049 - len(f"/public/{M}/"))),
+        "request_line_too_long",
+    ),
     "too-many-headers": (
         get(f"/public/{M}", *(f"X-Extra-{i}: v" for i in range(10))),  # 11 with Host
         "too_many_headers",
@@ -395,6 +400,24 @@ async def test_an_unfinished_head_over_the_head_bound_is_431_and_closed(serve, u
     )
 
 
+async def test_an_unfinished_head_over_the_head_bound_in_two_reads_is_431(serve, upstream):
+    """The bound counts the whole unfinished head, not the last read of it."""
+    gw = await serve(set_limits(max_header_bytes=2048, max_headers=100))
+    half = len(WIDE_HEAD) // 2
+    assert half < 65536
+    conn = await RawConnection.open(gw.port)
+    try:
+        await conn.send(WIDE_HEAD[:half])
+        await asyncio.sleep(0.05)  # a separate read
+        await conn.send(WIDE_HEAD[half:])
+        reply = await conn.response(within=WITHIN)
+        await conn.closed_by_server(within=WITHIN)
+    finally:
+        await conn.close()
+    assert_fixed_answer(reply, Reason.HEADERS_TOO_LARGE)
+    assert upstream.hits == 0
+
+
 async def test_the_head_bound_holds_for_each_request_on_a_kept_alive_connection(serve, upstream):
     gw = await serve(set_limits(max_header_bytes=2048, max_headers=100))
     conn = await RawConnection.open(gw.port)
@@ -412,24 +435,29 @@ async def test_the_head_bound_holds_for_each_request_on_a_kept_alive_connection(
 
 async def test_head_at_the_header_limits_is_served(serve, upstream):
     gw = await serve(set_limits(max_header_bytes=2048, max_headers=10))
-    # "X-Big: " + value + CRLF is the line the limit counts: 2048 bytes exactly.
+    # The limit counts a header line without its CRLF ("X-Big: " + value), and the target:
+    # each 2048 bytes exactly here (one more is refused: LIMITED's "one-over" cases).
     for data in (
-        get("/public/x", "X-Big: " + "a" * (2048 - len("X-Big: ") - 2), "Connection: close"),
+        get("/public/x", "X-Big: " + "a" * (2048 - len("X-Big: ")), "Connection: close"),
+        get("/public/" + "a" * (2048 - len("/public/")), "Connection: close"),
         get("/public/x", *(f"X-Extra-{i}: v" for i in range(8)), "Connection: close"),
     ):
         reply, _ = await refuse(gw, data)
         assert reply.status == 200
-    assert upstream.hits == 2
+    assert upstream.hits == 3
 
 
 # --- 4. pipelining ----------------------------------------------------------------------------
-async def test_pipelined_requests_are_answered_in_order_on_one_connection(serve, upstream):
+async def test_pipelined_requests_are_answered_in_order_on_one_connection(
+    serve, upstream, caplog
+):
+    caplog.set_level(logging.WARNING)
     gw = await serve()
     conn = await RawConnection.open(gw.port)
     try:
         await conn.send(get("/public/one") + get("/public/two") + get("/public/three"))
         replies = [await conn.response(within=WITHIN) for _ in range(3)]
-        # Still open and serving: a fourth on the same connection.
+        # Still open and serving: a fourth on the same connection, after it waited idle.
         await conn.send(get("/public/four", "Connection: close"))
         last = await conn.response(within=WITHIN)
     finally:
@@ -439,6 +467,36 @@ async def test_pipelined_requests_are_answered_in_order_on_one_connection(serve,
     assert all("Connection" not in r.headers for r in replies)
     assert last.json()["path"] == "/public/four"
     assert upstream.hits == 4
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_more_pipelined_requests_than_reading_holds_are_all_answered(serve, upstream):
+    """Past 8 queued requests the connection stops reading; answering them reads on."""
+    gw = await serve()
+    paths = [f"/public/p{i}" for i in range(30)]
+    conn = await RawConnection.open(gw.port)
+    try:
+        await conn.send(b"".join(get(path) for path in paths))
+        replies = [await conn.response(within=WITHIN) for _ in paths]
+        await conn.send(get("/public/after"))  # reading resumed: this one is read too
+        after = await conn.response(within=WITHIN)
+    finally:
+        await conn.close()
+    assert [r.json()["path"] for r in replies] == paths
+    assert after.json()["path"] == "/public/after"
+
+
+async def test_a_target_split_across_reads_is_read_whole(serve, upstream):
+    gw = await serve()
+    conn = await RawConnection.open(gw.port)
+    try:
+        await conn.send(b"GET /public/first-half")
+        await asyncio.sleep(0.05)  # a separate read: llhttp hands the target over in parts
+        await conn.send(b"-second-half HTTP/1.1\r\nHost: gateway.test\r\n\r\n")
+        reply = await conn.response(within=WITHIN)
+    finally:
+        await conn.close()
+    assert reply.json()["path"] == "/public/first-half-second-half"
 
 
 async def test_a_valid_request_before_a_malformed_one_is_answered_then_the_400(
@@ -604,6 +662,8 @@ async def test_a_connection_over_max_connections_gets_503_and_is_closed(serve, u
         await second.close()
     assert gw.metric("gateway_requests_total", route=UNMATCHED_ROUTE) == 1
     assert upstream.hits == 2
+    # The refused connection was never counted, so its end forgets nothing (and fails nothing).
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 # --- 6. a refusal does not drain the body -----------------------------------------------------
