@@ -448,9 +448,7 @@ async def test_head_at_the_header_limits_is_served(serve, upstream):
 
 
 # --- 4. pipelining ----------------------------------------------------------------------------
-async def test_pipelined_requests_are_answered_in_order_on_one_connection(
-    serve, upstream, caplog
-):
+async def test_pipelined_requests_are_answered_in_order_on_one_connection(serve, upstream, caplog):
     caplog.set_level(logging.WARNING)
     gw = await serve()
     conn = await RawConnection.open(gw.port)
