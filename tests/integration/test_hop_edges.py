@@ -117,6 +117,36 @@ async def test_a_101_passes_on_no_hop_by_hop_header_and_no_upstream_request_id(
         await close(writer)
 
 
+async def test_a_client_that_drops_its_tunnel_ends_it_as_client_closed(
+    make_gateway: GatewayFactory,
+    raw_upstreams: list[RawUpstream],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No WebSocket close handshake: the client's TCP connection just ends. The tunnel ends
+    with it, and the decision line says so."""
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+    upstream_saw_eof = asyncio.Event()
+
+    async def accept_then_wait(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(UPSTREAM_101)
+        await writer.drain()
+        await reader.read()  # until the gateway closes the tunnel's upstream side
+        upstream_saw_eof.set()
+        writer.close()
+
+    gw, reader, writer = await through(make_gateway, raw_upstreams, accept_then_wait)
+    writer.write(HANDSHAKE)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WITHIN)
+    assert head.startswith(b"HTTP/1.1 101 ")
+    await close(writer)
+    await asyncio.wait_for(upstream_saw_eof.wait(), WITHIN)
+    await wait_until(lambda: gw.metric("gateway_tunnels_open") == 0, what="tunnel closed")
+    fields = logged(caplog)
+    assert (fields["status"], fields["reason"]) == ("101", "ok")
+    assert fields["detail"] == "tunnel_client_closed"
+
+
 async def test_a_101_with_no_reason_phrase_reaches_the_client_as_switching_protocols(
     make_gateway: GatewayFactory, raw_upstreams: list[RawUpstream]
 ) -> None:
