@@ -353,6 +353,42 @@ async def test_client_dripping_a_body_is_cut_at_the_body_deadline(serve, sink):
     assert gw.metric("gateway_requests_total", route="public", reason="client_timeout") == 1
 
 
+async def test_client_that_leaves_while_the_gateway_waits_for_it_to_read_is_let_go_at_once(
+    serve, upstream, caplog
+):
+    """The gateway is waiting for a client's socket to drain when the client resets: that is
+    client_disconnected at once, and its connection and slot are free, long before the write
+    timeout would have cut it."""
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+    upstream.mode = "download"
+    upstream.download_bytes = 256 * MIB
+    gw = await serve(
+        set_limits(
+            max_concurrent_requests=1,
+            max_queued_requests=0,
+            client_write_timeout_s=60,
+            max_connections=1,
+        )
+    )
+    server = gw.runner.server
+    assert server is not None
+    conn = await RawConnection.open(gw.port)
+    await conn.send(b"GET /public/file HTTP/1.1\r\nHost: gateway.test\r\n\r\n")
+    await conn.reader.readuntil(b"\r\n\r\n")  # the head arrived; the body is never read
+    await wait_until(
+        lambda: any(c.writing_paused for c in server.connections), what="the gateway waits"
+    )
+    reset(conn.writer)
+
+    async def admitted() -> bool:
+        upstream.download_bytes = 10
+        status, _ = await get(gw, "/public/next")
+        return status == 200
+
+    await wait_until(admitted, within=5, what="the leaving client's slot freed")
+    assert gw.metric("gateway_requests_total", route="public", reason="client_disconnected") == 1
+
+
 async def test_client_that_stops_reading_frees_its_slot_and_upstream_connection(
     serve, upstream, caplog
 ):

@@ -104,6 +104,7 @@ GROUPS: Final = {
             "tests/integration/test_cert_bound.py",
             "tests/integration/test_forward_auth.py",
             "tests/integration/test_upstream_pool.py",
+            "tests/integration/test_dpop.py",
         ),
     ),
     # The upstream hop: what the upstream is sent (stripped, injected, framed), its pool and
