@@ -13,6 +13,7 @@ import hashlib
 import pytest
 
 from tests.conftest import GatewayFactory
+from tests.integration.authkit import RawConnection
 from tests.integration.e2e_helpers import MIB
 from tests.integration.hardening_kit import (
     MemoryWatch,
@@ -87,3 +88,23 @@ async def test_100_mb_download_arrives_byte_exact_in_flat_memory(serve, upstream
     assert gw.metric("gateway_requests_total", route="public", reason="ok") == 1
     assert memory.peak_growth < MAX_GROWTH, (mib(memory.peak_growth), memory.hwm_reset)
     assert memory.end_growth < MAX_GROWTH, mib(memory.end_growth)
+
+
+async def test_a_download_on_a_connection_that_closes_after_it_arrives_whole(serve, upstream):
+    """The connection closes once the answer is written (Connection: close), with megabytes
+    still in its send buffer: an orderly close delivers them, an abort would drop them."""
+    size = 8 * MIB
+    upstream.mode = "download"
+    upstream.download_bytes = size
+    gw = await serve()
+    conn = await RawConnection.open(gw.port)
+    try:
+        await conn.send(
+            b"GET /public/download HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\n\r\n"
+        )
+        reply = await conn.response(within=30)
+        await conn.closed_by_server(within=5)
+    finally:
+        await conn.close()
+    assert reply.status == 200
+    assert hashlib.sha256(reply.body).hexdigest() == echo_download_sha256(size)
