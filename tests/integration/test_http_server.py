@@ -418,6 +418,41 @@ async def test_an_unfinished_head_over_the_head_bound_in_two_reads_is_431(serve,
     assert upstream.hits == 0
 
 
+def wide_head(total: int) -> bytes:
+    """A GET whose header lines (20,000 bytes each) make a head of about ``total`` bytes."""
+    lines = [f"X-Wide-{i:02}: " + "w" * 19988 for i in range(total // 20002)]
+    return get("/public/wide", *lines, "Connection: close")
+
+
+async def test_the_head_bound_is_four_times_max_header_bytes_when_that_is_over_64_kib(
+    serve, upstream
+):
+    gw = await serve(set_limits(max_header_bytes=32768, max_headers=100))  # bound: 128 KiB
+    under = wide_head(110_000)  # 100 KB: under the bound, though over 64 KiB
+    assert 65536 < len(under) < 131072
+    conn = await RawConnection.open(gw.port)
+    try:
+        await conn.send(under[:-2])  # unfinished ...
+        await asyncio.sleep(0.05)
+        await conn.send(under[-2:])  # ... then finished
+        await conn.response(within=WITHIN)
+    finally:
+        await conn.close()
+    # Routed and passed on (the echo upstream, aiohttp, then refuses lines this long itself).
+    assert gw.metric("gateway_requests_total", route="public") == 1
+    unfinished = wide_head(160_000)[:-2]  # 140 KB, over the bound, and never finished
+    assert len(unfinished) > 131072
+    conn = await RawConnection.open(gw.port)
+    try:
+        await conn.send(unfinished)
+        reply = await conn.response(within=WITHIN)
+        await conn.closed_by_server(within=WITHIN)
+    finally:
+        await conn.close()
+    assert_fixed_answer(reply, Reason.HEADERS_TOO_LARGE)
+    assert gw.metric("gateway_requests_total", route=UNMATCHED_ROUTE) == 1
+
+
 async def test_the_head_bound_holds_for_each_request_on_a_kept_alive_connection(serve, upstream):
     gw = await serve(set_limits(max_header_bytes=2048, max_headers=100))
     conn = await RawConnection.open(gw.port)
