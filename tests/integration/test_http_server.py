@@ -354,6 +354,10 @@ async def test_the_upstream_is_told_the_host_the_client_named(serve, upstream):
     gw = await serve()
     reply, _ = await refuse(gw, get("/public/x", "Connection: close"))
     assert values_of(echoed(reply), "X-Forwarded-Host") == ["gateway.test"]
+    assert values_of(echoed(reply), "X-Forwarded-Proto") == ["http"]  # a plain listener
+    # An HTTP/1.0 request may name no host: the address it reached stands in.
+    bare, _ = await refuse(gw, request("GET /public/x HTTP/1.0"))
+    assert values_of(echoed(bare), "X-Forwarded-Host") == [f"127.0.0.1:{gw.port}"]
 
 
 # --- 3. header limits -------------------------------------------------------------------------

@@ -55,6 +55,7 @@ async def test_inflight_request_completes_during_graceful_shutdown(make_gateway,
 
     # A keep-alive connection with nothing in flight when the shutdown begins.
     idle = await RawConnection.open(gw.port)
+    unused = await RawConnection.open(gw.port)  # and one that has sent nothing yet
     await idle.send(b"GET /public/first HTTP/1.1\r\nHost: gw.test\r\n\r\n")
     assert (await idle.response()).status == 200
     upstream.mode = "stall"
@@ -81,9 +82,11 @@ async def test_inflight_request_completes_during_graceful_shutdown(make_gateway,
     # until the request in flight ends.
     try:
         _, sent = await idle.closed_by_server(within=2)
+        _, unused_got = await unused.closed_by_server(within=2)
     finally:
         await idle.close()
-    assert sent == b""
+        await unused.close()
+    assert (sent, unused_got) == (b"", b"")
     assert not inflight.done()
     upstream.release.set()
 
