@@ -23,6 +23,7 @@ Not collected by pytest (no ``test_`` prefix); a full run takes the better part 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -35,6 +36,8 @@ from pathlib import Path
 from typing import Final
 
 from tests.mutation.report import MUTMUT, ROOT, score
+
+TEST_TIMEOUT_S: Final = 15  # per test in a mutation run (pytest-timeout)
 
 
 @dataclass(frozen=True)
@@ -246,6 +249,10 @@ def run_group(name: str, *, max_children: int, committed: bool, keep: bool) -> i
             done = subprocess.run(  # noqa: S603 - our own venv's mutmut, fixed arguments
                 [str(MUTMUT), "run", "--max-children", str(max_children)],
                 cwd=where,
+                # A mutant that hangs a test fails that test here (pytest-timeout), as a
+                # hang should, instead of holding a worker for mutmut's wall timeout (up to
+                # minutes per mutant). The longest test of any group takes about 6 s.
+                env={**os.environ, "PYTEST_TIMEOUT": str(TEST_TIMEOUT_S)},
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 check=False,
