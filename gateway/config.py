@@ -1484,7 +1484,8 @@ class RouteConfig:
             ((".<header>", CLAIM_HEADER),),
         ),
         "header name → claim name, dotted path (`org.tenant_id`), list of names, or `{claim: "
-        "..., format: csv|json}`. Strings as is, integers and integral floats in decimal, "
+        "..., format: csv|json}`. Strings as is (sent as UTF-8, to the upstream in proxy "
+        "mode and in the answer in forward-auth mode), integers and integral floats in decimal, "
         "booleans `true`/`false`, lists of scalars comma-joined (or JSON with `format: json`), "
         "objects as compact JSON; absent claims leave the header out. A header carries the "
         "checked value or nothing: a value with C0/C1 controls (tab included), U+2028/U+2029, "
