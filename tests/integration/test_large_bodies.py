@@ -91,8 +91,9 @@ async def test_100_mb_download_arrives_byte_exact_in_flat_memory(serve, upstream
 
 
 async def test_a_download_on_a_connection_that_closes_after_it_arrives_whole(serve, upstream):
-    """The connection closes once the answer is written (Connection: close), with megabytes
-    still in its send buffer: an orderly close delivers them, an abort would drop them."""
+    """The connection closes once the answer is written (Connection: close): the whole body
+    arrives before the close. (It does not tell an orderly close from an abort: on loopback
+    the kernel has taken every byte by then, so an abort drops nothing here.)"""
     size = 8 * MIB
     upstream.mode = "download"
     upstream.download_bytes = size
