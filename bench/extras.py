@@ -179,7 +179,7 @@ def render_extras(extras: Extras, one_worker: dict[str, float], seconds: float) 
         idle = extras.idle
         lines += [
             "",
-            "## Memory per idle client connection (one worker)",
+            "## Memory per idle client connection (one worker, a fresh process)",
             "",
             "| measure | value |",
             "|---|---:|",
