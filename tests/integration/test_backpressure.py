@@ -6,6 +6,10 @@ gateway does not take the bytes into memory meanwhile, and everything arrives on
   on a buffered body), so the client's own send stalls far short of the body's size;
 - a tunnel whose client stops reading: the gateway stops reading the upstream (the listener's
   ``pause_writing`` tells the tunnel), so the upstream's send stalls likewise.
+- bytes a client sends after an upgrade request's head, before the upstream's 101: the gateway
+  keeps them for the tunnel up to a bound, then stops reading the client;
+- requests pipelined behind one the upstream holds: past its queue bound (8 requests) the
+  gateway stops reading the client, so it never takes a client's pipeline into memory.
 
 A stall is seen from the sender's side, as a user sees it: its socket is full (its own asyncio
 transport holds bytes the kernel would not take) and no more bytes leave it over a quiet spell.
@@ -249,3 +253,134 @@ async def test_a_tunnel_whose_client_stops_reading_stalls_the_upstream_then_deli
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     # (The raw upstream's own handler, cancelled as its server closes, may log one of its own.)
     assert [m for m in errors if "_writing() failed" in m or "HttpConnection" in m] == []
+
+
+@pytest.mark.slow
+async def test_bytes_sent_before_the_101_stall_the_client_then_reach_the_upstream_whole(
+    make_gateway: GatewayFactory,
+) -> None:
+    """A client that streams right after its upgrade request's head, while the upstream has not
+    answered yet: the gateway keeps those bytes for the tunnel only up to a bound, then stops
+    reading, so the client's send stalls; once the 101 comes, every byte reaches the upstream
+    in order."""
+    answering = asyncio.Event()
+    received: list[str] = []
+
+    async def answer_late(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        await answering.wait()
+        writer.write(UPSTREAM_101)
+        await writer.drain()
+        received.append(await read_all(reader, STREAM, WITHIN))
+        await reader.read()  # until the gateway closes the tunnel
+
+    async with raw_upstream(answer_late) as url:
+        gw = await make_gateway(
+            point_routes_at(url), set_upstream_defaults(timeout_s=120), served=True, admin=False
+        )
+        reader, writer = await connect(gw.port)
+        sender = Sender(writer)
+        sending = asyncio.create_task(sender.send(HANDSHAKE))
+        try:
+            out = await stall_point(sender)
+            assert out < HELD_BACK, f"the gateway took {out} bytes before the upstream's 101"
+            answering.set()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WITHIN)
+            assert head.startswith(b"HTTP/1.1 101 ")
+            await asyncio.wait_for(sending, WITHIN)
+            for _ in range(int(WITHIN / 0.02)):
+                if received:
+                    break
+                await asyncio.sleep(0.02)
+            assert received == [sender.sha256]
+        finally:
+            sending.cancel()
+            await close(writer)
+
+
+class PipelineSender(Sender):
+    """Sends pipelined requests: ``HOLDING`` bodiless GETs in one write, the first of which the
+    upstream holds, then POSTs with ``PIPELINED_BODY``-byte bodies until ``STREAM`` bytes."""
+
+    paths: list[str]
+
+    async def send(self, head: bytes = b"") -> None:
+        self.paths = []
+        gets = b""
+        for index in range(HOLDING):
+            self.paths.append(f"/public/get-{index}")
+            gets += b"GET /public/get-%d HTTP/1.1\r\nHost: gw.test\r\n\r\n" % index
+        self.writer.write(gets)
+        self.written += len(gets)
+        index = 0
+        while self.written < STREAM:
+            self.paths.append(f"/public/post-{index}")
+            request = (
+                b"POST /public/post-%d HTTP/1.1\r\nHost: gw.test\r\nContent-Length: %d\r\n\r\n"
+            )
+            self.writer.write(request % (index, PIPELINED_BODY) + block(index, PIPELINED_BODY))
+            self.written += len(request % (index, PIPELINED_BODY)) + PIPELINED_BODY
+            index += 1
+            await self.writer.drain()
+
+
+HOLDING = 20  # more than the 8 queued requests past which a connection stops reading
+PIPELINED_BODY = 200 * 1024  # under the body high-water mark: only the queue pauses reading
+
+
+@pytest.mark.slow
+async def test_pipelined_requests_behind_a_held_one_stall_the_client_then_are_all_answered(
+    make_gateway: GatewayFactory,
+) -> None:
+    """A client pipelines far more requests than the gateway queues while the upstream holds
+    the first: the gateway stops reading past its queue bound, so the client's send stalls
+    (it has not taken the requests into memory meanwhile); once the upstream answers, every
+    request is answered, in order."""
+    answering = asyncio.Event()
+
+    async def answer_in_order(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WITHIN)
+            except asyncio.IncompleteReadError:
+                return
+            await answering.wait()
+            path = head.split(b" ", 2)[1]
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    body = await reader.readexactly(int(line.split(b":", 1)[1]))
+                    path += b" %d" % len(body)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(path), path))
+            await writer.drain()
+
+    async with raw_upstream(answer_in_order) as url:
+        gw = await make_gateway(
+            point_routes_at(url),
+            set_upstream_defaults(timeout_s=120),
+            set_limits(client_body_timeout_s=120, client_body_deadline_s=300),
+            served=True,
+            admin=False,
+        )
+        reader, writer = await connect(gw.port)
+        sender = PipelineSender(writer)
+        sending = asyncio.create_task(sender.send())
+        try:
+            out = await stall_point(sender)
+            assert out < HELD_BACK, f"the gateway read {out} bytes of requests it had queued"
+            answering.set()
+            await asyncio.wait_for(sending, WITHIN)
+            answered = []
+            for _ in sender.paths:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WITHIN)
+                assert head.startswith(b"HTTP/1.1 200 "), head
+                length = next(
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                answered.append((await reader.readexactly(length)).decode())
+        finally:
+            sending.cancel()
+            await close(writer)
+    expected = [p if "get" in p else f"{p} {PIPELINED_BODY}" for p in sender.paths]
+    assert answered == expected
