@@ -27,6 +27,7 @@ import contextlib
 import logging
 import re
 import socket
+import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -52,6 +53,8 @@ log = logging.getLogger(REQUEST_LOGGER)
 _MAX_PIPELINED: Final = 8
 # Unread request body bytes buffered before reading pauses.
 _BODY_HIGH_WATER: Final = 256 * 1024
+# SO_LINGER on, 0 s: closing the socket resets the connection (RST) and drops what is unsent.
+_RESET: Final = struct.pack("ii", 1, 0)
 _PARSER_DETAIL: Final = re.compile(r"[^A-Za-z0-9 `-]")
 
 
@@ -131,6 +134,7 @@ class HttpRequest:
 
     __slots__ = (
         "_chunked_out",
+        "_close_delimited",
         "_closing",
         "_conn",
         "_pending",
@@ -188,6 +192,7 @@ class HttpRequest:
         self._conn = conn
         self._closing = False
         self._chunked_out = False
+        self._close_delimited = False  # the response body ends where the connection does
         self._pending = b""  # a response head not yet written: it goes with the first body bytes
 
     @property
@@ -240,6 +245,7 @@ class HttpRequest:
                 self._chunked_out = True
             else:
                 self._closing = True
+                self._close_delimited = True
         # Written with the first body bytes (one send instead of two for a small response).
         self._pending = self._head(status, reason, block)
         self.response_started = True
@@ -279,9 +285,12 @@ class HttpRequest:
             self.connection.write(out)
 
     def close_connection(self, *, abort: bool = False) -> None:
-        """Cut the client's connection: a started response must not look complete (a head
-        not yet written is sent first, so the client sees the cut after it)."""
+        """Cut the client's connection: a started response must not look complete.  A head
+        not yet written is sent first, so the client sees the cut after it; but a body that
+        ends with the connection (close-delimited, to an HTTP/1.0 client) would look complete
+        after an orderly close, so its connection is reset instead (``abort``)."""
         conn = self.connection
+        abort = abort or self._close_delimited
         if self._pending and not abort and not self.client_gone:
             conn.write(self._pending)
         self._pending = b""
@@ -693,13 +702,20 @@ class HttpConnection(asyncio.Protocol):
                 self._drain_waiter = None
 
     def close(self, *, abort: bool = False) -> None:
+        """Close once what is written has gone out; or, ``abort``, reset the connection: what
+        is unsent is dropped and the client sees an error, not an end that may look whole."""
         self.closing = True
         self._stopped = True
-        if self.transport is not None and not self.transport.is_closing():
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
             if abort:
-                self.transport.abort()
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+                transport.abort()
             else:
-                self.transport.close()
+                transport.close()
 
     def begin_shutdown(self) -> None:
         """Serve no more requests; an idle connection closes now, a busy one after its answer."""

@@ -566,6 +566,47 @@ async def test_an_upstream_failure_is_logged_with_what_went_wrong(
     assert raw_upstreams[0].connections == 1
 
 
+@pytest.mark.parametrize("cut", ["close", "reset"])
+async def test_a_close_delimited_body_cut_off_upstream_reaches_the_client_as_a_reset(
+    make_gateway: GatewayFactory,
+    raw_upstreams: list[RawUpstream],
+    caplog: pytest.LogCaptureFixture,
+    cut: str,
+) -> None:
+    """An HTTP/1.0 client gets an unframed body that ends with the connection, so an orderly
+    close after a cut would read as the whole body: when the upstream's chunked body stops
+    short (the upstream closes or resets mid-body), the client's connection is reset, and its
+    read fails after the bytes that came, instead of ending cleanly."""
+    caplog.set_level(logging.INFO, logger=REQUEST_LOGGER)
+    client_has_part = asyncio.Event()
+
+    async def cut_mid_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await writer.drain()
+        await asyncio.wait_for(client_has_part.wait(), WITHIN)
+        if cut == "reset":
+            reset(writer)
+        else:
+            writer.close()  # an orderly close, with the last chunk never sent
+
+    gw, reader, writer = await through(make_gateway, raw_upstreams, cut_mid_body)
+    try:
+        writer.write(b"GET /public/x HTTP/1.0\r\nHost: gw.test\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WITHIN)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        assert b"transfer-encoding" not in head.lower()  # close-delimited to HTTP/1.0
+        assert await asyncio.wait_for(reader.readexactly(5), WITHIN) == b"first"
+        client_has_part.set()
+        with pytest.raises(ConnectionResetError):
+            await read_to_end(reader)
+    finally:
+        await close(writer)
+    fields = logged(caplog)
+    assert fields["reason"] == "upstream_aborted"
+    assert gw.metric("gateway_requests_total", route="public", reason="upstream_aborted") == 1
+
+
 async def test_an_upstream_reset_mid_body_is_logged_as_a_reset(
     make_gateway: GatewayFactory, raw_upstreams: list[RawUpstream], caplog: pytest.LogCaptureFixture
 ) -> None:

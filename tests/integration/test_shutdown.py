@@ -4,10 +4,12 @@ tasks end, client sessions close."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 import gateway as gateway_package
 from gateway.app import GATEWAY_KEY
@@ -16,6 +18,12 @@ from gateway.upstream import UpstreamPools
 from tests.conftest import RunningGateway
 from tests.integration.authkit import RawConnection, refused
 from tests.integration.e2e_helpers import echoed_headers, wait_until
+from tests.integration.hardening_kit import (
+    RawUpstream,
+    point_routes_at,
+    read_request_head,
+    set_upstream_defaults,
+)
 
 GATEWAY_DIR = str(Path(gateway_package.__file__).parent)
 
@@ -155,6 +163,49 @@ async def test_a_request_still_in_flight_when_the_drain_ends_is_cut_off(make_gat
     # The drain waited its 5 s for the request, then cut it off: not for ever.
     assert 4.5 <= drained < 10
     assert isinstance(outcome[0], aiohttp.ClientError)
+    cut = gw.metric("gateway_requests_total", route="public", reason="client_disconnected")
+    cut += gw.metric("gateway_requests_total", route="public", reason="request_cancelled")
+    assert cut == 1
+
+
+async def test_a_close_delimited_response_cut_off_by_the_drain_ends_in_a_reset(make_gateway):
+    """An HTTP/1.0 client's body ends with its connection: when the drain's end cuts such a
+    response off, the connection is reset, so the client's read fails after the bytes that
+    came instead of ending as if the body were whole."""
+    release = asyncio.Event()
+
+    async def first_chunk_then_wait(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await read_request_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await writer.drain()
+        await release.wait()  # the rest never comes within the drain
+        writer.close()
+
+    upstream = RawUpstream(first_chunk_then_wait)
+    url = await upstream.start()
+    try:
+        gw = await make_gateway(
+            point_routes_at(url), set_upstream_defaults(timeout_s=30), admin=False, served=True
+        )
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        try:
+            writer.write(b"GET /public/long HTTP/1.0\r\nHost: gw.test\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            assert b"transfer-encoding" not in head.lower()  # close-delimited to HTTP/1.0
+            assert await asyncio.wait_for(reader.readexactly(5), 5) == b"first"
+            await asyncio.wait_for(gw.shut_down(), 15)  # the drain's 5 s, then the cut
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+    finally:
+        release.set()
+        await upstream.close()
     cut = gw.metric("gateway_requests_total", route="public", reason="client_disconnected")
     cut += gw.metric("gateway_requests_total", route="public", reason="request_cancelled")
     assert cut == 1
