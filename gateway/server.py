@@ -76,6 +76,16 @@ class Answer:
 Handler = Callable[["HttpRequest"], Awaitable[None]]
 
 
+def local_authority(sockname: object) -> str:
+    """The address a connection reached, as an authority (``host:port``, an IPv6 host in
+    brackets): the ``X-Forwarded-Host`` of an HTTP/1.0 request without a Host.  ``""`` for a
+    socket without one (a Unix socket)."""
+    if isinstance(sockname, tuple) and len(sockname) >= 2:
+        host, port = sockname[0], sockname[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return ""
+
+
 class RequestBody:
     """A request body as it arrives; reading it resumes a connection paused by its size."""
 
@@ -404,11 +414,7 @@ class HttpConnection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         self.remote = peer[0] if isinstance(peer, tuple) and peer else None
-        local = transport.get_extra_info("sockname")
-        if isinstance(local, tuple) and len(local) >= 2:
-            self._local = (
-                f"[{local[0]}]:{local[1]}" if ":" in local[0] else f"{local[0]}:{local[1]}"
-            )
+        self._local = local_authority(transport.get_extra_info("sockname"))
         if transport.get_extra_info("sslcontext") is not None:
             self.scheme = "https"
         if not self._server.accept(self):

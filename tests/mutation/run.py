@@ -103,6 +103,7 @@ GROUPS: Final = {
             "tests/unit/test_proxy.py",
             "tests/unit/test_claims.py",
             "tests/unit/test_build.py",
+            "tests/unit/test_local_authority.py",
             "tests/integration/test_listener_tls.py",
             "tests/integration/test_cert_bound.py",
             "tests/integration/test_forward_auth.py",
