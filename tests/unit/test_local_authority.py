@@ -16,7 +16,7 @@ from gateway.server import local_authority
         (("127.0.0.1", 8080), "127.0.0.1:8080"),
         (("::1", 8443, 0, 0), "[::1]:8443"),  # IPv6: (host, port, flowinfo, scope id)
         (("2001:db8::7", 80, 0, 0), "[2001:db8::7]:80"),
-        (("0.0.0.0", 1), "0.0.0.0:1"),
+        (("10.1.2.3", 1), "10.1.2.3:1"),
         ("/run/gateway.sock", ""),  # a Unix socket has no host and port
         (None, ""),
         (("127.0.0.1",), ""),
