@@ -22,6 +22,7 @@ from gateway import compiled, create_admin_app, create_app, load_config, loads_c
 from gateway.app import GATEWAY_KEY, JWKS_KEY, gateway_runner
 from gateway.config import GatewayConfig
 from gateway.jwks import JwksCache
+from gateway.tls import ServerTls
 from gateway.upstream import UpstreamPools
 from tests.fakes import EchoUpstream, FakeClock, FakeIdP, SigningKey, generate_key, make_token
 
@@ -229,7 +230,10 @@ async def start_gateway(
 ) -> RunningGateway:
     """The one gateway factory of the tests: ``create_app`` served on an ephemeral loopback
     port (with the runner arguments of ``gateway run`` when ``served``), its first key fetch
-    done unless ``settle`` is false, and its admin app unless ``admin`` is false.
+    done unless ``settle`` is false, and its admin app unless ``admin`` is false.  A config
+    with ``listen.tls`` is served over TLS with the context ``gateway run`` builds from it
+    (``gateway.tls.ServerTls``); its ``client`` then speaks https, so such a test uses a TLS
+    client of its own.
 
     The caller closes it (``RunningGateway.close``); the ``make_gateway`` fixture does.
     """
@@ -241,7 +245,10 @@ async def start_gateway(
         extra["document_fetcher"] = document_fetcher
     app = create_app(config, registry=registry, **extra)
     server = GatewayTestServer(app, host="127.0.0.1")
-    await server.start_server(**(SERVED_RUNNER_ARGS if served else {}))
+    runner_args = dict(SERVED_RUNNER_ARGS) if served else {}
+    if config.listen.tls is not None:
+        runner_args["ssl"] = ServerTls(config.listen.tls).context
+    await server.start_server(**runner_args)
     client: TestClient = TestClient(server)
     await client.start_server()
     admin_client: TestClient | None = None

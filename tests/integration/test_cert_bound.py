@@ -20,7 +20,6 @@ from tests.conftest import GatewayFactory, RunningGateway, base_config, bearer
 from tests.fakes import EchoUpstream, FakeIdP
 from tests.integration.senderkit import b64url
 from tests.integration.test_listener_tls import client_context, https_get, listen_tls, write_pair
-from tests.integration.test_operations import GatewayRunner
 
 XFCC = "X-Forwarded-Client-Cert"
 
@@ -63,23 +62,21 @@ async def reason_of(gw: RunningGateway, headers: dict[str, str]) -> tuple[int, s
 
 # --- the gateway's own TLS listener -----------------------------------------------------------
 async def test_over_the_listener_a_bound_token_needs_its_own_certificate(
-    run_gateway: GatewayRunner, ca: trustme.CA, tmp_path: Path, token: Any
+    make_gateway: GatewayFactory, ca: trustme.CA, tmp_path: Path, token: Any
 ) -> None:
     write_pair(ca, tmp_path)
     ca.cert_pem.write_to_path(str(tmp_path / "clients.pem"))
     tls = listen_tls(tmp_path, client_ca_file=str(tmp_path / "clients.pem"))
-
-    def edit(doc: dict[str, Any]) -> None:
-        tls(doc)
-        bound("required")(doc)
-
-    gw = await run_gateway(edit)
+    # Served in this process (the listener's TLS context as ``gateway run`` builds it), so a
+    # mutation run sees which listener code decides (a subprocess's would be hidden from it).
+    gw = await make_gateway(tls, bound("required"), served=True, admin=False)
     owner = ca.issue_cert("service-a@example.test")
     other = ca.issue_cert("service-b@example.test")  # same CA: a valid handshake, not the owner
     access = bearer(token(cnf={"x5t#S256": x5t(owner)}))
 
     status, body, _ = await https_get(gw.port, client_context(ca, client=owner), "/api/x", access)
     assert status == 200, body
+    assert b'["X-Forwarded-Proto", "https"]' in body  # the upstream learns the client used TLS
     for context in (client_context(ca, client=other), client_context(ca)):
         status, body, _ = await https_get(gw.port, context, "/api/x", access)
         assert (status, json.loads(body)["error"]["reason"]) == (401, "cert_binding_mismatch")

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 
 import gateway as gateway_package
 from gateway.app import GATEWAY_KEY
@@ -23,7 +25,9 @@ from tests.integration.hardening_kit import (
     point_routes_at,
     read_request_head,
     set_upstream_defaults,
+    sockets_to,
 )
+from tests.integration.test_listener_tls import NAME, client_context, listen_tls, write_pair
 
 GATEWAY_DIR = str(Path(gateway_package.__file__).parent)
 
@@ -209,3 +213,29 @@ async def test_a_close_delimited_response_cut_off_by_the_drain_ends_in_a_reset(m
     cut = gw.metric("gateway_requests_total", route="public", reason="client_disconnected")
     cut += gw.metric("gateway_requests_total", route="public", reason="request_cancelled")
     assert cut == 1
+
+
+async def test_a_tls_handshake_finished_after_the_shutdown_began_is_closed_not_served(
+    make_gateway, tmp_path
+):
+    """A TLS connection reaches the listener only once its handshake is done, so one the
+    gateway accepted before its shutdown can arrive after the listener's socket closed: it
+    is closed, not served."""
+    ca = trustme.CA()
+    write_pair(ca, tmp_path)
+    gw = await make_gateway(listen_tls(tmp_path), admin=False, served=True)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)  # no ClientHello yet
+    try:
+        client_port = writer.get_extra_info("sockname")[1]
+        await wait_until(lambda: sockets_to(client_port) == 1, what="the gateway accepted it")
+        await asyncio.wait_for(gw.shut_down(), 10)
+        answer = b""
+        try:
+            await asyncio.wait_for(writer.start_tls(client_context(ca), server_hostname=NAME), 5)
+            writer.write(b"GET /api/x HTTP/1.1\r\nHost: gateway.test\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 5)
+        except (ssl.SSLError, ConnectionError):
+            pass  # closed during or right after the handshake: not served either way
+        assert answer == b""  # (served, it would have had its 401 at once)
+    finally:
+        writer.close()
