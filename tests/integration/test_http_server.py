@@ -507,6 +507,31 @@ async def test_pipelined_requests_are_answered_in_order_on_one_connection(serve,
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
+async def test_a_request_sent_while_one_is_in_flight_after_an_idle_wait_is_answered(
+    serve, upstream, caplog
+):
+    """A kept-alive connection waits idle, its next request wakes it, and a third request
+    arrives while that one is in flight: it is read, queued and answered after it."""
+    caplog.set_level(logging.WARNING)
+    gw = await serve()
+    conn = await RawConnection.open(gw.port)
+    try:
+        await conn.send(get("/public/first"))
+        assert (await conn.response(within=WITHIN)).json()["path"] == "/public/first"
+        upstream.mode = "stall"
+        await conn.send(get("/public/held"))  # wakes the connection from its idle wait
+        await wait_until(lambda: upstream.hits == 2, what="the held request reached the upstream")
+        await conn.send(get("/public/behind"))
+        await asyncio.sleep(0.1)  # the gateway reads it while /held is in flight
+        upstream.release.set()
+        held = await conn.response(within=WITHIN)
+        behind = await conn.response(within=WITHIN)
+    finally:
+        await conn.close()
+    assert [held.json()["path"], behind.json()["path"]] == ["/public/held", "/public/behind"]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
 async def test_more_pipelined_requests_than_reading_holds_are_all_answered(serve, upstream):
     """Past 8 queued requests the connection stops reading; answering them reads on."""
     gw = await serve()
