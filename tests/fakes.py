@@ -115,7 +115,7 @@ class FakeIdP:
     """What the fake identity provider serves, and how often it was asked.
 
     ``mode`` is one of: ``ok``, ``error`` (HTTP 500), ``hang`` (never answers),
-    ``garbage`` (non-JSON body), ``empty`` (a set without keys), ``huge`` (a
+    ``slow`` (answers as ``ok`` once ``release`` is set), ``garbage`` (non-JSON body), ``empty`` (a set without keys), ``huge`` (a
     body over any sane size limit), ``not_modified`` (304 whatever was asked).
     It also serves OpenID discovery at ``/.well-known/openid-configuration``
     naming ``issuer`` and its ``/jwks.json``.
@@ -194,6 +194,8 @@ class FakeIdP:
             if self.mode == "hang":
                 await self.release.wait()
                 return web.Response(status=500)
+            if self.mode == "slow":
+                await self.release.wait()
             if self.mode == "garbage":
                 return web.Response(text="<html>not json</html>", content_type="text/html")
             if self.mode == "empty":

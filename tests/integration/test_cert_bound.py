@@ -4,8 +4,10 @@ gateway's own TLS listener or, behind a TLS-terminating proxy, from a trusted pr
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import logging
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -17,9 +19,17 @@ import trustme
 
 from gateway import ConfigError, loads_config
 from tests.conftest import GatewayFactory, RunningGateway, base_config, bearer
-from tests.fakes import EchoUpstream, FakeIdP
+from tests.fakes import EchoUpstream, FakeIdP, generate_key
+from tests.integration.e2e_helpers import wait_until
+from tests.integration.hardening_kit import sockets_to
 from tests.integration.senderkit import b64url
-from tests.integration.test_listener_tls import client_context, https_get, listen_tls, write_pair
+from tests.integration.test_listener_tls import (
+    NAME,
+    client_context,
+    https_get,
+    listen_tls,
+    write_pair,
+)
 
 XFCC = "X-Forwarded-Client-Cert"
 
@@ -85,6 +95,52 @@ async def test_over_the_listener_a_bound_token_needs_its_own_certificate(
         gw.port, client_context(ca, client=owner), "/api/x", bearer(token())
     )
     assert (status, json.loads(body)["error"]["reason"]) == (401, "cert_binding_mismatch")
+
+
+async def test_a_client_gone_while_its_key_is_fetched_is_not_an_internal_error(
+    make_gateway: GatewayFactory,
+    ca: trustme.CA,
+    tmp_path: Path,
+    token: Any,
+    idp: FakeIdP,
+    clock: Any,
+    signing_keys: dict[str, Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The certificate binding is checked after the signature, which may wait for a key
+    fetch: a client that leaves meanwhile ends its request as ``client_disconnected`` once
+    the keys come, with no error logged (no 500, no traceback)."""
+    caplog.set_level(logging.INFO)
+    write_pair(ca, tmp_path)
+    ca.cert_pem.write_to_path(str(tmp_path / "clients.pem"))
+    tls = listen_tls(tmp_path, client_ca_file=str(tmp_path / "clients.pem"))
+    gw = await make_gateway(tls, bound("required"), served=True, admin=False)
+    fresh = generate_key("RS256", "fresh-rs256")  # not yet in the gateway's key cache
+    idp.publish(*signing_keys.values(), fresh)
+    clock.advance(31)  # past the refetch cooldown (30 s): a kid miss fetches the keys
+    idp.mode = "slow"
+    owner = ca.issue_cert("service-a@example.test")
+    access = bearer(token(key=fresh, cnf={"x5t#S256": x5t(owner)}))
+    hits = idp.hits
+    _, writer = await asyncio.open_connection(
+        "127.0.0.1", gw.port, ssl=client_context(ca, client=owner), server_hostname=NAME
+    )
+    client_port = writer.get_extra_info("sockname")[1]
+    lines = ["GET /api/x HTTP/1.1", f"Host: {NAME}", *(f"{k}: {v}" for k, v in access.items())]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    await wait_until(lambda: idp.hits > hits, what="the key fetch began")
+    writer.transport.abort()  # the client leaves while the gateway waits for the keys
+    await wait_until(lambda: sockets_to(client_port) == 0, what="the gateway saw it leave")
+    idp.release.set()
+
+    def ended() -> float:
+        return gw.metric("gateway_requests_total", route="api")
+
+    await wait_until(lambda: ended() == 1, what="the request ended")
+    # Its request is cut where the client left (the wait for the keys), before any
+    # certificate is asked for: not a binding mismatch, not a 500.
+    assert gw.metric("gateway_requests_total", route="api", reason="client_disconnected") == 1
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 # --- behind a TLS-terminating proxy ---------------------------------------------------------
