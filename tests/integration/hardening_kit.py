@@ -176,6 +176,21 @@ async def read_request_head(reader: asyncio.StreamReader) -> bytes:
     return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
 
 
+# An upstream answer cut short: the head and a first chunk, and never the last chunk.
+CHUNKED_FIRST_PART = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n"
+
+
+async def read_first_part(reader: asyncio.StreamReader, version: str, within: float) -> None:
+    """What a client of HTTP ``version`` gets of ``CHUNKED_FIRST_PART``: its head and its first
+    chunk, relayed chunked to HTTP/1.1 and close-delimited (unframed) to HTTP/1.0."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), within)
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    chunked = b"transfer-encoding: chunked" in head.lower()
+    assert chunked == (version == "1.1"), head
+    part = b"5\r\nfirst\r\n" if chunked else b"first"
+    assert await asyncio.wait_for(reader.readexactly(len(part)), within) == part
+
+
 async def answer_garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     await read_request_head(reader)
     writer.write(b"\x00\xffNOT HTTP AT ALL\r\n\x01\x02\r\n\r\n")

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.conftest import GatewayFactory
-from tests.integration.e2e_helpers import MIB
+from tests.integration.e2e_helpers import MIB, wait_until
 from tests.integration.hardening_kit import (
     block,
     point_routes_at,
@@ -288,14 +288,15 @@ async def test_bytes_sent_before_the_101_stall_the_client_then_reach_the_upstrea
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WITHIN)
             assert head.startswith(b"HTTP/1.1 101 ")
             await asyncio.wait_for(sending, WITHIN)
-            for _ in range(int(WITHIN / 0.02)):
-                if received:
-                    break
-                await asyncio.sleep(0.02)
+            await wait_until(lambda: bool(received), within=WITHIN, what="the upstream read it all")
             assert received == [sender.sha256]
         finally:
             sending.cancel()
             await close(writer)
+
+
+HOLDING = 20  # more than the 8 queued requests past which a connection stops reading
+PIPELINED_BODY = 200 * 1024  # under the body high-water mark: only the queue pauses reading
 
 
 class PipelineSender(Sender):
@@ -315,17 +316,12 @@ class PipelineSender(Sender):
         index = 0
         while self.written < STREAM:
             self.paths.append(f"/public/post-{index}")
-            request = (
-                b"POST /public/post-%d HTTP/1.1\r\nHost: gw.test\r\nContent-Length: %d\r\n\r\n"
-            )
-            self.writer.write(request % (index, PIPELINED_BODY) + block(index, PIPELINED_BODY))
-            self.written += len(request % (index, PIPELINED_BODY)) + PIPELINED_BODY
+            head = b"POST /public/post-%d HTTP/1.1\r\nHost: gw.test\r\nContent-Length: %d\r\n\r\n"
+            request = head % (index, PIPELINED_BODY) + block(index, PIPELINED_BODY)
+            self.writer.write(request)
+            self.written += len(request)
             index += 1
             await self.writer.drain()
-
-
-HOLDING = 20  # more than the 8 queued requests past which a connection stops reading
-PIPELINED_BODY = 200 * 1024  # under the body high-water mark: only the queue pauses reading
 
 
 @pytest.mark.slow
